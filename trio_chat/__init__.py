@@ -1,0 +1,51 @@
+"""trio_chat: live guest chat for hotels, on Trio.
+
+The public surface. Everything else lives in private modules and may change.
+"""
+
+from ._concierge import (
+    Concierge,
+    ConciergeAnswer,
+    ConciergeMemory,
+    KnowledgeBase,
+    Responder,
+    ResponderReply,
+    ResponderRequest,
+    RulesResponder,
+)
+from ._errors import (
+    AuthenticationFailed,
+    ClientClosed,
+    ConnectionLost,
+    MessageRejected,
+    ProtocolError,
+    StorageError,
+    TrioChatError,
+)
+from ._protocol import CloseCode, ErrorCode, Message
+from ._server import ChatServer, ServerConfig
+from ._version import __version__
+
+__all__ = [
+    "AuthenticationFailed",
+    "ChatServer",
+    "ClientClosed",
+    "CloseCode",
+    "Concierge",
+    "ConciergeAnswer",
+    "ConciergeMemory",
+    "ConnectionLost",
+    "ErrorCode",
+    "KnowledgeBase",
+    "Message",
+    "MessageRejected",
+    "ProtocolError",
+    "Responder",
+    "ResponderReply",
+    "ResponderRequest",
+    "RulesResponder",
+    "ServerConfig",
+    "StorageError",
+    "TrioChatError",
+    "__version__",
+]

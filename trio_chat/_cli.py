@@ -1,0 +1,212 @@
+"""The ``trio-chat`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+from rich.console import Console
+
+from ._errors import StorageError
+from ._server import ChatServer, ServerConfig
+from ._store import Database
+from ._tokens import TokenSigner
+from ._version import __version__
+
+DEFAULT_DB = "trio-chat.db"
+
+err_console = Console(stderr=True)
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return number
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-chat", description="Live guest chat for hotels, on Trio."
+    )
+    parser.add_argument("--version", action="version", version=f"trio-chat {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the chat server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--db", default=DEFAULT_DB, help="SQLite file (created if missing)")
+    serve.add_argument("--hello-timeout", type=_positive, default=10.0, metavar="SECONDS")
+    serve.add_argument("--heartbeat", type=_non_negative, default=20.0, metavar="SECONDS",
+                       help="WebSocket ping interval (0 = off)")
+    serve.add_argument("--concierge", choices=["rules", "off"], default="rules")
+    serve.add_argument("--rate-limit", type=_non_negative, default=10.0, metavar="PER_SECOND",
+                       help="messages per second per connection (0 = off)")
+    serve.add_argument("--no-open-registration", action="store_true",
+                       help="refuse hello without a token (issue tokens with 'guest add')")
+    serve.add_argument("--typing-delay", type=_non_negative, default=0.3, metavar="SECONDS",
+                       help=argparse.SUPPRESS)
+    serve.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL",
+                       help="SQLite durability: FULL survives power loss, NORMAL a crash")
+    serve.add_argument("-v", "--verbose", action="store_true")
+
+    staff = commands.add_parser("staff", help="manage staff members and their tokens")
+    staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
+    add = staff_commands.add_parser("add", help="add a staff member and print their token")
+    add.add_argument("name")
+    add.add_argument("--db", default=DEFAULT_DB)
+    listing = staff_commands.add_parser("list", help="list staff members")
+    listing.add_argument("--db", default=DEFAULT_DB)
+    remove = staff_commands.add_parser("remove", help="remove a staff member (by name or id)")
+    remove.add_argument("name")
+    remove.add_argument("--db", default=DEFAULT_DB)
+    token = staff_commands.add_parser("token", help="print an existing staff member's token")
+    token.add_argument("name")
+    token.add_argument("--db", default=DEFAULT_DB)
+
+    guest = commands.add_parser("guest", help="issue guest tokens")
+    guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
+    guest_add.add_argument("name")
+    guest_add.add_argument("--db", default=DEFAULT_DB)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "staff": _staff,
+        "guest": _guest,
+    }
+    try:
+        return handlers[args.command](args)
+    except StorageError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("trio-websocket").setLevel(logging.ERROR)
+    config = ServerConfig(
+        db_path=args.db,
+        host=args.host,
+        port=args.port,
+        hello_timeout=args.hello_timeout,
+        heartbeat=args.heartbeat,
+        concierge=args.concierge,
+        rate_limit=args.rate_limit,
+        open_registration=not args.no_open_registration,
+        typing_delay=args.typing_delay,
+        synchronous=args.synchronous,
+    )
+    try:
+        trio.run(_run_server, config)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] cannot listen on {args.host}:{args.port}: {exc}")
+        return 2
+    return 0
+
+
+async def _run_server(config: ServerConfig) -> None:
+    console = Console()
+    server = ChatServer(config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        host = config.host if ":" not in config.host else f"[{config.host}]"
+        console.print(f"[bold green]trio-chat {__version__}[/bold green] is serving")
+        console.print(f"  chat page   http://{host}:{port}/")
+        console.print(f"  websocket   ws://{host}:{port}/ws")
+        console.print(f"  health      http://{host}:{port}/healthz")
+        console.print(f"  data        {Path(config.db_path).resolve()}")
+        console.print(f"  concierge   {config.concierge}   rate limit "
+                      f"{config.rate_limit or 'off'}   registration "
+                      f"{'open' if config.open_registration else 'closed'}")
+        console.print("  Ctrl-C stops gracefully; press it twice to stop at once.", style="dim")
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if server.shutting_down:
+                    nursery.cancel_scope.cancel()
+                    break
+                console.print("shutting down: telling clients to reconnect later...")
+                server.shutdown()
+                nursery.start_soon(_stop_when_done, server, nursery.cancel_scope)
+    console.print("stopped.")
+
+
+async def _stop_when_done(server: ChatServer, scope: trio.CancelScope) -> None:
+    await server.wait_stopped()
+    scope.cancel()
+
+
+def _open(path: str) -> Database:
+    return Database(path)
+
+
+def _staff(args: argparse.Namespace) -> int:
+    db = _open(args.db)
+    try:
+        signer = TokenSigner(db.secret())
+        if args.staff_command == "add":
+            try:
+                member = db.add_staff(args.name)
+            except ValueError as exc:
+                err_console.print(f"[red]error:[/red] {exc}")
+                return 1
+            err_console.print(f"added staff member {member.name} ({member.staff_id}); token:")
+            print(signer.issue("s", member.staff_id))
+        elif args.staff_command == "list":
+            members = db.list_staff()
+            if not members:
+                err_console.print("no staff members yet: add one with 'trio-chat staff add NAME'")
+            for member in members:
+                print(f"{member.staff_id}\t{member.name}")
+        elif args.staff_command == "remove":
+            if not db.remove_staff(args.name):
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            err_console.print(f"removed {args.name}; their tokens no longer work")
+        elif args.staff_command == "token":
+            found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
+            if not found:
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            print(signer.issue("s", found[0].staff_id))
+        return 0
+    finally:
+        db.close()
+
+
+def _guest(args: argparse.Namespace) -> int:
+    db = _open(args.db)
+    try:
+        signer = TokenSigner(db.secret())
+        row = db.add_guest(args.name.strip() or None)
+        err_console.print(f"added guest {row.guest_name} ({row.guest_id}); token:")
+        print(signer.issue("g", row.guest_id))
+        return 0
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

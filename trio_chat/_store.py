@@ -1,0 +1,556 @@
+"""Durable storage in SQLite, with one writer and group commit.
+
+Two layers:
+
+* :class:`Database` is plain synchronous code around :mod:`sqlite3`. The admin
+  commands (``trio-chat staff add`` ...) use it directly.
+* :class:`Store` is the Trio side. Every write is an *operation* put on a queue; one
+  writer task takes everything queued, hops to a worker thread once, applies the whole
+  batch in one transaction and commits once (so concurrent messages share an fsync),
+  then, back on the event loop and still in that one task, runs each operation's
+  ``on_commit`` callback in order. The server uses those callbacks to update its
+  in-memory view and push frames, which is why pushes leave in ``seq`` order and why
+  "subscribe and read ``last_seq``" is atomic: both happen in a single Trio step.
+
+``seq`` is assigned inside the transaction from the conversation row, so it has no
+gaps even across a crash: a batch either commits whole or not at all, and nothing is
+acknowledged before its commit.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+import trio
+
+from ._errors import StorageError
+from ._protocol import Message, format_ts
+from ._tokens import new_id
+
+__all__ = ["Database", "Store"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+MAX_BATCH: Final = 512
+PREVIEW_CHARS: Final = 120
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS guests (
+    guest_id TEXT PRIMARY KEY,
+    name TEXT,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS staff (
+    staff_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id TEXT PRIMARY KEY,
+    guest_id TEXT NOT NULL UNIQUE REFERENCES guests(guest_id),
+    status TEXT NOT NULL DEFAULT 'ai',
+    assigned_staff_id TEXT,
+    assigned_name TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq INTEGER NOT NULL DEFAULT 0,
+    guest_read_seq INTEGER NOT NULL DEFAULT 0,
+    updated_ts REAL NOT NULL,
+    preview TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations(status, updated_ts);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    author TEXT,
+    author_key TEXT,
+    text TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    client_msg_id TEXT,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
+    ON messages(conversation_id, author_key, client_msg_id) WHERE client_msg_id IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StaffMember:
+    staff_id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ConversationRow:
+    """A conversation as stored (the server keeps a live copy of loaded ones)."""
+
+    conversation_id: str
+    guest_id: str
+    guest_name: str | None
+    status: str
+    assigned_staff_id: str | None
+    assigned_name: str | None
+    last_seq: int
+    read_seq: int
+    updated_ts: float
+    preview: str
+
+
+_CONVERSATION_COLUMNS: Final = (
+    "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
+    "c.last_seq, c.read_seq, c.updated_ts, c.preview"
+)
+
+
+# ---------------------------------------------------------------------- operations
+
+
+@dataclass(eq=False)
+class Operation(Generic[T]):
+    """A write. ``apply`` runs in the writer thread inside the batch's transaction."""
+
+    on_commit: Callable[[T], None] | None = field(default=None, kw_only=True)
+
+    def apply(self, db: Database) -> T:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    message: Message
+    duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
+
+
+@dataclass(eq=False)
+class AppendMessage(Operation[Appended]):
+    """Store one message; optionally change the conversation's status in the same commit.
+
+    ``status`` is ``(status, assigned_staff_id, assigned_name)`` for the system message
+    of a transition.
+    """
+
+    conversation_id: str = ""
+    sender: str = "guest"
+    author: str | None = None
+    author_key: str | None = None
+    text: str = ""
+    client_msg_id: str | None = None
+    status: tuple[str, str | None, str | None] | None = None
+
+    def apply(self, db: Database) -> Appended:
+        return db.append(self)
+
+
+@dataclass(eq=False)
+class SetRead(Operation[None]):
+    conversation_id: str = ""
+    reader: str = "guest"
+    seq: int = 0
+
+    def apply(self, db: Database) -> None:
+        column = "read_seq" if self.reader == "staff" else "guest_read_seq"
+        db.writer.execute(
+            f"UPDATE conversations SET {column} = MAX({column}, ?) WHERE conversation_id = ?",
+            (self.seq, self.conversation_id),
+        )
+
+
+@dataclass(eq=False)
+class CreateGuest(Operation[ConversationRow]):
+    name: str | None = None
+
+    def apply(self, db: Database) -> ConversationRow:
+        return db.create_guest(self.name)
+
+
+# ------------------------------------------------------------------------ database
+
+
+class Database:
+    """Synchronous access to one SQLite file (WAL mode).
+
+    ``synchronous`` is SQLite's setting: ``FULL`` (the default) survives power loss as
+    well as a killed process; ``NORMAL`` survives a killed process only.
+    Raises :class:`StorageError` when the file cannot be opened or is not ours.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = self._connect(synchronous)
+            self.reader = self._connect(synchronous)
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {self.path}: {exc}") from exc
+        # Only the writer thread touches this; a failed batch clears it.
+        self._last_seq: dict[str, int] = {}
+        # sqlite3 connections are not thread-safe; each is used by one thread at a time.
+        self._read_lock = threading.Lock()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _migrate(self) -> None:
+        self.writer.executescript(_SCHEMA)
+        row = self.writer.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            self.writer.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?), ('secret', ?)",
+                (str(SCHEMA_VERSION), secrets.token_hex(32)),
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+    # -- writes (writer thread only) -----------------------------------------------
+
+    def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
+        """Apply every operation in one transaction and commit once.
+
+        Returns one result per operation. Raises :class:`StorageError` if the batch
+        could not commit; then nothing of it was stored.
+        """
+        try:
+            self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                results = [op.apply(self) for op in operations]
+                self.writer.execute("COMMIT")
+            except BaseException:
+                self.writer.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._last_seq.clear()
+            raise StorageError(f"database write failed: {exc}") from exc
+        except BaseException:
+            self._last_seq.clear()
+            raise
+        return results
+
+    def _next_seq(self, conversation_id: str) -> int:
+        last = self._last_seq.get(conversation_id)
+        if last is None:
+            row = self.writer.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"no conversation {conversation_id}")
+            last = int(row[0])
+        return last + 1
+
+    def append(self, op: AppendMessage) -> Appended:
+        if op.client_msg_id is not None:
+            row = self.writer.execute(
+                "SELECT seq, sender, author, text, ts FROM messages WHERE conversation_id = ? "
+                "AND author_key = ? AND client_msg_id = ?",
+                (op.conversation_id, op.author_key, op.client_msg_id),
+            ).fetchone()
+            if row is not None:
+                seq, sender, author, text, ts = row
+                original = Message(seq, op.conversation_id, sender, author, text, ts,
+                                   op.client_msg_id)
+                return Appended(original, duplicate=True)
+        seq = self._next_seq(op.conversation_id)
+        now = time.time()
+        message = Message(
+            seq=seq,
+            conversation_id=op.conversation_id,
+            sender=op.sender,
+            author=op.author,
+            text=op.text,
+            ts=format_ts(now),
+            client_msg_id=op.client_msg_id,
+        )
+        self.writer.execute(
+            "INSERT INTO messages(conversation_id, seq, sender, author, author_key, text, ts, "
+            "client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (op.conversation_id, seq, op.sender, op.author, op.author_key, op.text,
+             message.ts, op.client_msg_id),
+        )
+        preview = op.text[:PREVIEW_CHARS]
+        if op.status is None:
+            self.writer.execute(
+                "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ? "
+                "WHERE conversation_id = ?",
+                (seq, now, preview, op.conversation_id),
+            )
+        else:
+            status, staff_id, staff_name = op.status
+            self.writer.execute(
+                "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ?, status = ?, "
+                "assigned_staff_id = ?, assigned_name = ? WHERE conversation_id = ?",
+                (seq, now, preview, status, staff_id, staff_name, op.conversation_id),
+            )
+        self._last_seq[op.conversation_id] = seq
+        return Appended(message, duplicate=False)
+
+    def create_guest(self, name: str | None) -> ConversationRow:
+        guest_id = new_id("g")
+        conversation_id = new_id("c")
+        now = time.time()
+        self.writer.execute(
+            "INSERT INTO guests(guest_id, name, created_ts) VALUES (?, ?, ?)", (guest_id, name, now)
+        )
+        self.writer.execute(
+            "INSERT INTO conversations(conversation_id, guest_id, updated_ts) VALUES (?, ?, ?)",
+            (conversation_id, guest_id, now),
+        )
+        return ConversationRow(conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "")
+
+    # -- reads (any thread, serialised) ---------------------------------------------
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._read_lock:
+            try:
+                return self.reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"database read failed: {exc}") from exc
+
+    def secret(self) -> bytes:
+        rows = self._read("SELECT value FROM meta WHERE key = 'secret'")
+        return bytes.fromhex(rows[0][0])
+
+    def conversation_of_guest(self, guest_id: str) -> ConversationRow | None:
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            "WHERE c.guest_id = ?",
+            (guest_id,),
+        )
+        return ConversationRow(*rows[0]) if rows else None
+
+    def conversation(self, conversation_id: str) -> ConversationRow | None:
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            "WHERE c.conversation_id = ?",
+            (conversation_id,),
+        )
+        return ConversationRow(*rows[0]) if rows else None
+
+    def held_by(self, staff_id: str) -> list[str]:
+        rows = self._read(
+            "SELECT conversation_id FROM conversations WHERE status = 'staff' "
+            "AND assigned_staff_id = ?",
+            (staff_id,),
+        )
+        return [r[0] for r in rows]
+
+    def queue(self, now: float, limit: int = 500) -> list[ConversationRow]:
+        """Every waiting and staff conversation, and ai ones active in the last 24 h."""
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            "WHERE c.status IN ('waiting', 'staff') "
+            "OR (c.status = 'ai' AND c.last_seq > 0 AND c.updated_ts > ?) "
+            "ORDER BY c.updated_ts DESC LIMIT ?",
+            (now - 86400, limit),
+        )
+        return [ConversationRow(*r) for r in rows]
+
+    def history(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts, client_msg_id FROM messages "
+            "WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (conversation_id, after_seq, limit),
+        )
+        return [Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def recent(self, conversation_id: str, count: int) -> list[Message]:
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts, client_msg_id FROM messages "
+            "WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
+            (conversation_id, count),
+        )
+        return [Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in reversed(rows)]
+
+    def message_by_client_id(
+        self, conversation_id: str, author_key: str, client_msg_id: str
+    ) -> Message | None:
+        """The message an author already stored under ``client_msg_id``, if any."""
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts FROM messages WHERE conversation_id = ? "
+            "AND author_key = ? AND client_msg_id = ?",
+            (conversation_id, author_key, client_msg_id),
+        )
+        if not rows:
+            return None
+        seq, sender, author, text, ts = rows[0]
+        return Message(seq, conversation_id, sender, author, text, ts, client_msg_id)
+
+    def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]:
+        """Conversations in ``ai`` whose newest message is a guest's, updated after
+        ``since``: the concierge owes them a reply (the server stopped before it came)."""
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS}, m.sender, m.author, m.text, m.ts, m.client_msg_id "
+            "FROM conversations c JOIN guests g USING (guest_id) JOIN messages m "
+            "ON m.conversation_id = c.conversation_id AND m.seq = c.last_seq "
+            "WHERE c.status = 'ai' AND m.sender = 'guest' AND c.updated_ts > ?",
+            (since,),
+        )
+        found = []
+        for r in rows:
+            row = ConversationRow(*r[:10])
+            sender, author, text, ts, cmid = r[10:]
+            found.append((row, Message(row.last_seq, row.conversation_id, sender, author, text,
+                                       ts, cmid)))
+        return found
+
+    def guest_exists(self, guest_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM guests WHERE guest_id = ?", (guest_id,)))
+
+    def staff_member(self, staff_id: str) -> StaffMember | None:
+        rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = ?", (staff_id,))
+        return StaffMember(*rows[0]) if rows else None
+
+    # -- administration (used by the CLI, outside the server) -------------------------
+
+    def add_staff(self, name: str) -> StaffMember:
+        """Add a staff member; raises ``ValueError`` if the name is taken or empty."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a staff member needs a name")
+        member = StaffMember(new_id("s"), name)
+        try:
+            self.writer.execute(
+                "INSERT INTO staff(staff_id, name, created_ts) VALUES (?, ?, ?)",
+                (member.staff_id, member.name, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a staff member named {name!r} already exists") from None
+        return member
+
+    def list_staff(self) -> list[StaffMember]:
+        return [StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")]
+
+    def remove_staff(self, name_or_id: str) -> bool:
+        """Remove by name or id; their tokens stop working at once. False if unknown."""
+        cursor = self.writer.execute(
+            "DELETE FROM staff WHERE name = ? OR staff_id = ?", (name_or_id, name_or_id)
+        )
+        return cursor.rowcount > 0
+
+    def add_guest(self, name: str | None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- Trio
+
+
+class _Pending:
+    __slots__ = ("done", "error", "operation", "result")
+
+    def __init__(self, operation: Operation[Any]) -> None:
+        self.operation = operation
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Store:
+    """The Trio face of :class:`Database`: group-committed writes, threaded reads.
+
+    Run :meth:`run` in a nursery (``await nursery.start(store.run)``) before writing.
+    """
+
+    def __init__(self, db: Database, *, max_queued: int = 10_000) -> None:
+        self.db = db
+        self._send, self._receive = trio.open_memory_channel[_Pending](max_queued)
+        self._write_thread = trio.CapacityLimiter(1)
+        self._read_thread = trio.CapacityLimiter(1)
+        self.batches = 0
+        self.operations = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task. Returns once :meth:`close` was called and the queue is empty.
+
+        If it is cancelled instead, whatever is still queued fails with
+        :class:`StorageError` (nothing of it was stored, so nothing was acknowledged).
+        """
+        task_status.started()
+        try:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
+        finally:
+            self._fail_queued()
+            self._receive.close()
+
+    def _fail_queued(self) -> None:
+        error = StorageError("the store stopped before this write")
+        while True:
+            try:
+                pending = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            pending.error = error
+            pending.done.set()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        operations = [p.operation for p in batch]
+        try:
+            # A commit in progress must finish even if we are cancelled, or a message
+            # could be stored without its on_commit ever running (no push, no ack).
+            with trio.CancelScope(shield=True):
+                results = await trio.to_thread.run_sync(
+                    self.db.apply_batch, operations, limiter=self._write_thread
+                )
+        except StorageError as exc:
+            for pending in batch:
+                pending.error = exc
+                pending.done.set()
+            return
+        self.batches += 1
+        self.operations += len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            callback = pending.operation.on_commit
+            if callback is not None:
+                callback(result)
+            pending.done.set()
+
+    async def submit(self, operation: Operation[T]) -> T:
+        """Queue a write and wait until it is committed and its ``on_commit`` has run.
+
+        Raises :class:`StorageError` if its batch failed or the store is closed.
+        """
+        pending = _Pending(operation)
+        try:
+            await self._send.send(pending)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise StorageError("the store is closed") from None
+        # If we are cancelled here the write still happens and its on_commit still runs:
+        # everything that must follow a commit lives in on_commit, not in the caller.
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[no-any-return]
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a :class:`Database` read in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._read_thread)
+
+    def close(self) -> None:
+        """Stop taking writes; :meth:`run` returns after committing what is queued."""
+        self._send.close()
