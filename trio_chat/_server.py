@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ log = logging.getLogger("trio_chat.server")
 SERVER_NAME: Final = f"trio-chat/{__version__}"
 BAD_FRAME_LIMIT: Final = 20
 FLOOD_CLOSE_AFTER: Final = 10.0
+FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
 
 
 @dataclass
@@ -175,6 +176,7 @@ class Connection:
         "close_reason",
         "conversation",
         "flood_since",
+        "last_limited",
         "name",
         "nursery",
         "ping_in_flight",
@@ -206,6 +208,7 @@ class Connection:
         self.bucket: TokenBucket | None = None
         self.bad_frames = 0
         self.flood_since: float | None = None
+        self.last_limited = 0.0
 
     # -- outbound ------------------------------------------------------------------
 
@@ -299,6 +302,7 @@ class ChatServer:
         self.connections: set[Connection] = set()
         self.conversations: dict[str, Conversation] = {}
         self.staff_room: set[Connection] = set()
+        self.closes: Counter[int] = Counter()  # connections closed, by close code
         self._random = random.Random(self.config.seed)
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
@@ -418,6 +422,7 @@ class ChatServer:
                 "guests_online": sum(1 for c in self.connections if c.role == "guest"),
                 "staff_online": len(self.staff_room),
                 "conversations_loaded": len(self.conversations),
+                "closes": {str(code): n for code, n in sorted(self.closes.items())},
             }
         )
 
@@ -477,6 +482,7 @@ class ChatServer:
                 await conn.wait_drained()
         if code == CloseCode.ABNORMAL:
             code = CloseCode.NORMAL
+        self.closes[code] += 1
         # trio-websocket's close waits for the peer without a time limit.
         with trio.move_on_after(self.config.close_timeout) as scope:
             scope.shield = True
@@ -495,11 +501,14 @@ class ChatServer:
             conn.request_close(CloseCode.POLICY, f"{BAD_FRAME_LIMIT} bad frames in a row")
 
     async def _hello_phase(self, conn: Connection) -> None:
+        # The timeout bounds waiting for hello, not answering it: a slow disk must not
+        # turn a valid hello into 4408.
+        hello: proto.Hello | None = None
         with trio.move_on_after(self.config.hello_timeout):
-            while True:
+            while hello is None:
                 raw = await conn.receive()
                 if self._oversized(conn, raw):
-                    return
+                    raise ConnectionLost("frame too big")
                 try:
                     frame = proto.parse_client_frame(raw)
                 except ProtocolError as exc:
@@ -508,14 +517,15 @@ class ChatServer:
                         exc = ProtocolError(ErrorCode.AUTH_REQUIRED, "send hello first", exc.ref)
                     self._bad_frame(conn, exc)
                     continue
-                if not isinstance(frame, proto.Hello):
+                if isinstance(frame, proto.Hello):
+                    hello = frame
+                else:
                     self._bad_frame(conn, ProtocolError(ErrorCode.AUTH_REQUIRED,
                                                         "send hello first", _ref(frame)))
-                    continue
-                await self._hello(conn, frame)
-                return
-        conn.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
-        raise ConnectionLost("no hello in time")
+        if hello is None:
+            conn.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+            raise ConnectionLost("no hello in time")
+        await self._hello(conn, hello)
 
     def _oversized(self, conn: Connection, raw: str | bytes) -> bool:
         limit = self.config.max_frame_bytes
@@ -595,7 +605,7 @@ class ChatServer:
         conn.name = conv.guest_name
         if self.config.rate_limit > 0:
             conn.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst,
-                                      time.monotonic())
+                                      trio.current_time())
         # Subscribing and reading last_seq happen in one step: every later commit
         # reaches this connection live.
         conv.subscribers.add(conn)
@@ -647,7 +657,9 @@ class ChatServer:
             # one step, so no summary change falls between the queue and the live pushes.
             summaries = {r.conversation_id: _row_summary(r) for r in rows}
             for conv in self.conversations.values():
-                if conv.status in ("waiting", "staff") or conv.conversation_id in summaries:
+                # A guest online right now counts as active, even before writing.
+                if (conv.status in ("waiting", "staff") or conv.guest_connections
+                        or conv.conversation_id in summaries):
                     summaries[conv.conversation_id] = conv.summary()
             ordered = sorted(summaries.values(), key=lambda s: s["updated_ts"], reverse=True)
             conn.deliver(proto.encode({"type": "queue", "conversations": ordered[:500]}))
@@ -858,12 +870,11 @@ class ChatServer:
                              frame: proto.SendMessage) -> None:
         author_key = "g:" + conv.guest_id
         if conn.bucket is not None:
-            now = time.monotonic()
+            now = trio.current_time()
             wait_ms = conn.bucket.try_take(now)
             if wait_ms:
                 await self._rate_limited(conn, conv, frame, author_key, wait_ms, now)
                 return
-            conn.flood_since = None
         await self._append(
             conv, sender="guest", author=conv.guest_id, text=frame.text, author_key=author_key,
             client_msg_id=frame.client_msg_id, origin=conn,
@@ -878,9 +889,12 @@ class ChatServer:
         if stored is not None:
             conn.deliver(proto.ack_frame(stored))
             return
-        if conn.flood_since is None:
+        # A flood ends only after a quiet spell; messages that squeeze through at the
+        # refill rate do not end it.
+        if conn.flood_since is None or now - conn.last_limited > FLOOD_QUIET:
             conn.flood_since = now
-        elif now - conn.flood_since >= FLOOD_CLOSE_AFTER:
+        conn.last_limited = now
+        if now - conn.flood_since >= FLOOD_CLOSE_AFTER:
             conn.request_close(CloseCode.RATE_LIMITED, "still flooding after being told")
         conn.error(
             ProtocolError(ErrorCode.RATE_LIMITED, "slow down: too many messages",

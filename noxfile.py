@@ -1,0 +1,43 @@
+"""Test sessions. ``nox`` alone runs every checking session; ``bench`` and ``lab`` are
+long-running and only run when named (``nox -s bench``)."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The unit, end-to-end and durability tests."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: style and common bugs."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "trio_chat", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "trio_chat", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package and the tests."""
+    session.install("-e", ".[test]", "mypy>=1.11")
+    session.run("mypy", "--strict", "trio_chat", "tests")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmarks at full size (minutes); results go to docs/benchmarks.md."""
+    session.install("-e", ".[test]")
+    args = session.posargs or ["all"]
+    session.run("trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")})
