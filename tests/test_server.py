@@ -235,7 +235,7 @@ async def test_full_escalation_guest_and_staff(server: ChatServer) -> None:
         assert subscribed["last_seq"] == joined["seq"] and subscribed["assigned_to"] == "Anna"
 
         await desk.send(type="typing", conversation_id=cid, active=True)
-        assert (await guest.expect("typing"))["sender"] == "staff"
+        assert (await guest.expect("typing", sender="staff"))["active"] is True
         await desk.send(type="message", conversation_id=cid, client_msg_id="s1",
                         text="So sorry, Maria. A technician is on the way.")
         await desk.expect("ack", client_msg_id="s1")
