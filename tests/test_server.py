@@ -249,13 +249,22 @@ async def test_full_escalation_guest_and_staff(server: ChatServer) -> None:
         assert receipt["reader"] == "staff"
 
         await desk.send(type="resolve", conversation_id=cid)
+        resolved = await guest.expect("message", sender="system")
+        assert "resolved" in resolved["text"]
         assert (await guest.expect("status"))["status"] == "resolved"
+        mark = len(guest.seen)
         await say(guest, "m3", "One more thing: what time is checkout?")
-        reopened = await guest.expect("message", sender="system")
-        assert "Welcome back" in reopened["text"]
-        assert (await guest.expect("status")) == {**status, "status": "ai", "assigned_to": None}
         answer = await guest.expect("message", sender="ai")
         assert "11 am" in answer["text"]
+        # In order: the guest message, the system message, the status, the reply.
+        after = [f for f in guest.seen[mark:] if f["type"] in ("message", "status")]
+        assert [(f["type"], f.get("sender"), f.get("status")) for f in after] == [
+            ("message", "guest", None),
+            ("message", "system", None),
+            ("status", None, "ai"),
+            ("message", "ai", None),
+        ]
+        assert "Welcome back" in after[1]["text"] and after[2]["assigned_to"] is None
 
     senders = [m["sender"] for m in messages(guest.seen)]
     assert senders.count("ai") == 2  # one reply before hand-off, one after reopening
