@@ -45,6 +45,9 @@ _STOPWORDS: Final = frozenset(
     let lets want wanted need like know tell is it's im i'm we're don't dont""".split()
 )
 MIN_SCORE: Final = 2.0
+# The share of the message's information a topic must explain: one generic word
+# ("night") in a sentence about something else is not an answer.
+MIN_COVERAGE: Final = 0.4
 SMALLTALK_WEIGHT: Final = 0.5
 
 
@@ -163,7 +166,7 @@ class _Tokenizer:
         for phrase, replacement in self.normalize:
             if phrase in text:
                 text = text.replace(phrase, f" {replacement} ")
-        return [_stem(w) for w in _WORD_RE.findall(text) if w not in _STOPWORDS]
+        return [_stem(w) for w in _WORD_RE.findall(text) if len(w) > 1 and w not in _STOPWORDS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +214,11 @@ class Concierge:
         return shouting or "!!!" in text
 
     def best_topic(self, text: str) -> tuple[Topic | None, float]:
-        """The best-matching topic and its score, or ``(None, 0.0)``."""
+        """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
+        explains enough of the message (see ``MIN_COVERAGE``)."""
         tokens = set(self._tokenize(text))
+        unknown_weight = max(self.kb.idf.values(), default=1.0)
+        information = sum(self.kb.idf.get(t, unknown_weight) for t in tokens)
         best: Topic | None = None
         best_score = 0.0
         for topic in self.kb.topics:
@@ -227,6 +233,8 @@ class Concierge:
                 score *= SMALLTALK_WEIGHT
             if score > best_score:
                 best, best_score = topic, score
+        if best is None or best_score < MIN_COVERAGE * information:
+            return None, 0.0
         return best, best_score
 
     def reply(self, text: str, memory: ConciergeMemory) -> tuple[ConciergeAnswer, ConciergeMemory]:
