@@ -92,12 +92,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guest": _guest,
     }
     try:
-        return handlers[args.command](args)
+        try:
+            return handlers[args.command](args)
+        except BaseExceptionGroup as group:
+            # Trio's nurseries wrap errors; a group with one cause is that cause.
+            raise _sole_cause(group) from None
     except StorageError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         return 2
+    except OSError as exc:
+        if args.command == "serve":
+            err_console.print(f"[red]error:[/red] cannot listen on {args.host}:{args.port}: {exc}")
+        else:
+            err_console.print(f"[red]error:[/red] {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _sole_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -119,11 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
     )
-    try:
-        trio.run(_run_server, config)
-    except OSError as exc:
-        err_console.print(f"[red]error:[/red] cannot listen on {args.host}:{args.port}: {exc}")
-        return 2
+    trio.run(_run_server, config)
     return 0
 
 
