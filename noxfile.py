@@ -40,4 +40,6 @@ def bench(session: nox.Session) -> None:
     """The benchmarks at full size (minutes); results go to docs/benchmarks.md."""
     session.install("-e", ".[test]")
     args = session.posargs or ["all"]
-    session.run("trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")})
+    session.run(
+        "trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    )

@@ -92,9 +92,9 @@ class RawClient:
         await self.send(type="hello", token=token, **extra)
         return await self.recv()
 
-    async def closed(self, timeout: float = 3 * RECV_TIMEOUT) -> trio_websocket.CloseReason:
+    async def closed(self, within: float = 3 * RECV_TIMEOUT) -> trio_websocket.CloseReason:
         """Read until the server closes; return its close reason."""
-        with trio.fail_after(_deadline(timeout)):
+        with trio.fail_after(_deadline(within)):
             try:
                 while True:
                     self.seen.append(json.loads(await self.ws.get_message()))
@@ -132,8 +132,19 @@ def free_port() -> int:
 def server_process(db_path: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     """``trio-chat serve`` in a subprocess, waited for until it answers /healthz."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trio_chat", "serve", "--db", str(db_path), "--port", str(port),
-         "--typing-delay", "0", *extra],
+        [
+            sys.executable,
+            "-m",
+            "trio_chat",
+            "serve",
+            "--db",
+            str(db_path),
+            "--port",
+            str(port),
+            "--typing-delay",
+            "0",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},

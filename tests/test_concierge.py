@@ -23,8 +23,20 @@ def test_the_shipped_knowledge_base_covers_what_guests_ask() -> None:
     topics = [t for t in data["topic"] if not t.get("smalltalk")]
     assert len(topics) >= 25
     ids = {t["id"] for t in topics}
-    for needed in ["checkin", "checkout", "breakfast", "wifi", "parking", "spa", "gym",
-                   "roomservice", "housekeeping", "late-checkout", "taxi", "local-tips"]:
+    for needed in [
+        "checkin",
+        "checkout",
+        "breakfast",
+        "wifi",
+        "parking",
+        "spa",
+        "gym",
+        "roomservice",
+        "housekeeping",
+        "late-checkout",
+        "taxi",
+        "local-tips",
+    ]:
         assert needed in ids
     for topic in topics:
         assert len(topic["questions"]) >= 3, topic["id"]
@@ -70,8 +82,12 @@ def test_answers_questions_phrased_as_guests_ask(
 
 @pytest.mark.parametrize(
     "text",
-    ["I want to speak to a person", "Can I talk to someone please?", "get me a real person",
-     "I'd like to speak to the manager"],
+    [
+        "I want to speak to a person",
+        "Can I talk to someone please?",
+        "get me a real person",
+        "I'd like to speak to the manager",
+    ],
 )
 def test_asking_for_a_person_escalates(concierge: Concierge, text: str) -> None:
     answer, _ = concierge.reply(text, ConciergeMemory())
@@ -80,8 +96,12 @@ def test_asking_for_a_person_escalates(concierge: Concierge, text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["This is unacceptable", "The room is filthy and I want a refund",
-     "WHY IS NOBODY ANSWERING THE PHONE", "Still no hot water!!!"],
+    [
+        "This is unacceptable",
+        "The room is filthy and I want a refund",
+        "WHY IS NOBODY ANSWERING THE PHONE",
+        "Still no hot water!!!",
+    ],
 )
 def test_a_plainly_upset_guest_is_handed_over(concierge: Concierge, text: str) -> None:
     answer, _ = concierge.reply(text, ConciergeMemory())
@@ -123,7 +143,7 @@ def test_a_broken_knowledge_base_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing"):
         KnowledgeBase.load(bad)
     bad.write_text("not = [toml")
-    with pytest.raises(ValueError, match="kb.toml"):
+    with pytest.raises(ValueError, match=r"kb\.toml"):
         KnowledgeBase.load(bad)
 
 

@@ -36,8 +36,12 @@ async def guest_writes_until_cut(
                 acked[cmid] = ack
                 if len(acked) >= 400:
                     enough.set()
-    except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError,
-            trio.BrokenResourceError):
+    except (
+        trio_websocket.ConnectionClosed,
+        trio_websocket.HandshakeError,
+        OSError,
+        trio.BrokenResourceError,
+    ):
         pass
     return token
 
@@ -90,8 +94,9 @@ async def test_every_acknowledged_message_survives_a_restart(
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trio_chat", *args], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "trio_chat", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 async def test_staff_added_while_the_server_runs_can_log_in_at_once(tmp_path: Path) -> None:

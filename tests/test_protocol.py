@@ -73,8 +73,10 @@ def test_size_limits_are_too_large_and_inclusive() -> None:
     assert code_of(json.dumps({**ok, "client_msg_id": "a" * 65})) == "too_large"
     assert code_of(json.dumps({**ok, "text": "x" * 4001})) == "too_large"
     # Trimming happens before counting.
-    assert isinstance(proto.parse_client_frame(json.dumps({**ok, "text": " " + "x" * 4000 + " "})),
-                      proto.SendMessage)
+    assert isinstance(
+        proto.parse_client_frame(json.dumps({**ok, "text": " " + "x" * 4000 + " "})),
+        proto.SendMessage,
+    )
 
 
 def test_ref_names_the_message_or_the_request_type() -> None:
@@ -129,8 +131,14 @@ def test_any_input_parses_or_raises_protocol_error(raw: str | bytes) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -138,12 +146,27 @@ json_values = st.recursive(
 @given(
     st.sampled_from(sorted(proto.CLIENT_TYPES)),
     st.dictionaries(
-        st.sampled_from(["token", "name", "client_msg_id", "text", "after_seq", "limit",
-                         "active", "seq", "id", "conversation_id", "reason"]),
+        st.sampled_from(
+            [
+                "token",
+                "name",
+                "client_msg_id",
+                "text",
+                "after_seq",
+                "limit",
+                "active",
+                "seq",
+                "id",
+                "conversation_id",
+                "reason",
+            ]
+        ),
         json_values,
     ),
 )
-def test_any_fields_parse_or_raise_protocol_error(frame_type: str, fields: dict[str, object]) -> None:
+def test_any_fields_parse_or_raise_protocol_error(
+    frame_type: str, fields: dict[str, object]
+) -> None:
     try:
         proto.parse_client_frame(json.dumps({**fields, "type": frame_type}))
     except ProtocolError as exc:

@@ -21,8 +21,14 @@ from trio_chat._store import (
 
 
 def guest_message(cid: str, cmid: str | None, text: str = "hi") -> AppendMessage:
-    return AppendMessage(conversation_id=cid, sender="guest", author="g", author_key="g:g",
-                         text=text, client_msg_id=cmid)
+    return AppendMessage(
+        conversation_id=cid,
+        sender="guest",
+        author="g",
+        author_key="g:g",
+        text=text,
+        client_msg_id=cmid,
+    )
 
 
 class Explode(Operation[None]):
@@ -47,15 +53,24 @@ def test_a_repeated_client_msg_id_returns_the_original(db: Database) -> None:
     row = db.add_guest(None)
     cid = row.conversation_id
     first, again, same_batch = db.apply_batch(
-        [guest_message(cid, "x", "first"), guest_message(cid, "x", "second"),
-         guest_message(cid, "y")]
+        [
+            guest_message(cid, "x", "first"),
+            guest_message(cid, "x", "second"),
+            guest_message(cid, "y"),
+        ]
     )
     assert not first.duplicate and again.duplicate
     assert again.message == first.message
     assert same_batch.message.seq == 2
     # Another author may use the same client_msg_id.
-    staff = AppendMessage(conversation_id=cid, sender="staff", author="Anna", author_key="s:1",
-                          text="hello", client_msg_id="x")
+    staff = AppendMessage(
+        conversation_id=cid,
+        sender="staff",
+        author="Anna",
+        author_key="s:1",
+        text="hello",
+        client_msg_id="x",
+    )
     assert db.apply_batch([staff])[0].message.seq == 3
 
 
@@ -70,8 +85,9 @@ def test_a_failed_batch_stores_nothing_and_leaves_no_gap(db: Database) -> None:
 
 def test_status_changes_commit_with_their_system_message(db: Database) -> None:
     cid = db.add_guest(None).conversation_id
-    system = AppendMessage(conversation_id=cid, sender="system", text="Anna joined.",
-                           status=("staff", "s_1", "Anna"))
+    system = AppendMessage(
+        conversation_id=cid, sender="system", text="Anna joined.", status=("staff", "s_1", "Anna")
+    )
     db.apply_batch([system])
     row = db.conversation(cid)
     assert row is not None
@@ -117,7 +133,7 @@ def test_staff_management(db: Database) -> None:
 def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database" * 100)
-    with pytest.raises(StorageError, match="notes.db"):
+    with pytest.raises(StorageError, match=r"notes\.db"):
         Database(path)
     assert "these are my notes" in path.read_text()
 

@@ -49,17 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--db", default=DEFAULT_DB, help="SQLite file (created if missing)")
     serve.add_argument("--hello-timeout", type=_positive, default=10.0, metavar="SECONDS")
-    serve.add_argument("--heartbeat", type=_non_negative, default=20.0, metavar="SECONDS",
-                       help="WebSocket ping interval (0 = off)")
+    serve.add_argument(
+        "--heartbeat",
+        type=_non_negative,
+        default=20.0,
+        metavar="SECONDS",
+        help="WebSocket ping interval (0 = off)",
+    )
     serve.add_argument("--concierge", choices=["rules", "off"], default="rules")
-    serve.add_argument("--rate-limit", type=_non_negative, default=10.0, metavar="PER_SECOND",
-                       help="messages per second per connection (0 = off)")
-    serve.add_argument("--no-open-registration", action="store_true",
-                       help="refuse hello without a token (issue tokens with 'guest add')")
-    serve.add_argument("--typing-delay", type=_non_negative, default=0.3, metavar="SECONDS",
-                       help=argparse.SUPPRESS)
-    serve.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="FULL",
-                       help="SQLite durability: FULL survives power loss, NORMAL a crash")
+    serve.add_argument(
+        "--rate-limit",
+        type=_non_negative,
+        default=10.0,
+        metavar="PER_SECOND",
+        help="messages per second per connection (0 = off)",
+    )
+    serve.add_argument(
+        "--no-open-registration",
+        action="store_true",
+        help="refuse hello without a token (issue tokens with 'guest add')",
+    )
+    serve.add_argument(
+        "--typing-delay", type=_non_negative, default=0.3, metavar="SECONDS", help=argparse.SUPPRESS
+    )
+    serve.add_argument(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="SQLite durability: FULL survives power loss, NORMAL a crash",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
@@ -143,11 +161,11 @@ def _serve(args: argparse.Namespace) -> int:
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
     )
-    trio.run(_run_server, config)
+    trio.run(_run_server, config, Path(config.db_path).resolve())
     return 0
 
 
-async def _run_server(config: ServerConfig) -> None:
+async def _run_server(config: ServerConfig, data_path: Path) -> None:
     console = Console()
     server = ChatServer(config)
     async with trio.open_nursery() as nursery:
@@ -157,10 +175,12 @@ async def _run_server(config: ServerConfig) -> None:
         console.print(f"  chat page   http://{host}:{port}/")
         console.print(f"  websocket   ws://{host}:{port}/ws")
         console.print(f"  health      http://{host}:{port}/healthz")
-        console.print(f"  data        {Path(config.db_path).resolve()}")
-        console.print(f"  concierge   {config.concierge}   rate limit "
-                      f"{config.rate_limit or 'off'}   registration "
-                      f"{'open' if config.open_registration else 'closed'}")
+        console.print(f"  data        {data_path}")
+        console.print(
+            f"  concierge   {config.concierge}   rate limit "
+            f"{config.rate_limit or 'off'}   registration "
+            f"{'open' if config.open_registration else 'closed'}"
+        )
         console.print("  Ctrl-C stops gracefully; press it twice to stop at once.", style="dim")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:

@@ -38,11 +38,102 @@ __all__ = [
 
 _WORD_RE: Final = re.compile(r"[a-z0-9]+")
 _STOPWORDS: Final = frozenset(
-    """a an the and or but if then so to of in on at by for from with about as is are was were
-    be been being do does did have has had i me my we our us you your it its this that these
-    those there here what when where which who whom how can could would should will shall may
-    might must am get got any some please just also too very much many not no
-    let lets want wanted need like know tell is it's im i'm we're don't dont""".split()
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "if",
+        "then",
+        "so",
+        "to",
+        "of",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "from",
+        "with",
+        "about",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "do",
+        "does",
+        "did",
+        "have",
+        "has",
+        "had",
+        "i",
+        "me",
+        "my",
+        "we",
+        "our",
+        "us",
+        "you",
+        "your",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "can",
+        "could",
+        "would",
+        "should",
+        "will",
+        "shall",
+        "may",
+        "might",
+        "must",
+        "am",
+        "get",
+        "got",
+        "any",
+        "some",
+        "please",
+        "just",
+        "also",
+        "too",
+        "very",
+        "much",
+        "many",
+        "not",
+        "no",
+        "let",
+        "lets",
+        "want",
+        "wanted",
+        "need",
+        "like",
+        "know",
+        "tell",
+        "is",
+        "it's",
+        "im",
+        "i'm",
+        "we're",
+        "don't",
+        "dont",
+    ]
 )
 MIN_SCORE: Final = 2.0
 # The share of the message's information a topic must explain: one generic word
@@ -99,7 +190,9 @@ class KnowledgeBase:
         topics = []
         for raw in raw_topics:
             try:
-                keywords = frozenset(_stem(k) for kw in raw.get("keywords", []) for k in tokenize(kw))
+                keywords = frozenset(
+                    _stem(k) for kw in raw.get("keywords", []) for k in tokenize(kw)
+                )
                 text = " ".join([raw["title"], *raw.get("questions", [])])
                 topics.append(
                     Topic(

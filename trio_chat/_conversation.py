@@ -68,7 +68,10 @@ def _system_text(event: str, new: ConversationState, old: ConversationState) -> 
     if event == "escalate":
         return "You asked to talk to a person. A member of our team will be with you shortly."
     if event == "concierge_escalate":
-        return "Our concierge has asked a member of our team to help. Someone will be with you shortly."
+        return (
+            "Our concierge has asked a member of our team to help. "
+            "Someone will be with you shortly."
+        )
     if event == "claim":
         return f"{new.assigned_name} from our team has joined the conversation."
     if event == "release":

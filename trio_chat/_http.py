@@ -42,7 +42,7 @@ class PrefixStream(trio.abc.Stream):
                 data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        return bytes(await self._stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -161,7 +161,7 @@ class HttpFront:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = bytes(await stream.receive_some(RECEIVE_BYTES))
                 raw += data
                 conn.receive_data(data)
                 continue
@@ -174,8 +174,9 @@ class HttpFront:
             return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
         path = target.decode("ascii", "replace")
         if path == "/ws":
-            return Response(426, b"this endpoint speaks WebSocket only\n",
-                            headers=(("Upgrade", "websocket"),))
+            return Response(
+                426, b"this endpoint speaks WebSocket only\n", headers=(("Upgrade", "websocket"),)
+            )
         route = self.routes.get(path)
         if route is not None:
             return route()
@@ -186,7 +187,11 @@ class HttpFront:
         return text_response(404, "not found\n")
 
     async def _respond(
-        self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request, response: Response
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        request: h11.Request,
+        response: Response,
     ) -> None:
         headers = [
             ("Content-Type", response.content_type),
@@ -204,7 +209,7 @@ class HttpFront:
         while conn.their_state is h11.SEND_BODY:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
 
     async def _send_error(
         self, stream: trio.abc.Stream, conn: h11.Connection, status: int, why: str
@@ -216,8 +221,11 @@ class HttpFront:
             data = conn.send(
                 h11.Response(
                     status_code=status,
-                    headers=[("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-                             ("Connection", "close")],
+                    headers=[
+                        ("Content-Type", "text/plain"),
+                        ("Content-Length", str(len(body))),
+                        ("Connection", "close"),
+                    ],
                 )
             )
             data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())

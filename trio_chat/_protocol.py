@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
@@ -315,7 +316,7 @@ def _parse_staff_action(f: _Fields) -> StaffAction:
     return StaffAction(action=f.type, conversation_id=conversation_id)  # type: ignore[arg-type]
 
 
-_PARSERS: Final = {
+_PARSERS: Final[dict[str, Callable[[_Fields], ClientFrame]]] = {
     "hello": _parse_hello,
     "message": _parse_message,
     "history": _parse_history,
@@ -423,7 +424,9 @@ def typing_frame(conversation_id: str, sender: str, active: bool) -> str:
 
 
 def read_frame(conversation_id: str, reader: str, seq: int) -> str:
-    return encode({"type": "read", "conversation_id": conversation_id, "reader": reader, "seq": seq})
+    return encode(
+        {"type": "read", "conversation_id": conversation_id, "reader": reader, "seq": seq}
+    )
 
 
 def pong_frame(ping_id: Any) -> str:

@@ -28,9 +28,9 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import trio
 import trio_websocket
@@ -254,9 +254,9 @@ class Connection:
             self.close_reason = reason
         self.reader_scope.cancel()
 
-    async def heartbeat(self, timeout: float) -> None:
+    async def heartbeat(self, answer_within: float) -> None:
         try:
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_after(answer_within) as scope:
                 await self.ws.ping()
             if scope.cancelled_caught:
                 self.request_close(CloseCode.SERVER_ERROR, "no answer to ping")
@@ -367,11 +367,12 @@ class ChatServer:
 
     async def _accept(self, listeners: list[trio.SocketListener], front: HttpFront) -> None:
         assert self._work is not None
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._handle_stream(stream, front)
+
         with self._accepting:
-            await trio.serve_listeners(
-                lambda stream: self._handle_stream(stream, front), listeners,
-                handler_nursery=self._work,
-            )
+            await trio.serve_listeners(handle, listeners, handler_nursery=self._work)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown: stop accepting, tell every client to come back
@@ -428,7 +429,7 @@ class ChatServer:
 
     # -- connections ---------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream, front: HttpFront) -> None:
+    async def _handle_stream(self, stream: trio.abc.Stream, front: HttpFront) -> None:
         # The one place a connection's failure stops: nothing here reaches another
         # connection or the server (trio-websocket would let it end serve_websocket).
         self._handlers += 1
@@ -520,19 +521,29 @@ class ChatServer:
                 if isinstance(frame, proto.Hello):
                     hello = frame
                 else:
-                    self._bad_frame(conn, ProtocolError(ErrorCode.AUTH_REQUIRED,
-                                                        "send hello first", _ref(frame)))
+                    self._bad_frame(
+                        conn,
+                        ProtocolError(ErrorCode.AUTH_REQUIRED, "send hello first", _ref(frame)),
+                    )
         if hello is None:
             conn.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
             raise ConnectionLost("no hello in time")
         await self._hello(conn, hello)
 
     def _oversized(self, conn: Connection, raw: str | bytes) -> bool:
+        """Close with 1009 and return True for a frame over the byte limit.
+
+        trio-websocket counts characters; the contract counts UTF-8 bytes. Characters
+        never outnumber bytes, and a character is at most 4 bytes, so only long text
+        needs encoding to check."""
         limit = self.config.max_frame_bytes
-        size = len(raw) if isinstance(raw, bytes) else len(raw)
-        if size * (1 if isinstance(raw, bytes) else 4) <= limit:
+        if isinstance(raw, bytes):
+            size = len(raw)
+        elif len(raw) * 4 <= limit:
             return False
-        if isinstance(raw, str) and len(raw.encode()) <= limit:
+        else:
+            size = len(raw.encode())
+        if size <= limit:
             return False
         conn.request_close(CloseCode.TOO_BIG, f"frame over {limit} bytes")
         return True
@@ -541,11 +552,12 @@ class ChatServer:
         assert self._signer is not None
         if hello.token is None:
             if not self.config.open_registration:
-                self._auth_failed(conn, "this server issues guest tokens at the desk; "
-                                  "registration is closed")
-            row = await self.store.submit(CreateGuest(name=hello.name))
-            token = self._signer.issue("g", row.guest_id)
-            self._attach_guest(conn, row, token)
+                self._auth_failed(
+                    conn, "this server issues guest tokens at the desk; registration is closed"
+                )
+            created = await self.store.submit(CreateGuest(name=hello.name))
+            token = self._signer.issue("g", created.guest_id)
+            self._attach_guest(conn, created, token)
             return
         verified = self._signer.verify(hello.token)
         if verified is None:
@@ -562,7 +574,7 @@ class ChatServer:
                 self._auth_failed(conn, "this staff member was removed")
             await self._attach_staff(conn, member.staff_id, member.name, hello.token)
 
-    def _auth_failed(self, conn: Connection, why: str) -> Any:
+    def _auth_failed(self, conn: Connection, why: str) -> NoReturn:
         conn.deliver(proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))
         conn.request_close(CloseCode.AUTH_FAILED, "authentication failed")
         raise ConnectionLost(why)
@@ -584,8 +596,9 @@ class ChatServer:
         if conv is None:
             row = await self.store.read(self.store.db.conversation, conversation_id)
             if row is None:
-                raise ProtocolError(ErrorCode.NOT_FOUND, f"no conversation {conversation_id}",
-                                    conversation_id)
+                raise ProtocolError(
+                    ErrorCode.NOT_FOUND, f"no conversation {conversation_id}", conversation_id
+                )
             conv = self._live(row)
         conv.busy += 1
         try:
@@ -604,8 +617,9 @@ class ChatServer:
         conn.conversation = conv
         conn.name = conv.guest_name
         if self.config.rate_limit > 0:
-            conn.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst,
-                                      trio.current_time())
+            conn.bucket = TokenBucket(
+                self.config.rate_limit, self.config.rate_burst, trio.current_time()
+            )
         # Subscribing and reading last_seq happen in one step: every later commit
         # reaches this connection live.
         conv.subscribers.add(conn)
@@ -658,8 +672,11 @@ class ChatServer:
             summaries = {r.conversation_id: _row_summary(r) for r in rows}
             for conv in self.conversations.values():
                 # A guest online right now counts as active, even before writing.
-                if (conv.status in ("waiting", "staff") or conv.guest_connections
-                        or conv.conversation_id in summaries):
+                if (
+                    conv.status in ("waiting", "staff")
+                    or conv.guest_connections
+                    or conv.conversation_id in summaries
+                ):
                     summaries[conv.conversation_id] = conv.summary()
             ordered = sorted(summaries.values(), key=lambda s: s["updated_ts"], reverse=True)
             conn.deliver(proto.encode({"type": "queue", "conversations": ordered[:500]}))
@@ -765,8 +782,9 @@ class ChatServer:
             conv.busy -= 1
             self._release(conv)
 
-    def _spawn(self, conv: Conversation, fn: Callable[[Conversation, Message], Any],
-               message: Message) -> None:
+    def _spawn(
+        self, conv: Conversation, fn: Callable[[Conversation, Message], Any], message: Message
+    ) -> None:
         """Run background work for ``conv`` in the server's nursery (not the connection's:
         a reply must still come if the guest closes the tab)."""
         if self._work is None or self._shutdown.is_set():
@@ -790,8 +808,13 @@ class ChatServer:
         self._work.start_soon(task)
 
     async def _transition(
-        self, conv: Conversation, event: Any, *, staff_id: str | None = None,
-        staff_name: str | None = None, after: Callable[[Appended], None] | None = None,
+        self,
+        conv: Conversation,
+        event: Any,
+        *,
+        staff_id: str | None = None,
+        staff_name: str | None = None,
+        after: Callable[[Appended], None] | None = None,
     ) -> bool:
         """Apply a state-machine event under the conversation's lock; store its system
         message and new status in one commit. False when nothing changed.
@@ -802,8 +825,12 @@ class ChatServer:
                 return False
             new = transition.state
             await self._append(
-                conv, sender="system", author=None, text=transition.system_text,
-                status=(new.status, new.assigned_to, new.assigned_name), after=after,
+                conv,
+                sender="system",
+                author=None,
+                text=transition.system_text,
+                status=(new.status, new.assigned_to, new.assigned_name),
+                after=after,
             )
             return True
 
@@ -827,8 +854,11 @@ class ChatServer:
             self._bad_frame(conn, exc)
         except StorageError as exc:
             log.error("storage failed: %s", exc)
-            conn.error(ProtocolError(ErrorCode.INTERNAL, "the server could not store that; "
-                                     "please retry", _ref(frame)))
+            conn.error(
+                ProtocolError(
+                    ErrorCode.INTERNAL, "the server could not store that; please retry", _ref(frame)
+                )
+            )
         except (ConnectionLost, trio.Cancelled):
             raise
         except Exception:
@@ -855,19 +885,23 @@ class ChatServer:
         elif isinstance(frame, proto.Escalate):
             changed = await self._transition(conv, "escalate")
             if not changed:
-                conn.deliver(proto.status_frame(conv.conversation_id, conv.status,
-                                                conv.assigned_name))
+                conn.deliver(
+                    proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name)
+                )
         elif isinstance(frame, proto.Typing):
-            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "guest", frame.active),
-                            skip=conn)
+            self._broadcast(
+                conv, proto.typing_frame(conv.conversation_id, "guest", frame.active), skip=conn
+            )
         elif isinstance(frame, proto.Read):
             await self._read(conn, conv, "guest", frame.seq)
         elif isinstance(frame, proto.StaffAction):
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"{frame.action} is for staff only",
-                                frame.action)
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"{frame.action} is for staff only", frame.action
+            )
 
-    async def _guest_message(self, conn: Connection, conv: Conversation,
-                             frame: proto.SendMessage) -> None:
+    async def _guest_message(
+        self, conn: Connection, conv: Conversation, frame: proto.SendMessage
+    ) -> None:
         author_key = "g:" + conv.guest_id
         if conn.bucket is not None:
             now = trio.current_time()
@@ -876,16 +910,32 @@ class ChatServer:
                 await self._rate_limited(conn, conv, frame, author_key, wait_ms, now)
                 return
         await self._append(
-            conv, sender="guest", author=conv.guest_id, text=frame.text, author_key=author_key,
-            client_msg_id=frame.client_msg_id, origin=conn,
+            conv,
+            sender="guest",
+            author=conv.guest_id,
+            text=frame.text,
+            author_key=author_key,
+            client_msg_id=frame.client_msg_id,
+            origin=conn,
             after=lambda result: self._spawn(conv, self._after_guest_message, result.message),
         )
 
-    async def _rate_limited(self, conn: Connection, conv: Conversation, frame: proto.SendMessage,
-                            author_key: str, wait_ms: int, now: float) -> None:
+    async def _rate_limited(
+        self,
+        conn: Connection,
+        conv: Conversation,
+        frame: proto.SendMessage,
+        author_key: str,
+        wait_ms: int,
+        now: float,
+    ) -> None:
         # A retry of a stored message is answered before the limit applies.
-        stored = await self.store.read(self.store.db.message_by_client_id, conv.conversation_id,
-                                       author_key, frame.client_msg_id)
+        stored = await self.store.read(
+            self.store.db.message_by_client_id,
+            conv.conversation_id,
+            author_key,
+            frame.client_msg_id,
+        )
         if stored is not None:
             conn.deliver(proto.ack_frame(stored))
             return
@@ -897,8 +947,9 @@ class ChatServer:
         if now - conn.flood_since >= FLOOD_CLOSE_AFTER:
             conn.request_close(CloseCode.RATE_LIMITED, "still flooding after being told")
         conn.error(
-            ProtocolError(ErrorCode.RATE_LIMITED, "slow down: too many messages",
-                          frame.client_msg_id),
+            ProtocolError(
+                ErrorCode.RATE_LIMITED, "slow down: too many messages", frame.client_msg_id
+            ),
             retry_after_ms=wait_ms,
         )
 
@@ -936,20 +987,26 @@ class ChatServer:
         recent: list[Message] = []
         if window:
             recent = await self.store.read(self.store.db.recent, conv.conversation_id, window)
-        request = ResponderRequest(conv.conversation_id, conv.guest_id, conv.guest_name,
-                                   message.text, tuple(recent))
+        request = ResponderRequest(
+            conv.conversation_id, conv.guest_id, conv.guest_name, message.text, tuple(recent)
+        )
         try:
             with trio.fail_after(self.config.responder_timeout):
                 return await self.responder.respond(request)
         except Exception:
             log.exception("the responder failed; handing over to staff")
-            return ResponderReply("I'm sorry, I'm having trouble answering right now. I'm "
-                                  "asking a member of our team to help you.", escalate=True)
+            return ResponderReply(
+                "I'm sorry, I'm having trouble answering right now. I'm "
+                "asking a member of our team to help you.",
+                escalate=True,
+            )
 
-    async def _history(self, conn: Connection, conv: Conversation,
-                       frame: proto.HistoryRequest) -> None:
-        messages = await self.store.read(self.store.db.history, conv.conversation_id,
-                                         frame.after_seq, frame.limit)
+    async def _history(
+        self, conn: Connection, conv: Conversation, frame: proto.HistoryRequest
+    ) -> None:
+        messages = await self.store.read(
+            self.store.db.history, conv.conversation_id, frame.after_seq, frame.limit
+        )
         last_seq = max(conv.last_seq, messages[-1].seq if messages else 0)
         conn.deliver(proto.history_frame(conv.conversation_id, messages, last_seq))
 
@@ -959,8 +1016,9 @@ class ChatServer:
             conv.read_seq = seq
             self._summary_changed(conv)
         self._broadcast(conv, proto.read_frame(conv.conversation_id, reader, seq), skip=conn)
-        await self.store.submit(SetRead(conversation_id=conv.conversation_id, reader=reader,
-                                        seq=seq))
+        await self.store.submit(
+            SetRead(conversation_id=conv.conversation_id, reader=reader, seq=seq)
+        )
 
     async def _staff_frame(self, conn: Connection, frame: proto.ClientFrame) -> None:
         assert conn.staff_id is not None and conn.name is not None
@@ -971,14 +1029,17 @@ class ChatServer:
             raise ProtocolError(ErrorCode.FORBIDDEN, "escalate is for guests", "escalate")
         conversation_id = getattr(frame, "conversation_id", None)
         if conversation_id is None:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"staff must name the conversation_id in {_ref(frame)}",
-                                _ref(frame))
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"staff must name the conversation_id in {_ref(frame)}",
+                _ref(frame),
+            )
         async with self._pinned(conversation_id) as conv:
             await self._staff_conversation_frame(conn, conv, frame)
 
-    async def _staff_conversation_frame(self, conn: Connection, conv: Conversation,
-                                        frame: proto.ClientFrame) -> None:
+    async def _staff_conversation_frame(
+        self, conn: Connection, conv: Conversation, frame: proto.ClientFrame
+    ) -> None:
         assert conn.staff_id is not None and conn.name is not None
         assert conn.subscriptions is not None
         holds = conv.status == "staff" and conv.assigned_to == conn.staff_id
@@ -986,23 +1047,33 @@ class ChatServer:
             await self._staff_action(conn, conv, frame.action)
         elif isinstance(frame, proto.SendMessage):
             if not holds:
-                raise ProtocolError(ErrorCode.FORBIDDEN, "claim the conversation before writing",
-                                    frame.client_msg_id)
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    "claim the conversation before writing",
+                    frame.client_msg_id,
+                )
             await self._append(
-                conv, sender="staff", author=conn.name, text=frame.text,
-                author_key="s:" + conn.staff_id, client_msg_id=frame.client_msg_id, origin=conn,
+                conv,
+                sender="staff",
+                author=conn.name,
+                text=frame.text,
+                author_key="s:" + conn.staff_id,
+                client_msg_id=frame.client_msg_id,
+                origin=conn,
             )
         elif isinstance(frame, proto.HistoryRequest):
             await self._history(conn, conv, frame)
         elif isinstance(frame, proto.Typing):
             if not holds:
                 raise ProtocolError(ErrorCode.FORBIDDEN, "only the holder may type", "typing")
-            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "staff", frame.active),
-                            skip=conn)
+            self._broadcast(
+                conv, proto.typing_frame(conv.conversation_id, "staff", frame.active), skip=conn
+            )
         elif isinstance(frame, proto.Read):
             if not holds and conv not in conn.subscriptions:
-                raise ProtocolError(ErrorCode.FORBIDDEN, "claim or watch the conversation first",
-                                    "read")
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, "claim or watch the conversation first", "read"
+                )
             await self._read(conn, conv, "staff", frame.seq)
 
     async def _staff_action(self, conn: Connection, conv: Conversation, action: str) -> None:
@@ -1014,14 +1085,16 @@ class ChatServer:
             conn.subscriptions.discard(conv)
             self._release(conv)
         elif action == "claim":
+
             def subscribe_claimer(_: Appended) -> None:
                 # Runs right after the system message and status reached the existing
                 # subscribers, so the claimer's last_seq includes that message.
                 if conn in self.connections:
                     self._subscribe(conn, conv)
 
-            changed = await self._transition(conv, "claim", staff_id=conn.staff_id,
-                                             staff_name=conn.name, after=subscribe_claimer)
+            changed = await self._transition(
+                conv, "claim", staff_id=conn.staff_id, staff_name=conn.name, after=subscribe_claimer
+            )
             if not changed:
                 self._subscribe(conn, conv)
         else:
@@ -1047,6 +1120,10 @@ def _ref(frame: proto.ClientFrame) -> str:
     if isinstance(frame, proto.StaffAction):
         return frame.action
     return {
-        proto.Hello: "hello", proto.HistoryRequest: "history", proto.Escalate: "escalate",
-        proto.Typing: "typing", proto.Read: "read", proto.Ping: "ping",
+        proto.Hello: "hello",
+        proto.HistoryRequest: "history",
+        proto.Escalate: "escalate",
+        proto.Typing: "typing",
+        proto.Read: "read",
+        proto.Ping: "ping",
     }.get(type(frame), "unknown")

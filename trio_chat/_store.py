@@ -266,8 +266,9 @@ class Database:
             ).fetchone()
             if row is not None:
                 seq, sender, author, text, ts = row
-                original = Message(seq, op.conversation_id, sender, author, text, ts,
-                                   op.client_msg_id)
+                original = Message(
+                    seq, op.conversation_id, sender, author, text, ts, op.client_msg_id
+                )
                 return Appended(original, duplicate=True)
         seq = self._next_seq(op.conversation_id)
         now = time.time()
@@ -283,8 +284,16 @@ class Database:
         self.writer.execute(
             "INSERT INTO messages(conversation_id, seq, sender, author, author_key, text, ts, "
             "client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (op.conversation_id, seq, op.sender, op.author, op.author_key, op.text,
-             message.ts, op.client_msg_id),
+            (
+                op.conversation_id,
+                seq,
+                op.sender,
+                op.author,
+                op.author_key,
+                op.text,
+                message.ts,
+                op.client_msg_id,
+            ),
         )
         preview = op.text[:PREVIEW_CHARS]
         if op.status is None:
@@ -378,7 +387,9 @@ class Database:
             "WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
             (conversation_id, count),
         )
-        return [Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in reversed(rows)]
+        return [
+            Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in reversed(rows)
+        ]
 
     def message_by_client_id(
         self, conversation_id: str, author_key: str, client_msg_id: str
@@ -408,8 +419,9 @@ class Database:
         for r in rows:
             row = ConversationRow(*r[:10])
             sender, author, text, ts, cmid = r[10:]
-            found.append((row, Message(row.last_seq, row.conversation_id, sender, author, text,
-                                       ts, cmid)))
+            found.append(
+                (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
+            )
         return found
 
     def guest_exists(self, guest_id: str) -> bool:
@@ -437,7 +449,9 @@ class Database:
         return member
 
     def list_staff(self) -> list[StaffMember]:
-        return [StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")]
+        return [
+            StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")
+        ]
 
     def remove_staff(self, name_or_id: str) -> bool:
         """Remove by name or id; their tokens stop working at once. False if unknown."""
