@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("name")
     token.add_argument("--db", default=DEFAULT_DB)
 
+    from ._bench import build_parser as build_bench_parser
+
+    build_bench_parser(
+        commands.add_parser("bench", help="benchmarks, each beside a bare trio-websocket baseline")
+    )
+
     guest = commands.add_parser("guest", help="issue guest tokens")
     guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
@@ -108,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "staff": _staff,
         "guest": _guest,
+        "bench": _bench,
     }
     try:
         try:
@@ -196,6 +203,12 @@ async def _run_server(config: ServerConfig, data_path: Path) -> None:
 async def _stop_when_done(server: ChatServer, scope: trio.CancelScope) -> None:
     await server.wait_stopped()
     scope.cancel()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench import bench_command
+
+    return bench_command(args)
 
 
 def _open(path: str) -> Database:

@@ -1,0 +1,469 @@
+"""Benchmarks: every figure beside a baseline measured in the same run.
+
+The orchestrator starts the server under test and a bare trio-websocket server as
+subprocesses, drives them from separate load-generator processes (loopback only), and
+reports each figure with its baseline as a ratio. Run ``trio-chat bench --help``.
+
+Scenarios:
+
+* ``idle``: N authenticated guests connected and idle; server RSS per connection above
+  its own baseline, beside a bare trio-websocket server holding N connections.
+* ``throughput``: G guests sending as fast as acks allow (concierge off, no rate
+  limit); acknowledged messages per second and ack latency, beside the same clients
+  doing round trips against a bare trio-websocket echo server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+
+__all__ = ["main"]
+
+CONNECT_CONCURRENCY = 64
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------- processes
+
+
+@asynccontextmanager
+async def _process(args: list[str], ready_marker: bytes | None) -> AsyncIterator[trio.Process]:
+    """A subprocess; waits until ``ready_marker`` appears on its stdout."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+    )
+    try:
+        if ready_marker is not None:
+            assert proc.stdout is not None
+            seen = b""
+            with trio.fail_after(60):
+                while ready_marker not in seen:
+                    chunk = await proc.stdout.receive_some()
+                    if not chunk:
+                        raise RuntimeError(f"process exited early: {seen.decode(errors='replace')}")
+                    seen += chunk
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+@asynccontextmanager
+async def _chat_server(tmp: Path, port: int) -> AsyncIterator[trio.Process]:
+    args = [
+        "-m",
+        "trio_chat",
+        "serve",
+        "--port",
+        str(port),
+        "--db",
+        str(tmp / "bench.db"),
+        "--concierge",
+        "off",
+        "--rate-limit",
+        "0",
+        "--heartbeat",
+        "0",
+    ]
+    async with _process(args, f":{port}/ws".encode()) as proc:
+        yield proc
+
+
+@asynccontextmanager
+async def _bare_server(port: int) -> AsyncIterator[trio.Process]:
+    async with _process(
+        ["-m", "trio_chat._bench", "bare-server", "--port", str(port)], b"listening"
+    ) as proc:
+        yield proc
+
+
+async def _read_json_line(proc: trio.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = await proc.stdout.receive_some()
+        if not chunk:
+            raise RuntimeError(f"load generator exited: {buffer.decode(errors='replace')}")
+        buffer += chunk
+    line = buffer.split(b"\n", 1)[0]
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+# ------------------------------------------------------------------ load workers
+
+
+async def _open(url: str, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    # trio-websocket's connect can hang if the peer closes mid-handshake: bound it.
+    with trio.fail_after(30):
+        return await trio_websocket.connect_websocket_url(nursery, url)
+
+
+async def _hold_worker(url: str, count: int, protocol: str) -> None:
+    """Connect ``count`` clients (saying hello for the chat protocol), report, then
+    hold them until told to stop on stdin."""
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+    connected = 0
+
+    async def one(nursery: trio.Nursery) -> None:
+        nonlocal connected
+        async with limiter:
+            ws = await _open(url, nursery)
+            if protocol == "chat":
+                await ws.send_message(json.dumps({"type": "hello", "token": None}))
+                await ws.get_message()
+            connected += 1
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as connecting:
+            for _ in range(count):
+                connecting.start_soon(one, nursery)
+        print(json.dumps({"connected": connected}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        nursery.cancel_scope.cancel()
+
+
+async def _load_worker(url: str, count: int, protocol: str, duration: float) -> None:
+    """``count`` clients each send, wait for the ack (or echo), repeat; report totals."""
+    latencies: list[float] = []
+    done = 0
+    start = trio.Event()
+
+    async def one(nursery: trio.Nursery, index: int) -> None:
+        nonlocal done
+        ws = await _open(url, nursery)
+        if protocol == "chat":
+            await ws.send_message(json.dumps({"type": "hello", "token": None}))
+            await ws.get_message()
+        ready.release()
+        await start.wait()
+        deadline = trio.current_time() + duration
+        i = 0
+        while trio.current_time() < deadline:
+            cmid = f"b{index}-{i}"
+            frame = json.dumps({"type": "message", "client_msg_id": cmid, "text": f"msg {i}"})
+            sent = time.perf_counter()
+            await ws.send_message(frame)
+            if protocol == "chat":
+                # The echo clients parse nothing; the chat clients only spot their ack,
+                # so the load generator costs the same on both sides.
+                ack = f'"type":"ack","client_msg_id":"{cmid}"'
+                while ack not in await ws.get_message():
+                    pass
+            else:
+                await ws.get_message()
+            latencies.append(time.perf_counter() - sent)
+            done += 1
+            i += 1
+
+    ready = trio.Semaphore(0, max_value=count)
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as clients:
+            for index in range(count):
+                clients.start_soon(one, nursery, index)
+            for _ in range(count):
+                await ready.acquire()
+            started = time.perf_counter()
+            start.set()
+        elapsed = time.perf_counter() - started
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"done": done, "elapsed": elapsed, "latencies": latencies}), flush=True)
+
+
+async def _bare_echo_server(port: int) -> None:
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: trio_websocket.serve_websocket(
+                handler, "127.0.0.1", port, ssl_context=None, task_status=task_status
+            )
+        )
+        print("listening", flush=True)
+
+
+# ----------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    baseline: float
+    unit: str
+    better: str  # "lower" or "higher"
+    target: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline if self.baseline else math.inf
+
+
+async def _held_rss(
+    server: trio.Process, url: str, count: int, protocol: str, workers: int
+) -> float:
+    """Server RSS growth per connection when ``count`` clients are held open."""
+    # One warm-up connection first, so one-off allocations are not counted per guest.
+    async with _process(
+        ["-m", "trio_chat._bench", "hold", "--url", url, "--count", "1", "--protocol", protocol],
+        None,
+    ) as warm:
+        await _read_json_line(warm)
+        await trio.sleep(0.5)
+        before = _rss_bytes(server.pid)
+        share = [count // workers + (1 if i < count % workers else 0) for i in range(workers)]
+        async with trio.open_nursery() as nursery:
+            procs: list[trio.Process] = []
+            for n in share:
+                procs.append(await nursery.start(_start_hold, url, n, protocol))
+            total = 0
+            for proc in procs:
+                total += (await _read_json_line(proc))["connected"]
+            if total != count:
+                raise RuntimeError(f"only {total} of {count} connections were made")
+            await trio.sleep(1.0)  # let the server settle before reading its memory
+            after = _rss_bytes(server.pid)
+            for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(b"stop\n")
+        assert warm.stdin is not None
+        await warm.stdin.send_all(b"stop\n")
+    return (after - before) / count
+
+
+async def _start_hold(
+    url: str,
+    count: int,
+    protocol: str,
+    task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with _process(
+        [
+            "-m",
+            "trio_chat._bench",
+            "hold",
+            "--url",
+            url,
+            "--count",
+            str(count),
+            "--protocol",
+            protocol,
+        ],
+        None,
+    ) as proc:
+        task_status.started(proc)
+        await proc.wait()
+
+
+async def scenario_idle(guests: int, workers: int) -> list[Figure]:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        async with _chat_server(Path(tmp), port) as server:
+            ours = await _held_rss(server, f"ws://127.0.0.1:{port}/ws", guests, "chat", workers)
+    port = _free_port()
+    async with _bare_server(port) as bare:
+        base = await _held_rss(bare, f"ws://127.0.0.1:{port}/", guests, "echo", workers)
+    return [
+        Figure(
+            f"idle RSS per connected guest ({guests} guests)",
+            ours,
+            base,
+            "bytes",
+            "lower",
+            "<= 1.3 x",
+        )
+    ]
+
+
+async def _run_load(
+    url: str, guests: int, protocol: str, duration: float, workers: int
+) -> tuple[float, list[float]]:
+    share = [guests // workers + (1 if i < guests % workers else 0) for i in range(workers)]
+    results: list[dict[str, Any]] = []
+
+    async def run(n: int) -> None:
+        async with _process(
+            [
+                "-m",
+                "trio_chat._bench",
+                "load",
+                "--url",
+                url,
+                "--count",
+                str(n),
+                "--protocol",
+                protocol,
+                "--duration",
+                str(duration),
+            ],
+            None,
+        ) as p:
+            results.append(await _read_json_line(p))
+
+    async with trio.open_nursery() as nursery:
+        for n in share:
+            nursery.start_soon(run, n)
+    done = sum(r["done"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
+    latencies = sorted(x for r in results for x in r["latencies"])
+    return done / elapsed, latencies
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+async def scenario_throughput(guests: int, duration: float, workers: int) -> list[Figure]:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        async with _chat_server(Path(tmp), port):
+            ours, our_lat = await _run_load(
+                f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
+            )
+    port = _free_port()
+    async with _bare_server(port):
+        base, base_lat = await _run_load(
+            f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers
+        )
+    figures = [
+        Figure(
+            f"acknowledged messages per second ({guests} guests)",
+            ours,
+            base,
+            "msg/s",
+            "higher",
+            ">= 0.5 x",
+        )
+    ]
+    for q in (0.5, 0.99, 0.999):
+        figures.append(
+            Figure(
+                f"ack latency p{q * 100:g}",
+                _percentile(our_lat, q) * 1000,
+                _percentile(base_lat, q) * 1000,
+                "ms",
+                "lower",
+            )
+        )
+    return figures
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="trio-chat bench")
+    parser.add_argument("scenario", nargs="?", default="all", choices=["all", "idle", "throughput"])
+    parser.add_argument(
+        "--guests", type=int, default=None, help="connections (idle: 2000, throughput: 50)"
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return parser
+
+
+async def run_benchmarks(args: argparse.Namespace) -> list[Figure]:
+    figures: list[Figure] = []
+    if args.scenario in ("all", "idle"):
+        figures += await scenario_idle(args.guests or 2000, args.workers)
+    if args.scenario in ("all", "throughput"):
+        figures += await scenario_throughput(args.guests or 50, args.duration, args.workers)
+    return figures
+
+
+def report(figures: list[Figure], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"figures": [{**asdict(f), "ratio": f.ratio} for f in figures]}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trio-chat benchmarks (baseline: bare trio-websocket, same run)")
+    for column in ("figure", "trio-chat", "baseline", "ratio", "target"):
+        table.add_column(column)
+    for f in figures:
+        table.add_row(
+            f.name,
+            f"{f.value:,.1f} {f.unit}",
+            f"{f.baseline:,.1f} {f.unit}",
+            f"{f.ratio:.2f} x",
+            f.target,
+        )
+    Console().print(table)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    figures = trio.run(run_benchmarks, args)
+    report(figures, args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the worker subprocesses (``python -m trio_chat._bench``)."""
+    parser = argparse.ArgumentParser(prog="python -m trio_chat._bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bare = commands.add_parser("bare-server")
+    bare.add_argument("--port", type=int, required=True)
+    for name in ("hold", "load"):
+        worker = commands.add_parser(name)
+        worker.add_argument("--url", required=True)
+        worker.add_argument("--count", type=int, required=True)
+        worker.add_argument("--protocol", choices=["chat", "echo"], required=True)
+        worker.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if args.command == "bare-server":
+        trio.run(_bare_echo_server, args.port)
+    elif args.command == "hold":
+        trio.run(_hold_worker, args.url, args.count, args.protocol)
+    else:
+        trio.run(_load_worker, args.url, args.count, args.protocol, args.duration)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
