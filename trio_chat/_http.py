@@ -124,6 +124,15 @@ class HttpFront:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection. Never raises for anything the peer does."""
+        upgrade = await self._serve_plain(stream)
+        # The h11 state, the parsed request and their buffers are gone by now: this
+        # frame stays suspended for the whole WebSocket session, so it keeps nothing.
+        if upgrade is not None:
+            await self.on_websocket(PrefixStream(stream, upgrade))
+
+    async def _serve_plain(self, stream: trio.abc.Stream) -> bytes | None:
+        """Answer plain requests; return the bytes to replay when a WebSocket upgrade
+        arrives, or None when the connection is done."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         while True:
             # The bytes of this request, kept so a WebSocket upgrade can be replayed.
@@ -134,26 +143,25 @@ class HttpFront:
                     request = await self._read_request(stream, conn, raw)
                 except h11.RemoteProtocolError as exc:
                     await self._send_error(stream, conn, exc.error_status_hint, str(exc))
-                    return
+                    return None
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
+                    return None
             if request is None:
-                return  # idle, or the peer closed between requests
+                return None  # idle, or the peer closed between requests
             target = request.target.split(b"?", 1)[0]
             if target == b"/ws" and request.method == b"GET" and _is_websocket_upgrade(request):
-                await self.on_websocket(PrefixStream(stream, bytes(raw)))
-                return
+                return bytes(raw)
             response = self._route(request, target)
             try:
                 await self._respond(stream, conn, request, response)
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-                return
+                return None
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return None
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return None
 
     async def _read_request(
         self, stream: trio.abc.Stream, conn: h11.Connection, raw: bytearray

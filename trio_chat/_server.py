@@ -22,6 +22,8 @@ asked for it.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import random
 import time
@@ -34,6 +36,7 @@ from typing import Any, Final, NoReturn
 
 import trio
 import trio_websocket
+import wsproto.events
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from . import _protocol as proto
@@ -81,6 +84,27 @@ class ServerConfig:
     synchronous: str = "FULL"
     backlog: int = 4096
     seed: int | None = None  # for the shutdown spread; None = random
+
+
+WRITE_BATCH: Final = 64
+
+
+async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
+    """Send text frames with one socket write.
+
+    trio-websocket (pinned below 0.13) sends one frame per write and has no batch API;
+    this mirrors its ``WebSocketConnection._send`` for several frames at once: same
+    lock, same error translation. Raises ``ConnectionClosed``.
+    """
+    if ws._close_reason is not None:
+        raise ConnectionClosed(ws._close_reason)
+    data = b"".join(ws._wsproto.send(wsproto.events.TextMessage(data=f)) for f in frames)
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
 
 
 # --------------------------------------------------------------------- live state
@@ -233,8 +257,13 @@ class Connection:
         assert outbox is not None
         try:
             while outbox:
-                await self.ws.send_message(outbox[0])
-                outbox.popleft()
+                # Usually an ack and its message wait together: one write for both.
+                frames = list(itertools.islice(outbox, WRITE_BATCH))
+                await send_frames(self.ws, frames)
+                for _ in frames:
+                    outbox.popleft()
+            # Idle connections are the common case: do not keep an empty deque around.
+            self._outbox = None
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(CloseCode.ABNORMAL, "connection lost")
         finally:
@@ -729,7 +758,7 @@ class ChatServer:
 
     # -- writes -------------------------------------------------------------------------
 
-    async def _append(
+    def _append_operation(
         self,
         conv: Conversation,
         *,
@@ -741,46 +770,70 @@ class ChatServer:
         status: tuple[str, str | None, str | None] | None = None,
         origin: Connection | None = None,
         after: Callable[[Appended], None] | None = None,
-    ) -> Appended:
-        """Store a message and, once committed: ack ``origin``, push it, run ``after``."""
+    ) -> AppendMessage:
+        """The write that stores a message; once committed it acks ``origin``, pushes
+        the message (and the new status) to the subscribers and runs ``after``. The
+        conversation stays pinned in memory until the write is done either way."""
 
         def on_commit(result: Appended) -> None:
             message = result.message
             if origin is not None and message.client_msg_id is not None:
                 origin.deliver(proto.ack_frame(message))
-            if result.duplicate:
-                return
-            conv.last_seq = message.seq
-            conv.preview = message.text[:120]
-            conv.updated_ts = time.time()
-            if status is not None:
-                conv.status, conv.assigned_to, conv.assigned_name = status
-            self._broadcast(conv, proto.message_frame(message))
-            if status is not None:
-                self._broadcast(
-                    conv, proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name)
-                )
-            if after is not None:
-                after(result)
-            self._summary_changed(conv)
+            if not result.duplicate:
+                conv.last_seq = message.seq
+                conv.preview = message.text[:120]
+                conv.updated_ts = time.time()
+                if status is not None:
+                    conv.status, conv.assigned_to, conv.assigned_name = status
+                self._broadcast(conv, proto.message_frame(message))
+                if status is not None:
+                    self._broadcast(
+                        conv,
+                        proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name),
+                    )
+                if after is not None:
+                    after(result)
+                self._summary_changed(conv)
+            unpin()
 
-        conv.busy += 1
-        try:
-            return await self.store.submit(
-                AppendMessage(
-                    conversation_id=conv.conversation_id,
-                    sender=sender,
-                    author=author,
-                    author_key=author_key,
-                    text=text,
-                    client_msg_id=client_msg_id,
-                    status=status,
-                    on_commit=on_commit,
+        def on_error(error: StorageError) -> None:
+            log.error("storage failed: %s", error)
+            if origin is not None:
+                origin.error(
+                    ProtocolError(
+                        ErrorCode.INTERNAL,
+                        "the server could not store that; please retry",
+                        client_msg_id,
+                    )
                 )
-            )
-        finally:
+            unpin()
+
+        def unpin() -> None:
             conv.busy -= 1
             self._release(conv)
+
+        conv.busy += 1
+        return AppendMessage(
+            conversation_id=conv.conversation_id,
+            sender=sender,
+            author=author,
+            author_key=author_key,
+            text=text,
+            client_msg_id=client_msg_id,
+            status=status,
+            on_commit=on_commit,
+            on_error=on_error,
+        )
+
+    async def _append(self, conv: Conversation, **fields: Any) -> Appended:
+        """Store a message and wait until it is committed and pushed."""
+        return await self.store.submit(self._append_operation(conv, **fields))
+
+    async def _post(self, conv: Conversation, **fields: Any) -> None:
+        """Queue a client's message without waiting for its commit: the reader goes
+        back to reading, and the ack (or an ``internal`` error) follows the commit."""
+        with contextlib.suppress(StorageError):  # on_error has told the client
+            await self.store.enqueue(self._append_operation(conv, **fields))
 
     def _spawn(
         self, conv: Conversation, fn: Callable[[Conversation, Message], Any], message: Message
@@ -909,7 +962,7 @@ class ChatServer:
             if wait_ms:
                 await self._rate_limited(conn, conv, frame, author_key, wait_ms, now)
                 return
-        await self._append(
+        await self._post(
             conv,
             sender="guest",
             author=conv.guest_id,
@@ -917,7 +970,7 @@ class ChatServer:
             author_key=author_key,
             client_msg_id=frame.client_msg_id,
             origin=conn,
-            after=lambda result: self._spawn(conv, self._after_guest_message, result.message),
+            after=lambda result: self._guest_message_committed(conv, result.message),
         )
 
     async def _rate_limited(
@@ -952,6 +1005,12 @@ class ChatServer:
             ),
             retry_after_ms=wait_ms,
         )
+
+    def _guest_message_committed(self, conv: Conversation, message: Message) -> None:
+        # Only start a task when there is work: most messages in a busy hotel go to
+        # conversations with staff, or to a server running without a concierge.
+        if conv.status == "resolved" or (conv.status == "ai" and self.responder is not None):
+            self._spawn(conv, self._after_guest_message, message)
 
     async def _after_guest_message(self, conv: Conversation, message: Message) -> None:
         """Reopen a resolved conversation, then let the concierge answer."""
@@ -1052,7 +1111,7 @@ class ChatServer:
                     "claim the conversation before writing",
                     frame.client_msg_id,
                 )
-            await self._append(
+            await self._post(
                 conv,
                 sender="staff",
                 author=conn.name,

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
 MAX_BATCH: Final = 512
+PUBLISH_AHEAD: Final = 2  # committed batches that may wait for their callbacks
 PREVIEW_CHARS: Final = 120
 
 _SCHEMA: Final = """
@@ -119,6 +120,8 @@ class Operation(Generic[T]):
     """A write. ``apply`` runs in the writer thread inside the batch's transaction."""
 
     on_commit: Callable[[T], None] | None = field(default=None, kw_only=True)
+    # For writes nobody waits for (see Store.enqueue): told why the write failed.
+    on_error: Callable[[StorageError], None] | None = field(default=None, kw_only=True)
 
     def apply(self, db: Database) -> T:
         raise NotImplementedError
@@ -192,8 +195,12 @@ class Database:
             self._migrate()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {self.path}: {exc}") from exc
-        # Only the writer thread touches this; a failed batch clears it.
+        # Only the writer thread touches these; a failed batch clears the first.
         self._last_seq: dict[str, int] = {}
+        self._touched: dict[str, tuple[int, float, str, tuple[str, str | None, str | None] | None]]
+        self._touched = {}  # conversation rows to write at the end of the batch
+        self._rows: list[tuple[Any, ...]] = []  # messages to insert at the end of the batch
+        self._optimistic = True
         # sqlite3 connections are not thread-safe; each is used by one thread at a time.
         self._read_lock = threading.Lock()
 
@@ -226,13 +233,28 @@ class Database:
     def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
         """Apply every operation in one transaction and commit once.
 
+        The common batch costs a fixed number of statements, not a few per message:
+        the writer thread re-takes the GIL after every statement, and under load each
+        hand-off waits on the busy event loop. So the batch is first applied assuming
+        no message is a retry, with all new messages inserted by one ``executemany``
+        (``INSERT OR IGNORE``) and each touched conversation row written once. If any
+        insert was ignored (a retry of a stored message: rare), the batch is rolled back
+        to a savepoint and applied again one message at a time.
+
         Returns one result per operation. Raises :class:`StorageError` if the batch
         could not commit; then nothing of it was stored.
         """
         try:
             self.writer.execute("BEGIN IMMEDIATE")
             try:
-                results = [op.apply(self) for op in operations]
+                self.writer.execute("SAVEPOINT optimistic")
+                results = self._apply(operations, optimistic=True)
+                if results is None:
+                    self.writer.execute("ROLLBACK TO optimistic")
+                    self._last_seq.clear()
+                    results = self._apply(operations, optimistic=False)
+                    assert results is not None
+                self.writer.execute("RELEASE optimistic")
                 self.writer.execute("COMMIT")
             except BaseException:
                 self.writer.execute("ROLLBACK")
@@ -244,6 +266,27 @@ class Database:
             self._last_seq.clear()
             raise
         return results
+
+    def _apply(self, operations: list[Operation[Any]], *, optimistic: bool) -> list[Any] | None:
+        """Apply the batch; ``None`` when an optimistic pass met a retry."""
+        self._optimistic = optimistic
+        self._rows = []
+        self._touched = {}
+        try:
+            results = [op.apply(self) for op in operations]
+            if self._rows:
+                cursor = self.writer.executemany(
+                    "INSERT OR IGNORE INTO messages(conversation_id, seq, sender, author, "
+                    "author_key, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._rows,
+                )
+                if cursor.rowcount != len(self._rows):
+                    return None
+            self._write_conversations()
+            return results
+        finally:
+            self._rows = []
+            self._touched = {}
 
     def _next_seq(self, conversation_id: str) -> int:
         last = self._last_seq.get(conversation_id)
@@ -258,59 +301,76 @@ class Database:
         return last + 1
 
     def append(self, op: AppendMessage) -> Appended:
-        if op.client_msg_id is not None:
-            row = self.writer.execute(
-                "SELECT seq, sender, author, text, ts FROM messages WHERE conversation_id = ? "
-                "AND author_key = ? AND client_msg_id = ?",
-                (op.conversation_id, op.author_key, op.client_msg_id),
-            ).fetchone()
-            if row is not None:
-                seq, sender, author, text, ts = row
-                original = Message(
-                    seq, op.conversation_id, sender, author, text, ts, op.client_msg_id
-                )
-                return Appended(original, duplicate=True)
         seq = self._next_seq(op.conversation_id)
         now = time.time()
         message = Message(
-            seq=seq,
-            conversation_id=op.conversation_id,
-            sender=op.sender,
-            author=op.author,
-            text=op.text,
-            ts=format_ts(now),
-            client_msg_id=op.client_msg_id,
+            seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
         )
-        self.writer.execute(
-            "INSERT INTO messages(conversation_id, seq, sender, author, author_key, text, ts, "
-            "client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                op.conversation_id,
-                seq,
-                op.sender,
-                op.author,
-                op.author_key,
-                op.text,
-                message.ts,
-                op.client_msg_id,
-            ),
+        row = (
+            op.conversation_id,
+            seq,
+            op.sender,
+            op.author,
+            op.author_key,
+            op.text,
+            message.ts,
+            op.client_msg_id,
         )
-        preview = op.text[:PREVIEW_CHARS]
-        if op.status is None:
-            self.writer.execute(
+        if self._optimistic:
+            self._rows.append(row)
+        else:
+            try:
+                self.writer.execute(
+                    "INSERT INTO messages(conversation_id, seq, sender, author, author_key, "
+                    "text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            except sqlite3.IntegrityError:
+                # The unique index on (conversation, author, client_msg_id): a retry,
+                # possibly of a message earlier in this same batch.
+                found = self.writer.execute(
+                    "SELECT seq, sender, author, text, ts FROM messages WHERE "
+                    "conversation_id = ? AND author_key = ? AND client_msg_id = ?",
+                    (op.conversation_id, op.author_key, op.client_msg_id),
+                ).fetchone()
+                if found is None:
+                    raise
+                original = Message(
+                    found[0],
+                    op.conversation_id,
+                    found[1],
+                    found[2],
+                    found[3],
+                    found[4],
+                    op.client_msg_id,
+                )
+                return Appended(original, duplicate=True)
+        self._last_seq[op.conversation_id] = seq
+        touched = self._touched.get(op.conversation_id)
+        status = op.status if op.status is not None else (touched[3] if touched else None)
+        self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
+        return Appended(message, duplicate=False)
+
+    def _write_conversations(self) -> None:
+        plain = []
+        with_status = []
+        for conversation_id, (seq, now, preview, status) in self._touched.items():
+            if status is None:
+                plain.append((seq, now, preview, conversation_id))
+            else:
+                with_status.append((seq, now, preview, *status, conversation_id))
+        if plain:
+            self.writer.executemany(
                 "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ? "
                 "WHERE conversation_id = ?",
-                (seq, now, preview, op.conversation_id),
+                plain,
             )
-        else:
-            status, staff_id, staff_name = op.status
-            self.writer.execute(
+        if with_status:
+            self.writer.executemany(
                 "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ?, status = ?, "
                 "assigned_staff_id = ?, assigned_name = ? WHERE conversation_id = ?",
-                (seq, now, preview, status, staff_id, staff_name, op.conversation_id),
+                with_status,
             )
-        self._last_seq[op.conversation_id] = seq
-        return Appended(message, duplicate=False)
 
     def create_guest(self, name: str | None) -> ConversationRow:
         guest_id = new_id("g")
@@ -470,11 +530,25 @@ class Database:
 class _Pending:
     __slots__ = ("done", "error", "operation", "result")
 
-    def __init__(self, operation: Operation[Any]) -> None:
+    def __init__(self, operation: Operation[Any], *, waited: bool = True) -> None:
         self.operation = operation
-        self.done = trio.Event()
+        self.done = trio.Event() if waited else None
         self.result: Any = None
-        self.error: BaseException | None = None
+        self.error: StorageError | None = None
+
+    def fail(self, error: StorageError) -> None:
+        self.error = error
+        if self.operation.on_error is not None:
+            self.operation.on_error(error)
+        if self.done is not None:
+            self.done.set()
+
+    def succeed(self, result: Any) -> None:
+        self.result = result
+        if self.operation.on_commit is not None:
+            self.operation.on_commit(result)
+        if self.done is not None:
+            self.done.set()
 
 
 class Store:
@@ -492,21 +566,31 @@ class Store:
         self.operations = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task. Returns once :meth:`close` was called and the queue is empty.
+        """The writer. Returns once :meth:`close` was called and the queue is empty.
+
+        Two stages: the writer commits batch after batch in the worker thread, and a
+        publisher task runs each committed batch's ``on_commit`` callbacks, in commit
+        order, while the thread already works on the next batch.
 
         If it is cancelled instead, whatever is still queued fails with
         :class:`StorageError` (nothing of it was stored, so nothing was acknowledged).
         """
+        publish_send, publish_receive = trio.open_memory_channel[
+            tuple[list[_Pending], list[Any] | StorageError]
+        ](PUBLISH_AHEAD)
         task_status.started()
         try:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._commit(batch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish, publish_receive)
+                async with publish_send:
+                    async for first in self._receive:
+                        batch = [first]
+                        while len(batch) < MAX_BATCH:
+                            try:
+                                batch.append(self._receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        await publish_send.send((batch, await self._commit(batch)))
         finally:
             self._fail_queued()
             self._receive.close()
@@ -518,48 +602,81 @@ class Store:
                 pending = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            pending.error = error
-            pending.done.set()
+            pending.fail(error)
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> list[Any] | StorageError:
         operations = [p.operation for p in batch]
         try:
-            # A commit in progress must finish even if we are cancelled, or a message
-            # could be stored without its on_commit ever running (no push, no ack).
+            # A commit in progress must finish even if we are cancelled: its result
+            # must reach the publisher, or a stored message would never be acked.
             with trio.CancelScope(shield=True):
                 results = await trio.to_thread.run_sync(
                     self.db.apply_batch, operations, limiter=self._write_thread
                 )
         except StorageError as exc:
-            for pending in batch:
-                pending.error = exc
-                pending.done.set()
-            return
+            return exc
         self.batches += 1
         self.operations += len(batch)
-        for pending, result in zip(batch, results, strict=True):
-            pending.result = result
-            callback = pending.operation.on_commit
-            if callback is not None:
-                callback(result)
-            pending.done.set()
+        return results
+
+    async def _publish(
+        self,
+        committed: trio.MemoryReceiveChannel[tuple[list[_Pending], list[Any] | StorageError]],
+    ) -> None:
+        stopped = StorageError("the store stopped before confirming this write")
+        try:
+            async for batch, results in committed:
+                if isinstance(results, StorageError):
+                    for pending in batch:
+                        pending.fail(results)
+                    continue
+                # One Trio step for the whole batch: pushes leave in seq order.
+                for pending, result in zip(batch, results, strict=True):
+                    pending.succeed(result)
+        finally:
+            # Cancelled: committed but unconfirmed writes are not acked; a client's
+            # retry with the same client_msg_id gets the original ack next time.
+            while True:
+                try:
+                    batch, _ = committed.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                for pending in batch:
+                    pending.fail(stopped)
 
     async def submit(self, operation: Operation[T]) -> T:
         """Queue a write and wait until it is committed and its ``on_commit`` has run.
 
-        Raises :class:`StorageError` if its batch failed or the store is closed.
+        Raises :class:`StorageError` if its batch failed or the store is closed. Either
+        way exactly one of the operation's callbacks runs.
         """
         pending = _Pending(operation)
-        try:
-            await self._send.send(pending)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise StorageError("the store is closed") from None
+        await self._queue(pending)
         # If we are cancelled here the write still happens and its on_commit still runs:
         # everything that must follow a commit lives in on_commit, not in the caller.
+        assert pending.done is not None
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.result  # type: ignore[no-any-return]
+
+    async def enqueue(self, operation: Operation[Any]) -> None:
+        """Queue a write without waiting for its commit: its ``on_commit`` or
+        ``on_error`` callback says how it went. Waits only while the queue is full.
+        Raises :class:`StorageError` if the store is closed."""
+        await self._queue(_Pending(operation, waited=False))
+
+    async def _queue(self, pending: _Pending) -> None:
+        # Every operation ends in exactly one callback: on_commit, or on_error, here
+        # too when it never made it into the queue.
+        try:
+            await self._send.send(pending)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pending.fail(StorageError("the store is closed"))
+            raise StorageError("the store is closed") from None
+        except BaseException:
+            pending.fail(StorageError("cancelled before it was queued"))
+            raise
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a :class:`Database` read in a worker thread."""
