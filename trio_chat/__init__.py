@@ -3,6 +3,8 @@
 The public surface. Everything else lives in private modules and may change.
 """
 
+from ._backoff import JITTER_MODES, Backoff
+from ._client import ChatClient, ClientEvent, StaffClient
 from ._concierge import (
     Concierge,
     ConciergeAnswer,
@@ -27,9 +29,13 @@ from ._server import ChatServer, ServerConfig
 from ._version import __version__
 
 __all__ = [
+    "JITTER_MODES",
     "AuthenticationFailed",
+    "Backoff",
+    "ChatClient",
     "ChatServer",
     "ClientClosed",
+    "ClientEvent",
     "CloseCode",
     "Concierge",
     "ConciergeAnswer",
@@ -45,6 +51,7 @@ __all__ = [
     "ResponderRequest",
     "RulesResponder",
     "ServerConfig",
+    "StaffClient",
     "StorageError",
     "TrioChatError",
     "__version__",
