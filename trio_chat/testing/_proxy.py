@@ -15,6 +15,7 @@ import trio
 __all__ = ["FaultProxy"]
 
 CHUNK = 65536
+SLICE = 4096  # bytes paced at a time under a bandwidth cap
 
 
 @dataclass(eq=False)
@@ -172,14 +173,21 @@ class FaultProxy:
         sink: trio.SocketStream,
         done: trio.CancelScope,
     ) -> None:
+        free_at = 0.0  # with a bandwidth cap: when the link can carry the next byte
         try:
             async with receive:
                 async for due, data in receive:
                     await trio.sleep_until(due)
                     await self._unblocked.wait()
-                    await sink.send_all(data)
-                    if self.bandwidth:
-                        await trio.sleep(len(data) / self.bandwidth)
+                    if not self.bandwidth:
+                        await sink.send_all(data)
+                        continue
+                    # Pace before sending, in slices, so the cap holds from the first byte.
+                    for start in range(0, len(data), SLICE):
+                        piece = data[start : start + SLICE]
+                        free_at = max(free_at, trio.current_time()) + len(piece) / self.bandwidth
+                        await trio.sleep_until(free_at)
+                        await sink.send_all(piece)
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             done.cancel()

@@ -1,0 +1,109 @@
+"""Backoff policies, as pure code."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_chat import JITTER_MODES, Backoff
+
+
+def test_no_jitter_grows_exponentially_to_the_cap() -> None:
+    policy = Backoff(initial=0.5, factor=2, max=30, jitter="none")
+    assert policy.delays(9) == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+
+
+@pytest.mark.parametrize("mode", JITTER_MODES)
+@given(seed=st.integers(0, 2**32), count=st.integers(1, 60))
+def test_every_mode_stays_within_its_bounds(mode: str, seed: int, count: int) -> None:
+    policy = Backoff(initial=0.5, factor=2, max=30, jitter=mode, seed=seed)  # type: ignore[arg-type]
+    for attempt, delay in enumerate(policy.delays(count)):
+        ceiling = policy.ceiling(attempt)
+        assert 0 <= delay <= 30
+        if mode == "none":
+            assert delay == ceiling
+        elif mode == "full":
+            assert 0 <= delay <= ceiling
+        elif mode == "equal":
+            assert ceiling / 2 <= delay <= ceiling
+        else:
+            assert 0.5 <= delay <= 30
+
+
+def test_jitter_modes_spread_as_the_aws_analysis_describes() -> None:
+    def sample(mode: str, attempt: int) -> list[float]:
+        out = []
+        for seed in range(2000):
+            policy = Backoff(initial=1, factor=2, max=1000, jitter=mode, seed=seed)  # type: ignore[arg-type]
+            out.append(policy.delays(attempt + 1)[-1])
+        return out
+
+    full, equal = sample("full", 4), sample("equal", 4)  # ceiling 16
+    assert statistics.mean(full) == pytest.approx(8, rel=0.06)
+    assert statistics.mean(equal) == pytest.approx(12, rel=0.04)
+    assert statistics.pstdev(full) > statistics.pstdev(equal)
+    decorrelated = sample("decorrelated", 4)
+    assert min(decorrelated) >= 1 and statistics.mean(decorrelated) > 3
+
+
+def test_same_seed_same_delays_and_delays_does_not_consume() -> None:
+    a = Backoff(jitter="full", seed=42)
+    b = Backoff(jitter="full", seed=42)
+    preview = a.delays(10)
+    assert preview == a.delays(10)  # looking does not advance
+    assert [a.next_delay() for _ in range(10)] == preview == b.delays(10)
+    assert Backoff(jitter="full", seed=43).delays(10) != preview
+
+
+def test_reset_starts_from_the_first_delay_again() -> None:
+    policy = Backoff(initial=0.5, jitter="none")
+    for _ in range(6):
+        policy.next_delay()
+    assert policy.next_delay() == 30
+    policy.reset()
+    assert policy.next_delay() == 0.5
+    decorrelated = Backoff(initial=1, max=100, jitter="decorrelated", seed=1)
+    for _ in range(20):
+        decorrelated.next_delay()
+    decorrelated.reset()
+    first = decorrelated.next_delay()
+    assert first is not None and first <= 3  # uniform(initial, 3 * initial)
+
+
+def test_attempt_limit_ends_with_none() -> None:
+    policy = Backoff(jitter="none", max_attempts=3)
+    assert policy.delays(10) == [0.5, 1, 2]
+    assert list(policy) == [0.5, 1, 2]
+    assert policy.next_delay() is None
+    assert Backoff(max_attempts=0).next_delay() is None
+
+
+def test_copy_is_a_fresh_policy_with_the_same_settings() -> None:
+    policy = Backoff(initial=2, factor=3, max=50, jitter="equal", seed=5, max_attempts=4)
+    policy.next_delay()
+    fresh = policy.copy()
+    assert fresh.attempt == 0 and repr(fresh) == repr(policy)
+    assert fresh.delays(4) == Backoff(2, 3, 50, "equal", 5, 4).delays(4)
+
+
+def test_huge_attempt_numbers_do_not_overflow() -> None:
+    policy = Backoff(initial=0.5, factor=10, max=30, jitter="none")
+    assert policy.ceiling(10_000) == 30
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial": 0},
+        {"initial": 5, "max": 1},
+        {"factor": 0.5},
+        {"jitter": "wild"},
+        {"max_attempts": -1},
+    ],
+)
+def test_nonsense_settings_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Backoff(**kwargs)  # type: ignore[arg-type]
