@@ -68,9 +68,9 @@ def assert_exact(client: ChatClient, history: list[dict[str, Any]]) -> None:
 
 async def settle(client: ChatClient, last_seq: int) -> None:
     with trio.fail_after(10):
-        while not client.transcript or client.transcript[-1].seq < last_seq:
-            await client.wait_for_state("connected")
-            await trio.testing.wait_all_tasks_blocked(0.05)
+        await client.wait_until(
+            lambda: bool(client.transcript) and client.transcript[-1].seq >= last_seq
+        )
 
 
 # ------------------------------------------------------------------------ basics
@@ -285,14 +285,12 @@ async def test_staff_client_claims_replies_and_resolves(
     async with ChatClient(url(srv.port)) as guest, StaffClient(url(srv.port), token=token) as desk:
         await guest.send("I need a person please")
         with trio.fail_after(5):
-            while guest.status != "waiting":
-                await trio.testing.wait_all_tasks_blocked(0.02)
+            await guest.wait_until(lambda: guest.status == "waiting")
         cid = guest.conversation_id
         assert cid is not None
         await desk.wait_for_state("connected")
         with trio.fail_after(5):
-            while desk.queue.get(cid, {}).get("status") != "waiting":
-                await trio.testing.wait_all_tasks_blocked(0.02)
+            await desk.wait_until(lambda: desk.queue.get(cid, {}).get("status") == "waiting")
         await desk.claim(cid)
         reply = await desk.reply(cid, "Hello, Anna here. How can I help?")
         assert reply.sender == "staff" and reply.author == "Anna"
@@ -300,8 +298,7 @@ async def test_staff_client_claims_replies_and_resolves(
         assert guest.transcript[-1].text == "Hello, Anna here. How can I help?"
         assert guest.status == "staff" and guest.assigned_to == "Anna"
         with trio.fail_after(5):
-            while len(desk.transcript_of(cid)) < reply.seq:
-                await trio.testing.wait_all_tasks_blocked(0.02)
+            await desk.wait_until(lambda: len(desk.transcript_of(cid)) >= reply.seq)
         assert [m.seq for m in desk.transcript_of(cid)] == [m.seq for m in guest.transcript]
         await desk.resolve(cid)
         assert desk.queue[cid]["status"] == "resolved"

@@ -24,6 +24,7 @@ from ._errors import (
     StorageError,
     TrioChatError,
 )
+from ._jupyter import TrioInJupyter
 from ._protocol import CloseCode, ErrorCode, Message
 from ._server import ChatServer, ServerConfig
 from ._version import __version__
@@ -54,5 +55,6 @@ __all__ = [
     "StaffClient",
     "StorageError",
     "TrioChatError",
+    "TrioInJupyter",
     "__version__",
 ]

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("bench", help="benchmarks, each beside a bare trio-websocket baseline")
     )
 
+    chat = commands.add_parser("chat", help="chat from this terminal (as a guest, or --staff)")
+    chat.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/ws")
+    chat.add_argument("--token", help="come back as this guest")
+    chat.add_argument("--name", help="your name, shown to staff")
+    chat.add_argument("--staff", metavar="TOKEN", help="chat as staff, with this staff token")
+
     guest = commands.add_parser("guest", help="issue guest tokens")
     guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
@@ -115,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "staff": _staff,
         "guest": _guest,
         "bench": _bench,
+        "chat": _chat,
     }
     try:
         try:
@@ -203,6 +210,12 @@ async def _run_server(config: ServerConfig, data_path: Path) -> None:
 async def _stop_when_done(server: ChatServer, scope: trio.CancelScope) -> None:
     await server.wait_stopped()
     scope.cancel()
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ._terminal import main as terminal_main
+
+    return trio.run(terminal_main, args.url, args.token, args.name, args.staff)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -133,6 +133,9 @@ class ChatClient:
         self._outbox = Outbox()
         self._waiters: dict[str, _Waiter] = {}
         self._listeners: list[trio.MemorySendChannel[ClientEvent]] = []
+        self._callbacks: list[Callable[[ClientEvent], None]] = []
+        self._pings: dict[str, _Waiter] = {}
+        self._ping_ids = 0
         self._welcomed_once = False
         self._online = True
         self._connection_no = 0
@@ -141,7 +144,7 @@ class ChatClient:
         self._session: trio.CancelScope | None = None
         self._wait_scope: trio.CancelScope | None = None
         self._online_changed = trio.Event()
-        self._state_changed = trio.Event()
+        self._changed = trio.Event()  # set (and replaced) on every event
         self._history_pending: set[str] = set()
         self._last_received = 0.0
         self._dead = False  # the watchdog gave up on the current connection
@@ -232,6 +235,15 @@ class ChatClient:
         return self._transcript(self.conversation_id).messages
 
     @property
+    def synced(self) -> bool:
+        """Connected, with every earlier message fetched (no history in flight)."""
+        return (
+            self.state == "connected"
+            and not self._history_pending
+            and not any(t.gap for t in self.transcripts.values())
+        )
+
+    @property
     def pending(self) -> list[OutgoingMessage]:
         """Messages sent but not yet acknowledged, oldest first."""
         return list(self._outbox)
@@ -266,16 +278,57 @@ class ChatClient:
         await self._send_control(frame)
 
     async def set_typing(self, active: bool) -> None:
-        await self._send_control({"type": "typing", "active": active})
+        await self._send_control({"type": "typing", "active": active}, live_only=True)
 
     async def mark_read(self, seq: int) -> None:
         await self._send_control({"type": "read", "seq": seq})
 
     async def wait_for_state(self, *states: State) -> State:
         """Wait until the client is in one of ``states``; returns it."""
-        while self.state not in states:
-            await self._state_changed.wait()
+        await self.wait_until(lambda: self.state in states)
         return self.state
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` is true; it is checked after every event (a
+        message, an ack, a state change...). Raises :class:`ClientClosed` if the client
+        closes first (unless the predicate is then true)."""
+        while not predicate():
+            if self.state == "closed":
+                raise ClientClosed(self.close_reason or "closed")
+            await self._changed.wait()
+
+    def add_listener(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` synchronously for every event (widgets, terminals);
+        returns a function that removes it. A failing callback is logged, not raised."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    async def ping(self) -> float:
+        """Round-trip an application ping; returns the seconds it took. Everything the
+        server queued for us before answering has arrived by then (it answers in order).
+        Waits for a connection first; raises :class:`ClientClosed`."""
+        self._ping_ids += 1
+        ping_id = f"p{self._ping_ids}"
+        waiter = _Waiter()
+        self._pings[ping_id] = waiter
+        started = trio.current_time()
+        try:
+            await self._send_control({"type": "ping", "id": ping_id})
+            while True:
+                # A pong lost with its connection is asked for again on the next one.
+                connection = self._connection_no
+
+                def answered_or_reconnected(connection: int = connection) -> bool:
+                    return waiter.event.is_set() or self._connection_no != connection
+
+                with trio.move_on_after(self.connect_timeout):
+                    await self.wait_until(answered_or_reconnected)
+                if waiter.event.is_set():
+                    break
+                await self._send_control({"type": "ping", "id": ping_id})
+        finally:
+            self._pings.pop(ping_id, None)
+        return trio.current_time() - started
 
     async def events(self) -> AsyncIterator[ClientEvent]:
         """Every event from now on, as an async iterator (slow readers lose the oldest)."""
@@ -286,18 +339,28 @@ class ChatClient:
                 async for event in receive:
                     yield event
         finally:
-            self._listeners.remove(send)
+            if send in self._listeners:  # _emit drops listeners whose reader went away
+                self._listeners.remove(send)
 
     def _check_open(self) -> None:
         if self.state == "closed":
             raise ClientClosed(self.close_reason or "closed")
 
-    async def _send_control(self, frame: dict[str, Any]) -> None:
-        """Send a frame if connected; control frames are not queued while offline."""
-        self._check_open()
-        if self._control is None or self.state != "connected":
-            raise ClientClosed(f"not connected ({self.state})")
-        await self._control.send(frame)
+    async def _send_control(self, frame: dict[str, Any], *, live_only: bool = False) -> None:
+        """Send a frame, waiting for a connection first (a user's intent, such as an
+        escalation, survives an outage). ``live_only`` frames (typing) are dropped
+        while disconnected: sent later they would be false. Raises ClientClosed."""
+        while True:
+            self._check_open()
+            if self._control is not None and self.state == "connected":
+                try:
+                    await self._control.send(frame)
+                    return
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # the connection ended under us: wait for the next one
+            if live_only:
+                return
+            await self.wait_until(lambda: self.state in ("connected", "closed"))
 
     def _kick(self) -> None:
         if self._control is not None and self.state == "connected":
@@ -313,6 +376,13 @@ class ChatClient:
     def _emit(self, kind: str, **data: Any) -> None:
         event = ClientEvent(kind, trio.current_time(), time.time(), data)
         self.event_log.append(event)
+        for callback in list(self._callbacks):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("an event listener failed")
+        self._changed.set()
+        self._changed = trio.Event()
         for listener in list(self._listeners):
             try:
                 listener.send_nowait(event)
@@ -324,8 +394,6 @@ class ChatClient:
     def _set_state(self, state: State, **data: Any) -> None:
         self.state = state
         self._emit("state", state=state, attempt=self.attempt, **data)
-        self._state_changed.set()
-        self._state_changed = trio.Event()
 
     def _transcript(self, conversation_id: str) -> Transcript:
         transcript = self.transcripts.get(conversation_id)
@@ -592,7 +660,12 @@ class ChatClient:
             self._on_error(frame)
         elif kind == "reconnect":
             self._hint = max(0, int(frame.get("after_ms", 0))) / 1000
-        # pong and unknown types: nothing to do (any frame proves the link is alive)
+        elif kind == "pong":
+            waiter = self._pings.get(str(frame.get("id")))
+            if waiter is not None:
+                waiter.finish(None)
+                self._emit("pong", id=frame.get("id"))
+        # unknown types: nothing to do (any frame proves the link is alive)
 
     def _on_message(self, message: Message) -> None:
         transcript = self._transcript(message.conversation_id)
@@ -687,6 +760,7 @@ class StaffClient(ChatClient):
         super().__init__(url, token=token, **kwargs)
         self.staff_id: str | None = None
         self.queue: dict[str, dict[str, Any]] = {}
+        self.queue_ready = False  # the current connection's queue has arrived
         self.subscribed: set[str] = set()
         self._watching: set[str] = set()
         self._action_waiters: dict[str, deque[tuple[str, _Waiter]]] = {}
@@ -696,6 +770,7 @@ class StaffClient(ChatClient):
         self.staff_id = welcome.get("staff_id")
         self.name = welcome.get("name", self.name)
         self.subscribed.clear()
+        self.queue_ready = False
         # The server re-subscribes us to what we hold; watches we renew ourselves.
         for conversation_id in self._watching:
             if self._control is not None:
@@ -705,6 +780,7 @@ class StaffClient(ChatClient):
         kind = frame.get("type")
         if kind == "queue":
             self.queue = {c["conversation_id"]: c for c in frame.get("conversations", [])}
+            self.queue_ready = True
             self._emit("queue", conversations=list(self.queue.values()))
         elif kind == "conversation":
             summary = {k: v for k, v in frame.items() if k != "type"}
@@ -791,7 +867,8 @@ class StaffClient(ChatClient):
 
     async def set_typing(self, active: bool, conversation_id: str | None = None) -> None:
         await self._send_control(
-            {"type": "typing", "active": active, "conversation_id": conversation_id}
+            {"type": "typing", "active": active, "conversation_id": conversation_id},
+            live_only=True,
         )
 
     async def mark_read(self, seq: int, conversation_id: str | None = None) -> None:
