@@ -133,6 +133,14 @@ _STOPWORDS: Final = frozenset(
         "we're",
         "don't",
         "dont",
+        "one",
+        "more",
+        "another",
+        "thing",
+        "question",
+        "quick",
+        "still",
+        "sorry",
     ]
 )
 MIN_SCORE: Final = 2.0

@@ -4,9 +4,29 @@
   connections, refuses new ones, or blackholes traffic, at runtime or on a schedule.
 * :class:`MockServer`: an in-process protocol-v1 server with canned replies, a scripted
   escalation to a mock staff member, and faults on demand.
+* :func:`run_scenario`: scripted guests and staff from ``data/scenarios/*.toml``,
+  every event recorded with its time; :func:`summarize` charts what happened.
 """
 
 from ._mock import CannedReply, MockServer
 from ._proxy import FaultProxy
+from ._scenarios import (
+    Scenario,
+    ScenarioResult,
+    load_scenario,
+    run_scenario,
+    scenario_files,
+    summarize,
+)
 
-__all__ = ["CannedReply", "FaultProxy", "MockServer"]
+__all__ = [
+    "CannedReply",
+    "FaultProxy",
+    "MockServer",
+    "Scenario",
+    "ScenarioResult",
+    "load_scenario",
+    "run_scenario",
+    "scenario_files",
+    "summarize",
+]
