@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from typing import Any
 import trio
 import trio_websocket
 
+from ._processes import free_port, python_process
+
 __all__ = ["main"]
 
 CONNECT_CONCURRENCY = 64
@@ -43,44 +43,6 @@ def _rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# --------------------------------------------------------------------- processes
-
-
-@asynccontextmanager
-async def _process(args: list[str], ready_marker: bytes | None) -> AsyncIterator[trio.Process]:
-    """A subprocess; waits until ``ready_marker`` appears on its stdout."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-    )
-    try:
-        if ready_marker is not None:
-            assert proc.stdout is not None
-            seen = b""
-            with trio.fail_after(60):
-                while ready_marker not in seen:
-                    chunk = await proc.stdout.receive_some()
-                    if not chunk:
-                        raise RuntimeError(f"process exited early: {seen.decode(errors='replace')}")
-                    seen += chunk
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
 
 
 @asynccontextmanager
@@ -100,15 +62,14 @@ async def _chat_server(tmp: Path, port: int) -> AsyncIterator[trio.Process]:
         "--heartbeat",
         "0",
     ]
-    async with _process(args, f":{port}/ws".encode()) as proc:
+    async with python_process(args, f":{port}/ws".encode()) as proc:
         yield proc
 
 
 @asynccontextmanager
 async def _bare_server(port: int) -> AsyncIterator[trio.Process]:
-    async with _process(
-        ["-m", "trio_chat._bench", "bare-server", "--port", str(port)], b"listening"
-    ) as proc:
+    args = ["-m", "trio_chat._bench", "bare-server", "--port", str(port)]
+    async with python_process(args, b"listening") as proc:
         yield proc
 
 
@@ -245,7 +206,7 @@ async def _held_rss(
 ) -> float:
     """Server RSS growth per connection when ``count`` clients are held open."""
     # One warm-up connection first, so one-off allocations are not counted per guest.
-    async with _process(
+    async with python_process(
         ["-m", "trio_chat._bench", "hold", "--url", url, "--count", "1", "--protocol", protocol],
         None,
     ) as warm:
@@ -278,7 +239,7 @@ async def _start_hold(
     protocol: str,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with _process(
+    async with python_process(
         [
             "-m",
             "trio_chat._bench",
@@ -298,10 +259,10 @@ async def _start_hold(
 
 async def scenario_idle(guests: int, workers: int) -> list[Figure]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         async with _chat_server(Path(tmp), port) as server:
             ours = await _held_rss(server, f"ws://127.0.0.1:{port}/ws", guests, "chat", workers)
-    port = _free_port()
+    port = free_port()
     async with _bare_server(port) as bare:
         base = await _held_rss(bare, f"ws://127.0.0.1:{port}/", guests, "echo", workers)
     return [
@@ -323,7 +284,7 @@ async def _run_load(
     results: list[dict[str, Any]] = []
 
     async def run(n: int) -> None:
-        async with _process(
+        async with python_process(
             [
                 "-m",
                 "trio_chat._bench",
@@ -359,12 +320,12 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 
 async def scenario_throughput(guests: int, duration: float, workers: int) -> list[Figure]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         async with _chat_server(Path(tmp), port):
             ours, our_lat = await _run_load(
                 f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
             )
-    port = _free_port()
+    port = free_port()
     async with _bare_server(port):
         base, base_lat = await _run_load(
             f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers

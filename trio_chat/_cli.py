@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 from rich.console import Console
@@ -100,6 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("bench", help="benchmarks, each beside a bare trio-websocket baseline")
     )
 
+    soak = commands.add_parser(
+        "soak", help="many guests through scheduled faults; report what was lost or doubled"
+    )
+    soak.add_argument("--guests", type=int, default=50)
+    soak.add_argument("--duration", type=_positive, default=30.0, metavar="SECONDS")
+    soak.add_argument(
+        "--faults",
+        default=None,
+        metavar="SPEC",
+        help="kind@fraction[:seconds],... with kinds drop, blackhole, latency, "
+        "restart, kill (default: every kind, spread over the run; 'none')",
+    )
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--rate", type=_positive, default=1.0, help="messages per second per guest")
+    soak.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    proxy = commands.add_parser("proxy", help="a fault-injecting TCP proxy (loopback)")
+    proxy.add_argument("--listen", type=int, required=True, metavar="PORT")
+    proxy.add_argument("--upstream", required=True, metavar="HOST:PORT")
+    proxy.add_argument(
+        "--schedule",
+        default="",
+        metavar="SPEC",
+        help="kind@seconds[:duration],... with kinds drop, blackhole, latency, "
+        "refuse, bandwidth (e.g. 'drop@10,blackhole@20:5')",
+    )
+
     chat = commands.add_parser("chat", help="chat from this terminal (as a guest, or --staff)")
     chat.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/ws")
     chat.add_argument("--token", help="come back as this guest")
@@ -122,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guest": _guest,
         "bench": _bench,
         "chat": _chat,
+        "soak": _soak,
+        "proxy": _proxy,
     }
     try:
         try:
@@ -210,6 +240,120 @@ async def _run_server(config: ServerConfig, data_path: Path) -> None:
 async def _stop_when_done(server: ChatServer, scope: trio.CancelScope) -> None:
     await server.wait_stopped()
     scope.cancel()
+
+
+def _soak(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .testing import parse_faults, soak
+
+    try:
+        faults = None if args.faults is None else parse_faults(args.faults)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+    with Progress(
+        TextColumn("[bold]soak[/bold] {task.description}"),
+        BarColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=args.duration)
+
+        def show(status: dict[str, Any]) -> None:
+            states = " ".join(f"{k} {v}" for k, v in sorted(status["states"].items()))
+            bar.update(
+                task,
+                completed=min(status["elapsed"], status["duration"]),
+                description=f"sent {status['sent']} acked {status['acknowledged']} | {states}",
+            )
+
+        report = trio.run(
+            lambda: soak(
+                args.guests,
+                args.duration,
+                faults=faults,
+                seed=args.seed,
+                rate=args.rate,
+                progress=show,
+            )
+        )
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"soak: {args.guests} guests, {args.duration:g} s")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key in (
+            "sent",
+            "acknowledged",
+            "delivered",
+            "lost",
+            "duplicated",
+            "out_of_order",
+            "reconnects",
+            "peak_attempts_per_100ms",
+        ):
+            table.add_row(key, str(getattr(report, key)))
+        for key, value in report.recovery_s.items():
+            table.add_row(f"recovery {key} (s)", f"{value:.3f}")
+        Console().print(table)
+        for note in report.notes[:20]:
+            err_console.print(f"  {note}", style="dim")
+    return 0 if report.healthy else 1
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from .testing import FaultProxy
+
+    host, _, port = args.upstream.rpartition(":")
+    try:
+        schedule = _proxy_schedule(args.schedule)
+        upstream_port = int(port)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+    async def run() -> None:
+        proxy = FaultProxy(
+            upstream_port, upstream_host=host or "127.0.0.1", listen_port=args.listen
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.run)
+            err_console.print(f"proxy 127.0.0.1:{proxy.port} -> {host}:{upstream_port}")
+            if schedule:
+                await proxy.run_schedule(schedule)
+
+    trio.run(run)
+    return 0
+
+
+def _proxy_schedule(spec: str) -> list[tuple[float, str, tuple[Any, ...]]]:
+    """``kind@seconds[:duration]`` entries as FaultProxy.run_schedule steps."""
+    steps: list[tuple[float, str, tuple[Any, ...]]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, _, when = part.partition("@")
+        at_text, _, length_text = when.partition(":")
+        at, length = float(at_text), float(length_text or 0)
+        if kind == "drop":
+            steps.append((at, "reset_all", ()))
+        elif kind in ("blackhole", "refuse"):
+            steps += [(at, kind, (True,)), (at + (length or 5), kind, (False,))]
+        elif kind == "latency":
+            steps += [(at, "add_latency", (0.2, 0.1)), (at + (length or 5), "add_latency", (0,))]
+        elif kind == "bandwidth":
+            steps += [
+                (at, "cap_bandwidth", (10_000,)),
+                (at + (length or 5), "cap_bandwidth", (None,)),
+            ]
+        else:
+            raise ValueError(f"unknown proxy fault {kind!r} in {part!r}")
+    return steps
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@
   escalation to a mock staff member, and faults on demand.
 * :func:`run_scenario`: scripted guests and staff from ``data/scenarios/*.toml``,
   every event recorded with its time; :func:`summarize` charts what happened.
+* :func:`soak`: many guests through scheduled faults (drops, blackholes, latency, a
+  graceful restart and a ``kill -9``), then an exact account of what was lost,
+  doubled or reordered (``trio-chat soak``).
 """
 
 from ._mock import CannedReply, MockServer
@@ -18,15 +21,20 @@ from ._scenarios import (
     scenario_files,
     summarize,
 )
+from ._soak import Fault, SoakReport, parse_faults, soak
 
 __all__ = [
     "CannedReply",
+    "Fault",
     "FaultProxy",
     "MockServer",
     "Scenario",
     "ScenarioResult",
+    "SoakReport",
     "load_scenario",
+    "parse_faults",
     "run_scenario",
     "scenario_files",
+    "soak",
     "summarize",
 ]

@@ -1,0 +1,132 @@
+"""Child processes for benchmarks and soak runs: servers and load generators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+__all__ = ["ServerProcess", "free_port", "python_process"]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _wait_for(proc: trio.Process, marker: bytes, within: float = 60) -> None:
+    assert proc.stdout is not None
+    seen = b""
+    with trio.fail_after(within):
+        while marker not in seen:
+            chunk = await proc.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError(f"process exited early: {seen.decode(errors='replace')}")
+            seen += chunk
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL us if our parent dies, so an
+    interrupted benchmark or soak leaves no server behind. Elsewhere: nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _spawn(args: Sequence[str]) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+@asynccontextmanager
+async def python_process(
+    args: Sequence[str], ready_marker: bytes | None = None
+) -> AsyncIterator[trio.Process]:
+    """``python ARGS`` as a child; waits for ``ready_marker`` on its stdout; killed
+    on exit if still running."""
+    proc = await _spawn(args)
+    try:
+        if ready_marker is not None:
+            await _wait_for(proc, ready_marker)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+class ServerProcess:
+    """``trio-chat serve`` in a child process that can be stopped and started again
+    on the same port and database (a graceful restart, or a ``kill -9``)."""
+
+    def __init__(self, db_path: str | Path, port: int, *extra: str) -> None:
+        self.db_path = Path(db_path)
+        self.port = port
+        self.extra = extra
+        self.proc: trio.Process | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start and wait until it listens. Its output is drained in ``nursery``."""
+        self.proc = await _spawn(
+            [
+                "-m",
+                "trio_chat",
+                "serve",
+                "--port",
+                str(self.port),
+                "--db",
+                str(self.db_path),
+                *self.extra,
+            ]
+        )
+        await _wait_for(self.proc, f":{self.port}/ws".encode())
+        self.starts += 1
+        nursery.start_soon(_drain, self.proc)
+
+    async def stop(self, how: signal.Signals = signal.SIGINT, grace: float = 15.0) -> None:
+        """Stop with ``how`` (SIGINT: graceful; SIGKILL: a crash) and wait for the exit;
+        killed after ``grace`` seconds if it is still there."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(how)
+        with trio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async def aclose(self) -> None:
+        await self.stop(signal.SIGKILL)
+
+
+async def _drain(proc: trio.Process) -> None:
+    # A child whose pipe is never read blocks once the pipe fills.
+    assert proc.stdout is not None
+    while await proc.stdout.receive_some():
+        pass

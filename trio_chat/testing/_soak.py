@@ -1,0 +1,339 @@
+"""The soak run: many guests through scheduled faults, then an exact accounting.
+
+A real server (a child process, so it can be restarted or killed) sits behind a
+:class:`FaultProxy`; simulated guests write through the proxy while the faults of the
+schedule hit them; at the end faults are lifted, every outbox drains, and what each
+guest sent is checked against what the server stored and what the guest holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import signal
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._backoff import Backoff
+from .._client import ChatClient, ClientEvent
+from .._errors import TrioChatError
+from .._processes import ServerProcess, free_port
+from ._proxy import FaultProxy
+
+__all__ = ["Fault", "SoakReport", "parse_faults", "soak"]
+
+FAULT_KINDS = ("drop", "blackhole", "latency", "restart", "kill")
+DEFAULT_FAULTS = "drop@0.12,blackhole@0.3:2.5,latency@0.45:3,restart@0.6,kill@0.8"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``kind`` at ``at`` (a fraction of the run, 0..1), lasting ``seconds`` where it
+    applies (blackhole, latency)."""
+
+    kind: str
+    at: float
+    seconds: float = 0.0
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    """Parse ``kind@fraction[:seconds],...`` (e.g. ``drop@0.2,blackhole@0.5:3``);
+    ``none`` for no faults. Raises ``ValueError`` naming the bad part."""
+    if spec.strip() in ("", "none"):
+        return []
+    faults = []
+    for part in spec.split(","):
+        kind, _, when = part.strip().partition("@")
+        at, _, seconds = when.partition(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r} in {part!r}: use {', '.join(FAULT_KINDS)}")
+        try:
+            fault = Fault(kind, float(at), float(seconds) if seconds else 0.0)
+        except ValueError:
+            raise ValueError(f"bad time in {part!r}: use kind@fraction[:seconds]") from None
+        if not 0 <= fault.at <= 1 or fault.seconds < 0:
+            raise ValueError(f"{part!r}: the fraction must be within 0..1")
+        faults.append(fault)
+    return sorted(faults, key=lambda f: f.at)
+
+
+@dataclass
+class SoakReport:
+    sent: int = 0
+    acknowledged: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    out_of_order: int = 0
+    reconnects: int = 0
+    recovery_s: dict[str, float] = field(default_factory=dict)
+    peak_attempts_per_100ms: int = 0
+    guests: int = 0
+    duration_s: float = 0.0
+    faults: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and self.out_of_order == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "acknowledged": self.acknowledged,
+            "delivered": self.delivered,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "out_of_order": self.out_of_order,
+            "reconnects": self.reconnects,
+            "recovery_s": self.recovery_s,
+            "peak_attempts_per_100ms": self.peak_attempts_per_100ms,
+            "guests": self.guests,
+            "duration_s": self.duration_s,
+            "faults": self.faults,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class _Guest:
+    client: ChatClient
+    sent: list[str] = field(default_factory=list)  # texts, in the order written
+    acked: dict[str, int] = field(default_factory=dict)  # text -> seq
+    outages: list[float] = field(default_factory=list)  # recovery times, seconds
+    _down_since: float | None = None
+
+    def on_event(self, event: ClientEvent) -> None:
+        if event.kind != "state":
+            return
+        state = event.data["state"]
+        if state == "connected" and self._down_since is not None:
+            self.outages.append(event.at - self._down_since)
+            self._down_since = None
+        elif state in ("reconnecting", "offline") and self._down_since is None:
+            self._down_since = event.at
+
+
+async def soak(
+    guests: int,
+    duration: float,
+    *,
+    faults: list[Fault] | None = None,
+    seed: int = 0,
+    rate: float = 1.0,
+    drain_timeout: float = 60.0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> SoakReport:
+    """Run ``guests`` guests for ``duration`` seconds through ``faults`` (default: every
+    kind, spread over the run), each writing about ``rate`` messages a second."""
+    faults = parse_faults(DEFAULT_FAULTS) if faults is None else faults
+    rng = random.Random(seed)
+    report = SoakReport(
+        guests=guests, duration_s=duration, faults=[f"{f.kind}@{f.at}" for f in faults]
+    )
+    with tempfile.TemporaryDirectory(prefix="trio-chat-soak-") as tmp:
+        server = ServerProcess(
+            Path(tmp) / "soak.db",
+            free_port(),
+            "--rate-limit",
+            "0",
+            "--typing-delay",
+            "0",
+            "--heartbeat",
+            "2",
+        )
+        async with trio.open_nursery() as nursery:
+            await server.start(nursery)
+            proxy = FaultProxy(server.port, seed=seed)
+            await nursery.start(proxy.run)
+            url = f"ws://127.0.0.1:{proxy.port}/ws"
+            population = [
+                _Guest(
+                    ChatClient(
+                        url,
+                        name=f"soak {i}",
+                        heartbeat=1.0,
+                        connect_timeout=3,
+                        backoff=Backoff(initial=0.1, max=2.0, seed=seed * 1000 + i),
+                    )
+                )
+                for i in range(guests)
+            ]
+            for guest in population:
+                guest.client.add_listener(guest.on_event)
+            started = trio.current_time()
+            async with trio.open_nursery() as watch:
+                if progress is not None:
+                    watch.start_soon(_report_progress, population, started, duration, progress)
+                async with trio.open_nursery() as run:
+                    for index, guest in enumerate(population):
+                        run.start_soon(
+                            _guest_life, guest, index, duration, rate, rng.random(), drain_timeout
+                        )
+                    run.start_soon(_apply_faults, faults, duration, proxy, server, nursery)
+                watch.cancel_scope.cancel()  # the guests are done: stop reporting
+            report.peak_attempts_per_100ms = _peak(proxy.attempts)
+            proxy.passthrough()
+            await _account(report, population, server.url)
+            await server.aclose()
+            nursery.cancel_scope.cancel()
+    return report
+
+
+async def _guest_life(
+    guest: _Guest, index: int, duration: float, rate: float, phase: float, drain_timeout: float
+) -> None:
+    client = guest.client
+    rng = random.Random(index)
+    async with client:
+        async with trio.open_nursery() as sends:
+            await trio.sleep(phase / max(rate, 0.01))  # guests do not start in step
+            deadline = trio.current_time() + duration
+            n = 0
+            while trio.current_time() < deadline:
+                text = f"soak guest {index} message {n}"
+                guest.sent.append(text)
+                sends.start_soon(_send, guest, text)
+                n += 1
+                await trio.sleep(rng.expovariate(rate))
+            # Drain: everything written is either acknowledged or counted lost.
+            sends.cancel_scope.deadline = trio.current_time() + drain_timeout
+        with trio.move_on_after(drain_timeout):
+            await client.wait_until(lambda: client.synced and not client.pending)
+            await client.ping()
+
+
+async def _send(guest: _Guest, text: str) -> None:
+    try:
+        stored = await guest.client.send(text)
+    except TrioChatError:
+        return
+    guest.acked[text] = stored.seq
+
+
+async def _apply_faults(
+    faults: list[Fault],
+    duration: float,
+    proxy: FaultProxy,
+    server: ServerProcess,
+    nursery: trio.Nursery,
+) -> None:
+    start = trio.current_time()
+    for fault in faults:
+        await trio.sleep_until(start + fault.at * duration)
+        if fault.kind == "drop":
+            proxy.reset_all()
+        elif fault.kind == "blackhole":
+            proxy.blackhole()
+            await trio.sleep(fault.seconds or 2.0)
+            proxy.blackhole(False)
+        elif fault.kind == "latency":
+            proxy.add_latency(0.2, jitter=0.1)
+            await trio.sleep(fault.seconds or 3.0)
+            proxy.add_latency(0.0)
+        elif fault.kind in ("restart", "kill"):
+            await server.stop(signal.SIGINT if fault.kind == "restart" else signal.SIGKILL)
+            await server.start(nursery)
+
+
+async def _report_progress(
+    population: list[_Guest],
+    started: float,
+    duration: float,
+    progress: Callable[[dict[str, Any]], None],
+) -> None:
+    while True:
+        states: dict[str, int] = {}
+        for guest in population:
+            states[guest.client.state] = states.get(guest.client.state, 0) + 1
+        progress(
+            {
+                "elapsed": trio.current_time() - started,
+                "duration": duration,
+                "sent": sum(len(g.sent) for g in population),
+                "acknowledged": sum(len(g.acked) for g in population),
+                "states": states,
+            }
+        )
+        await trio.sleep(0.25)
+
+
+def _peak(attempts: list[float]) -> int:
+    buckets: dict[int, int] = {}
+    for at in attempts:
+        bucket = math.floor(at * 10)
+        buckets[bucket] = buckets.get(bucket, 0) + 1
+    return max(buckets.values(), default=0)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def _account(report: SoakReport, population: list[_Guest], server_url: str) -> None:
+    """Compare what every guest wrote with what the server stored and what the guest
+    holds. The server is asked afresh, bypassing the proxy."""
+    outages: list[float] = []
+    for index, guest in enumerate(population):
+        client = guest.client
+        report.sent += len(guest.sent)
+        report.acknowledged += len(guest.acked)
+        report.reconnects += client.reconnects
+        outages += guest.outages
+        if client.token is None:
+            report.lost += len(guest.sent)
+            report.notes.append(f"guest {index} never connected")
+            continue
+        stored = await _stored(server_url, client.token)
+        by_text: dict[str, list[int]] = {}
+        for message in stored:
+            if message.sender == "guest":
+                by_text.setdefault(message.text, []).append(message.seq)
+        for text in guest.sent:
+            seqs = by_text.get(text, [])
+            if not seqs:
+                report.lost += 1
+                report.notes.append(f"guest {index}: {text!r} was never stored")
+            elif len(seqs) > 1:
+                report.duplicated += len(seqs) - 1
+                report.notes.append(f"guest {index}: {text!r} stored {len(seqs)} times")
+            elif text in guest.acked and guest.acked[text] != seqs[0]:
+                report.lost += 1
+                report.notes.append(f"guest {index}: {text!r} acked as another seq")
+        order = [by_text[t][0] for t in guest.sent if by_text.get(t)]
+        inversions = sum(1 for a, b in itertools.pairwise(order) if b < a)
+        if inversions:
+            report.out_of_order += inversions
+            report.notes.append(f"guest {index}: {inversions} messages out of order")
+        held = [(m.seq, m.text) for m in client.transcript]
+        expected = [(m.seq, m.text) for m in stored]
+        if held == expected[: len(held)]:
+            report.delivered += len(held)
+            if len(held) < len(expected):
+                report.notes.append(f"guest {index}: holds {len(held)} of {len(expected)} messages")
+        else:
+            report.out_of_order += 1
+            report.notes.append(f"guest {index}: transcript differs from the server")
+    report.recovery_s = {
+        "p50": round(_percentile(outages, 0.5), 3),
+        "p99": round(_percentile(outages, 0.99), 3),
+        "max": round(max(outages, default=0.0), 3),
+    }
+
+
+async def _stored(url: str, token: str) -> list[Any]:
+    async with ChatClient(url, token=token, backoff=Backoff(initial=0.1, max=1)) as reader:
+        with trio.fail_after(30):
+            await reader.wait_until(lambda: reader.synced)
+            await reader.ping()
+            await reader.wait_until(lambda: reader.synced)
+        return list(reader.transcript)
