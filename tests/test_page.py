@@ -215,7 +215,10 @@ def test_escalation_to_staff_shows_the_staff_reply_in_staff_styling(
                         c for c, s in staff.queue.items() if s.get("status") == "waiting"
                     )
                     await staff.claim(waiting)
-                    await staff.reply(waiting, "Hi, Anna here at reception. How can I help?")
+                    reply = await staff.reply(
+                        waiting, "Hi, Anna here at reception. How can I help?"
+                    )
+                    await staff.mark_read(reply.seq - 2, waiting)  # she has read the guest
                     await staff.ping()
 
         def run_desk() -> None:
@@ -237,6 +240,8 @@ def test_escalation_to_staff_shows_the_staff_reply_in_staff_styling(
           return {staff: style("staff"), ai: style("ai"), guest: style("guest")};
         }""")
         assert len(set(colours.values())) == 3, colours
+        page.wait_for_selector('#messages > li[data-sender="guest"][data-read="true"]')
+        assert "Seen" in page.inner_text('#messages > li[data-sender="guest"]')
         shot(page, "07-staff-reply-phone")
 
 
@@ -254,3 +259,25 @@ def test_keyboard_only_and_announced_status(tmp_path: Path, page_for: Any) -> No
         page.keyboard.press("Tab")
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.id") == "escalate"
+
+
+def test_a_rejected_token_stops_and_tells_the_guest(
+    tmp_path: Path, page_for: Any, browser: Any
+) -> None:
+    port = free_port()
+    with server_process(tmp_path / "chat.db", port):
+        context = browser.new_context()
+        context.add_init_script(
+            "localStorage.setItem('trio-chat.token', 'g.g_forged.AAAAAAAAAAAAAAAA');"
+        )
+        page = context.new_page()
+        page.clock.install()  # fake timers: minutes of backoff run in an instant
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_state(page, "closed")
+        notice = page.wait_for_selector("#notice:not([hidden])")
+        assert notice is not None and "could not verify" in notice.inner_text()
+        shot(page, "08-closed-4401")
+        page.clock.run_for(120_000)  # two minutes later it has not tried again
+        assert page.evaluate("window.trioChat.attempt") == 1
+        assert page.get_attribute("#status", "data-state") == "closed"
+        context.close()
