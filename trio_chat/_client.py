@@ -44,8 +44,9 @@ HINT_JITTER: Final = 0.2  # spread added on top of a server's reconnect hint
 class ClientEvent:
     """Something that happened to a client.
 
-    ``kind`` is one of ``state``, ``message``, ``ack``, ``status``, ``typing``,
-    ``read``, ``error``, ``closed`` (a connection ended), ``queue``, ``conversation``.
+    ``kind`` is one of ``state``, ``queued`` (a message entered the outbox), ``message``,
+    ``ack``, ``status``, ``typing``, ``read``, ``error``, ``pong``, ``closed`` (a
+    connection ended), and for staff ``queue``, ``conversation``, ``subscribed``.
     ``at`` is Trio's clock (virtual under ``MockClock``), ``wall`` the POSIX time.
     """
 
@@ -266,6 +267,7 @@ class ChatClient:
         waiter = _Waiter()
         self._waiters[outgoing.client_msg_id] = waiter
         self._outbox.add(outgoing)
+        self._emit("queued", client_msg_id=outgoing.client_msg_id, text=outgoing.text)
         self._kick()
         result: Message = await waiter.wait()
         return result
