@@ -7,7 +7,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "notebooks"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -43,3 +43,20 @@ def bench(session: nox.Session) -> None:
     session.run(
         "trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     )
+
+
+@nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Execute every notebook headless in a real kernel, with small experiments; fail
+    on any error or on a plot cell without an image."""
+    session.install("-e", ".[test,notebooks]")
+    session.run(
+        "python", "tests/run_notebooks.py", *session.posargs, env={"TRIO_CHAT_NOTEBOOK_SMALL": "1"}
+    )
+
+
+@nox.session(python=PYTHON)
+def lab(session: nox.Session) -> None:
+    """Open JupyterLab on the notebooks (long-running; never part of plain ``nox``)."""
+    session.install("-e", ".[notebooks]")
+    session.run("jupyter", "lab", "notebooks/", *session.posargs)

@@ -21,8 +21,7 @@ import trio_websocket
 import wsproto
 import wsproto.events
 
-from trio_chat._store import Database
-from trio_chat._tokens import TokenSigner
+from trio_chat import create_staff_token
 
 RECV_TIMEOUT = 10.0
 
@@ -113,12 +112,7 @@ async def connect(port: int) -> AsyncIterator[RawClient]:
 
 def staff_token(db_path: str | Path, name: str) -> str:
     """Add a staff member the way ``trio-chat staff add`` does (its own connection)."""
-    db = Database(db_path)
-    try:
-        member = db.add_staff(name)
-        return TokenSigner(db.secret()).issue("s", member.staff_id)
-    finally:
-        db.close()
+    return create_staff_token(db_path, name)
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 The public surface. Everything else lives in private modules and may change.
 """
 
+from ._admin import create_guest_token, create_staff_token
 from ._backoff import JITTER_MODES, Backoff
 from ._client import ChatClient, ClientEvent, StaffClient
 from ._concierge import (
@@ -57,4 +58,6 @@ __all__ = [
     "TrioChatError",
     "TrioInJupyter",
     "__version__",
+    "create_guest_token",
+    "create_staff_token",
 ]

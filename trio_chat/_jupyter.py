@@ -79,6 +79,13 @@ class TrioInJupyter:
             TrioInJupyter._current = None
 
     @property
+    def nursery(self) -> trio.Nursery:
+        """The nursery Trio work runs in (for code already inside Trio)."""
+        if self._nursery is None:
+            raise RuntimeError("Trio has not started yet: await runner.run(...) first")
+        return self._nursery
+
+    @property
     def running(self) -> bool:
         return not self.done.done()
 
@@ -106,6 +113,16 @@ class TrioInJupyter:
 
         self.start_soon(task)
         return future
+
+    def start_service(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future[Any]:
+        """Start a long-running service (``ChatServer.run``, ``FaultProxy.run``) the way
+        ``nursery.start`` does; await the future for what it reports (its port)."""
+
+        async def starter() -> Any:
+            assert self._nursery is not None
+            return await self._nursery.start(fn, *args)
+
+        return self.run(starter)
 
     def connect(self, client: C) -> C:
         """Run ``client`` (a :class:`ChatClient` or :class:`StaffClient`) until it is

@@ -11,6 +11,7 @@
   doubled or reordered (``trio-chat soak``).
 """
 
+from ._experiments import OutageResult, outage_experiment, simulate_outage
 from ._mock import CannedReply, MockServer
 from ._proxy import FaultProxy
 from ._scenarios import (
@@ -28,13 +29,16 @@ __all__ = [
     "Fault",
     "FaultProxy",
     "MockServer",
+    "OutageResult",
     "Scenario",
     "ScenarioResult",
     "SoakReport",
     "load_scenario",
+    "outage_experiment",
     "parse_faults",
     "run_scenario",
     "scenario_files",
+    "simulate_outage",
     "soak",
     "summarize",
 ]

@@ -62,6 +62,9 @@ class FaultProxy:
         self.bandwidth: float | None = None  # bytes per second per direction
         self.refusing = False
         self.blackholed = False
+        self.accept_limit: int | None = None
+        self._window = -1
+        self._accepted_in_window = 0
         self._unblocked = trio.Event()
         self._unblocked.set()
         self._random = random.Random(seed)
@@ -73,6 +76,7 @@ class FaultProxy:
         self.latency = self.jitter = 0.0
         self.bandwidth = None
         self.refusing = False
+        self.accept_limit = None
         self.blackhole(False)
 
     def add_latency(self, seconds: float, jitter: float = 0.0) -> None:
@@ -94,6 +98,11 @@ class FaultProxy:
             self._unblocked = trio.Event()
         else:
             self._unblocked.set()
+
+    def limit_accepts(self, per_100ms: int | None) -> None:
+        """Model a server with limited capacity: past ``per_100ms`` new connections in a
+        100 ms window, further ones are reset (``None``: no limit)."""
+        self.accept_limit = per_100ms
 
     def reset_all(self) -> None:
         """Abort every open connection, both sides, with a TCP reset."""
@@ -119,11 +128,19 @@ class FaultProxy:
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        self.attempts.append(trio.current_time())
-        if self.refusing:
+        now = trio.current_time()
+        self.attempts.append(now)
+        window = int(now * 10)
+        if window != self._window:
+            self._window, self._accepted_in_window = window, 0
+        over_capacity = (
+            self.accept_limit is not None and self._accepted_in_window >= self.accept_limit
+        )
+        if self.refusing or over_capacity:
             _reset(client)
             await trio.aclose_forcefully(client)
             return
+        self._accepted_in_window += 1
         with trio.CancelScope() as scope:
             link = _Link(scope, client)
             self.links.add(link)
