@@ -91,6 +91,14 @@ class RawClient:
         await self.send(type="hello", token=token, **extra)
         return await self.recv()
 
+    async def fetch_history(self, last_seq: int) -> list[dict[str, Any]]:
+        """Every message up to ``last_seq``, paging through ``history`` replies."""
+        messages: list[dict[str, Any]] = []
+        while len(messages) < last_seq:
+            await self.send(type="history", after_seq=len(messages), limit=500)
+            messages += (await self.expect("history"))["messages"]
+        return messages
+
     async def closed(self, within: float = 3 * RECV_TIMEOUT) -> trio_websocket.CloseReason:
         """Read until the server closes; return its close reason."""
         with trio.fail_after(_deadline(within)):

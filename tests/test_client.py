@@ -51,11 +51,7 @@ async def server_history(port: int, token: str) -> list[dict[str, Any]]:
     """The conversation as the server stores it, read by a separate raw connection."""
     async with connect(port) as raw:
         welcome = await raw.hello(token)
-        messages: list[dict[str, Any]] = []
-        while len(messages) < welcome["last_seq"]:
-            await raw.send(type="history", after_seq=len(messages), limit=500)
-            messages += (await raw.expect("history"))["messages"]
-        return messages
+        return await raw.fetch_history(welcome["last_seq"])
 
 
 def assert_exact(client: ChatClient, history: list[dict[str, Any]]) -> None:

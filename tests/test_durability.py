@@ -72,10 +72,7 @@ async def test_every_acknowledged_message_survives_a_restart(
         for index, token in tokens.items():
             async with connect(port) as guest:
                 welcome = await guest.hello(token)
-                history: list[dict[str, Any]] = []
-                while len(history) < welcome["last_seq"]:
-                    await guest.send(type="history", after_seq=len(history), limit=500)
-                    history += (await guest.expect("history"))["messages"]
+                history = await guest.fetch_history(welcome["last_seq"])
                 # No gap, no reuse: seq runs 1..last_seq.
                 assert [m["seq"] for m in history] == list(range(1, welcome["last_seq"] + 1))
                 by_id = {m["client_msg_id"]: m for m in history}

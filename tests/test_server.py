@@ -693,11 +693,7 @@ async def test_slow_consumer_is_cut_off_and_others_are_unaffected(
         # The cut-off tab comes back and recovers everything from history.
         async with connect(srv.port) as back:
             again = await back.hello(welcome["token"])
-            recovered: list[int] = []
-            while len(recovered) < again["last_seq"]:
-                await back.send(type="history", after_seq=len(recovered), limit=500)
-                page = await back.expect("history")
-                recovered += [m["seq"] for m in page["messages"]]
+            recovered = [m["seq"] for m in await back.fetch_history(again["last_seq"])]
     assert recovered == list(range(1, sent + 2))
     await stuck.stream.aclose()
 

@@ -173,21 +173,6 @@ class Conversation:
         }
 
 
-def _row_summary(row: ConversationRow) -> dict[str, Any]:
-    return {
-        "conversation_id": row.conversation_id,
-        "guest_id": row.guest_id,
-        "guest_name": row.guest_name,
-        "status": row.status,
-        "assigned_to": row.assigned_name,
-        "last_seq": row.last_seq,
-        "read_seq": row.read_seq,
-        "updated_ts": proto.format_ts(row.updated_ts),
-        "guest_online": False,
-        "preview": row.preview,
-    }
-
-
 class Connection:
     """One WebSocket connection: its identity, subscriptions and outbox."""
 
@@ -698,7 +683,7 @@ class ChatServer:
             held_convs = [await stack.enter_async_context(self._pinned(c)) for c in held]
             # From here on no await: the queue, the staff room and re-subscription form
             # one step, so no summary change falls between the queue and the live pushes.
-            summaries = {r.conversation_id: _row_summary(r) for r in rows}
+            summaries = {r.conversation_id: Conversation(r).summary() for r in rows}
             for conv in self.conversations.values():
                 # A guest online right now counts as active, even before writing.
                 if (

@@ -398,21 +398,19 @@ class Database:
         rows = self._read("SELECT value FROM meta WHERE key = 'secret'")
         return bytes.fromhex(rows[0][0])
 
-    def conversation_of_guest(self, guest_id: str) -> ConversationRow | None:
+    def _conversation_where(self, column: str, value: str) -> ConversationRow | None:
         rows = self._read(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
-            "WHERE c.guest_id = ?",
-            (guest_id,),
+            f"WHERE c.{column} = ?",
+            (value,),
         )
         return ConversationRow(*rows[0]) if rows else None
 
+    def conversation_of_guest(self, guest_id: str) -> ConversationRow | None:
+        return self._conversation_where("guest_id", guest_id)
+
     def conversation(self, conversation_id: str) -> ConversationRow | None:
-        rows = self._read(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
-            "WHERE c.conversation_id = ?",
-            (conversation_id,),
-        )
-        return ConversationRow(*rows[0]) if rows else None
+        return self._conversation_where("conversation_id", conversation_id)
 
     def held_by(self, staff_id: str) -> list[str]:
         rows = self._read(
