@@ -305,3 +305,19 @@ async def test_staff_client_claims_replies_and_resolves(
             with pytest.raises(ProtocolError) as conflict:
                 await desk.claim(cid)
             assert conflict.value.code == "conflict"
+
+
+async def test_a_message_the_server_refuses_leaves_the_outbox(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    srv = await start_server(nursery, tmp_path)
+    token = staff_token(srv.config.db_path, "Anna")
+    async with ChatClient(url(srv.port)) as guest, StaffClient(url(srv.port), token=token) as desk:
+        await guest.send("hello")
+        assert guest.conversation_id is not None
+        with pytest.raises(MessageRejected) as refused:
+            await desk.reply(guest.conversation_id, "I have not claimed this one")
+        assert refused.value.code == "forbidden"
+        assert desk.pending == []  # nothing jams the outbox
+        await desk.claim(guest.conversation_id)
+        assert (await desk.reply(guest.conversation_id, "Now I may.")).sender == "staff"

@@ -281,3 +281,31 @@ def test_a_rejected_token_stops_and_tells_the_guest(
         assert page.evaluate("window.trioChat.attempt") == 1
         assert page.get_attribute("#status", "data-state") == "closed"
         context.close()
+
+
+def test_becoming_visible_again_reconnects_at_once(tmp_path: Path, browser: Any) -> None:
+    port = free_port()
+    db = tmp_path / "chat.db"
+    context = browser.new_context()
+    context.add_init_script(RECORD_STATES)
+    page = context.new_page()
+    page.clock.install()
+    with server_process(db, port) as server:
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_state(page, "connected")
+        # From here the page's timers only fire when the test advances its clock.
+        page.clock.pause_at(page.evaluate("Date.now()") + 5)
+        server.kill()
+        server.wait(timeout=10)
+    wait_state(page, "reconnecting")
+    page.clock.run_for(60_000)  # a minute of failed attempts, the waits growing
+    attempts = page.evaluate("window.trioChat.attempt")
+    assert attempts > 3 and page.evaluate("window.trioChat.retryTimer !== null")
+    with server_process(db, port):
+        # The next try is scheduled on a clock that no longer moves: only showing the
+        # tab again can bring the page back now.
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        wait_state(page, "connected")
+        assert page.evaluate("window.trioChat.attempt") == attempts + 1
+        shot(page, "09-visible-again")
+    context.close()
