@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -46,7 +47,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 @asynccontextmanager
-async def _chat_server(tmp: Path, port: int) -> AsyncIterator[trio.Process]:
+async def _chat_server(tmp: Path, port: int, concierge: str = "off") -> AsyncIterator[trio.Process]:
     args = [
         "-m",
         "trio_chat",
@@ -56,7 +57,9 @@ async def _chat_server(tmp: Path, port: int) -> AsyncIterator[trio.Process]:
         "--db",
         str(tmp / "bench.db"),
         "--concierge",
-        "off",
+        concierge,
+        "--typing-delay",
+        "0",
         "--rate-limit",
         "0",
         "--heartbeat",
@@ -67,8 +70,8 @@ async def _chat_server(tmp: Path, port: int) -> AsyncIterator[trio.Process]:
 
 
 @asynccontextmanager
-async def _bare_server(port: int) -> AsyncIterator[trio.Process]:
-    args = ["-m", "trio_chat._bench", "bare-server", "--port", str(port)]
+async def _bare_server(port: int, engine: str = "trio-websocket") -> AsyncIterator[trio.Process]:
+    args = ["-m", "trio_chat._bench", "bare-server", "--port", str(port), "--engine", engine]
     async with python_process(args, b"listening") as proc:
         yield proc
 
@@ -182,6 +185,32 @@ async def _bare_echo_server(port: int) -> None:
             )
         )
         print("listening", flush=True)
+
+
+def _asyncio_echo_server(port: int) -> None:
+    """The second baseline: an echo server on the ``websockets`` library (asyncio)."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    async def echo(ws: Any) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async def main() -> None:
+        async with serve(echo, "127.0.0.1", port):
+            print("listening", flush=True)
+            await asyncio.Future()
+
+    asyncio.run(main())
+
+
+def _websockets_available() -> bool:
+    try:
+        import websockets.asyncio.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------- scenarios
@@ -319,33 +348,46 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 async def scenario_throughput(guests: int, duration: float, workers: int) -> list[Figure]:
-    with tempfile.TemporaryDirectory() as tmp:
+    """Acked messages per second: the concierge off and on, beside a bare trio-websocket
+    echo server and (when installed) a ``websockets`` asyncio echo server."""
+    rates: dict[str, float] = {}
+    latencies: dict[str, list[float]] = {}
+    for concierge in ("off", "rules"):
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_port()
+            async with _chat_server(Path(tmp), port, concierge):
+                rates[concierge], latencies[concierge] = await _run_load(
+                    f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
+                )
+    engines = ["trio-websocket"] + (["websockets"] if _websockets_available() else [])
+    for engine in engines:
         port = free_port()
-        async with _chat_server(Path(tmp), port):
-            ours, our_lat = await _run_load(
-                f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
+        async with _bare_server(port, engine):
+            rates[engine], latencies[engine] = await _run_load(
+                f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers
             )
-    port = free_port()
-    async with _bare_server(port):
-        base, base_lat = await _run_load(
-            f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers
-        )
+    base = rates["trio-websocket"]
+    name = f"acknowledged messages per second ({guests} guests"
     figures = [
-        Figure(
-            f"acknowledged messages per second ({guests} guests)",
-            ours,
-            base,
-            "msg/s",
-            "higher",
-            ">= 0.5 x",
-        )
+        Figure(f"{name}, concierge off)", rates["off"], base, "msg/s", "higher", ">= 0.5 x"),
+        Figure(f"{name}, concierge on)", rates["rules"], base, "msg/s", "higher"),
     ]
+    if "websockets" in rates:
+        figures.append(
+            Figure(
+                f"{name}, concierge off) vs websockets echo",
+                rates["off"],
+                rates["websockets"],
+                "msg/s",
+                "higher",
+            )
+        )
     for q in (0.5, 0.99, 0.999):
         figures.append(
             Figure(
                 f"ack latency p{q * 100:g}",
-                _percentile(our_lat, q) * 1000,
-                _percentile(base_lat, q) * 1000,
+                _percentile(latencies["off"], q) * 1000,
+                _percentile(latencies["trio-websocket"], q) * 1000,
                 "ms",
                 "lower",
             )
@@ -365,6 +407,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     return parser
 
 
@@ -377,9 +420,19 @@ async def run_benchmarks(args: argparse.Namespace) -> list[Figure]:
     return figures
 
 
-def report(figures: list[Figure], as_json: bool) -> None:
+def _results(figures: list[Figure]) -> dict[str, Any]:
+    return {
+        "figures": [{**asdict(f), "ratio": f.ratio} for f in figures],
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def report(figures: list[Figure], as_json: bool, out: str | None = None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(_results(figures), indent=2) + "\n")
     if as_json:
-        print(json.dumps({"figures": [{**asdict(f), "ratio": f.ratio} for f in figures]}))
+        print(json.dumps(_results(figures)))
         return
     from rich.console import Console
     from rich.table import Table
@@ -400,7 +453,7 @@ def report(figures: list[Figure], as_json: bool) -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     figures = trio.run(run_benchmarks, args)
-    report(figures, args.json)
+    report(figures, args.json, getattr(args, "out", None))
     return 0
 
 
@@ -410,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     bare = commands.add_parser("bare-server")
     bare.add_argument("--port", type=int, required=True)
+    bare.add_argument(
+        "--engine", choices=["trio-websocket", "websockets"], default="trio-websocket"
+    )
     for name in ("hold", "load"):
         worker = commands.add_parser(name)
         worker.add_argument("--url", required=True)
@@ -417,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker.add_argument("--protocol", choices=["chat", "echo"], required=True)
         worker.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args(argv)
-    if args.command == "bare-server":
+    if args.command == "bare-server" and args.engine == "websockets":
+        _asyncio_echo_server(args.port)
+    elif args.command == "bare-server":
         trio.run(_bare_echo_server, args.port)
     elif args.command == "hold":
         trio.run(_hold_worker, args.url, args.count, args.protocol)
