@@ -41,6 +41,9 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     assert any("concierge off)" in n and "vs" not in n for n in names)
     assert any("concierge on" in n for n in names)
     assert any("vs websockets echo" in n for n in names)
+    storm = [f for f in figures if f["name"].startswith("storm")]
+    assert len(storm) == 6  # no jitter, full jitter, server-spread: time and peak each
+    assert all(f["unit"] in ("s", "attempts") for f in storm)
     for figure in figures:
         assert figure["baseline"] > 0 and figure["value"] > 0
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"])

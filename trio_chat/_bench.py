@@ -19,11 +19,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from ._processes import free_port, python_process
+from ._processes import ServerProcess, free_port, python_process
 
 __all__ = ["main"]
 
@@ -79,13 +80,17 @@ async def _bare_server(port: int, engine: str = "trio-websocket") -> AsyncIterat
 async def _read_json_line(proc: trio.Process) -> dict[str, Any]:
     assert proc.stdout is not None
     buffer = b""
-    while b"\n" not in buffer:
+    # Skip blank lines: a marker's newline can trail behind it in the pipe.
+    while b"\n" not in buffer.lstrip(b"\n"):
         chunk = await proc.stdout.receive_some()
         if not chunk:
             raise RuntimeError(f"load generator exited: {buffer.decode(errors='replace')}")
         buffer += chunk
-    line = buffer.split(b"\n", 1)[0]
-    result: dict[str, Any] = json.loads(line)
+    line = buffer.lstrip(b"\n").split(b"\n", 1)[0]
+    try:
+        result: dict[str, Any] = json.loads(line)
+    except ValueError:
+        raise RuntimeError(f"expected JSON from a worker, got {line[:300]!r}") from None
     return result
 
 
@@ -96,6 +101,79 @@ async def _open(url: str, nursery: trio.Nursery) -> trio_websocket.WebSocketConn
     # trio-websocket's connect can hang if the peer closes mid-handshake: bound it.
     with trio.fail_after(30):
         return await trio_websocket.connect_websocket_url(nursery, url)
+
+
+async def _storm_worker(url: str, count: int, jitter: str) -> None:
+    """Keep ``count`` reconnecting guests; print ``ready`` once all are connected, then
+    ``back`` once every one of them has come back (connected and resynced) after it was
+    last dropped; on ``report SINCE`` print their attempts (wall clock) and return
+    times after SINCE."""
+    from ._backoff import Backoff
+    from ._client import ChatClient
+
+    clients = [
+        ChatClient(
+            url,
+            heartbeat=0,
+            connect_timeout=10,
+            backoff=Backoff(
+                initial=0.5,
+                max=10,
+                jitter=jitter,  # type: ignore[arg-type]
+                seed=i * 7919 + os.getpid(),
+            ),
+        )
+        for i in range(count)
+    ]
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+
+    async def run(client: ChatClient, task_status: trio.TaskStatus[None]) -> None:
+        async with limiter:
+            await client.__aenter__()
+            await client.wait_for_state("connected")
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.__aexit__(None, None, None)
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as starting:
+            for client in clients:
+                starting.start_soon(nursery.start, run, client)
+        print("ready", flush=True)
+        await _wait_all_back(clients)
+        print("back", flush=True)
+        line = await trio.to_thread.run_sync(sys.stdin.readline)
+        since = float(line.split()[1])
+        attempts = [
+            e.wall
+            for c in clients
+            for e in c.event_log
+            if e.kind == "state"
+            and e.data["state"] in ("connecting", "reconnecting")
+            and "delay" not in e.data
+            and e.wall >= since
+        ]
+        back = [
+            min(
+                (
+                    e.wall
+                    for e in c.event_log
+                    if e.kind == "state" and e.data["state"] == "connected" and e.wall >= since
+                ),
+                default=0.0,
+            )
+            for c in clients
+        ]
+        print(json.dumps({"attempts": attempts, "back": back}), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+async def _wait_all_back(clients: list[Any]) -> None:
+    for client in clients:
+        await client.wait_until(lambda c=client: c.reconnects >= 1 and c.synced)
 
 
 async def _hold_worker(url: str, count: int, protocol: str) -> None:
@@ -286,6 +364,119 @@ async def _start_hold(
         await proc.wait()
 
 
+async def _storm_once(
+    server: ServerProcess,
+    nursery: trio.Nursery,
+    guests: int,
+    workers: int,
+    jitter: str,
+    how: signal.Signals,
+) -> tuple[float, int]:
+    """One restart with ``guests`` connected: (seconds until all were back and
+    resynced, peak connection attempts per 100 ms counted by the clients)."""
+    share = [guests // workers + (1 if i < guests % workers else 0) for i in range(workers)]
+    async with AsyncExitStack() as stack:
+        procs = [
+            await stack.enter_async_context(
+                python_process(
+                    [
+                        "-m",
+                        "trio_chat._bench",
+                        "storm",
+                        "--url",
+                        server.url,
+                        "--count",
+                        str(n),
+                        "--jitter",
+                        jitter,
+                    ],
+                    b"ready",
+                )
+            )
+            for n in share
+        ]
+        restart = time.time()
+        await server.stop(how)
+        await server.start(nursery)
+        with trio.fail_after(120):
+            for proc in procs:
+                await _wait_line(proc, b"back")
+        results = []
+        for proc in procs:
+            assert proc.stdin is not None
+            await proc.stdin.send_all(f"report {restart}\n".encode())
+            results.append(await _read_json_line(proc))
+    attempts = [a for r in results for a in r["attempts"]]
+    back = [b for r in results for b in r["back"]]
+    buckets: dict[int, int] = {}
+    for at in attempts:
+        buckets[int(at * 10)] = buckets.get(int(at * 10), 0) + 1
+    return max(back) - restart, max(buckets.values(), default=0)
+
+
+async def _wait_line(proc: trio.Process, marker: bytes) -> None:
+    assert proc.stdout is not None
+    seen = b""
+    while marker not in seen:
+        chunk = await proc.stdout.receive_some()
+        if not chunk:
+            raise RuntimeError(f"storm worker exited: {seen.decode(errors='replace')}")
+        seen += chunk
+
+
+async def scenario_storm(guests: int, workers: int) -> list[Figure]:
+    """A reconnect storm: ``guests`` connected, the server killed (SIGKILL) or restarted
+    gracefully (SIGINT: it spreads its ``reconnect.after_ms`` hints); how long until
+    all are back and resynced, and the peak attempts per 100 ms the clients made,
+    beside the same storm with no jitter."""
+    runs: dict[str, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(
+            Path(tmp) / "storm.db",
+            free_port(),
+            "--concierge",
+            "off",
+            "--rate-limit",
+            "0",
+            "--heartbeat",
+            "0",
+        )
+        async with trio.open_nursery() as nursery:
+            await server.start(nursery)
+            for name, jitter, how in (
+                ("no jitter, kill -9", "none", signal.SIGKILL),
+                ("full jitter, kill -9", "full", signal.SIGKILL),
+                ("server-spread hints, SIGINT", "full", signal.SIGINT),
+            ):
+                runs[name] = await _storm_once(server, nursery, guests, workers, jitter, how)
+            await server.aclose()
+            nursery.cancel_scope.cancel()
+    herd_time, herd_peak = runs["no jitter, kill -9"]
+    figures = []
+    for name, (seconds, peak) in runs.items():
+        figures.append(
+            Figure(
+                f"storm ({guests} guests), {name}: all back after",
+                seconds,
+                herd_time,
+                "s",
+                "lower",
+                "<= 15 s",
+            )
+        )
+        figures.append(
+            Figure(
+                f"storm ({guests} guests), {name}: peak attempts per 100 ms",
+                peak,
+                herd_peak,
+                "attempts",
+                "lower",
+                "<= 0.2 x",
+            )
+        )
+    return figures
+
+
 async def scenario_idle(guests: int, workers: int) -> list[Figure]:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -400,7 +591,9 @@ async def scenario_throughput(guests: int, duration: float, workers: int) -> lis
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="trio-chat bench")
-    parser.add_argument("scenario", nargs="?", default="all", choices=["all", "idle", "throughput"])
+    parser.add_argument(
+        "scenario", nargs="?", default="all", choices=["all", "idle", "throughput", "storm"]
+    )
     parser.add_argument(
         "--guests", type=int, default=None, help="connections (idle: 2000, throughput: 50)"
     )
@@ -417,6 +610,8 @@ async def run_benchmarks(args: argparse.Namespace) -> list[Figure]:
         figures += await scenario_idle(args.guests or 2000, args.workers)
     if args.scenario in ("all", "throughput"):
         figures += await scenario_throughput(args.guests or 50, args.duration, args.workers)
+    if args.scenario in ("all", "storm"):
+        figures += await scenario_storm(args.guests or 4000, max(args.workers, 4))
     return figures
 
 
@@ -466,6 +661,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare.add_argument(
         "--engine", choices=["trio-websocket", "websockets"], default="trio-websocket"
     )
+    storm = commands.add_parser("storm")
+    storm.add_argument("--url", required=True)
+    storm.add_argument("--count", type=int, required=True)
+    storm.add_argument(
+        "--jitter", choices=["none", "full", "equal", "decorrelated"], default="full"
+    )
     for name in ("hold", "load"):
         worker = commands.add_parser(name)
         worker.add_argument("--url", required=True)
@@ -473,7 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker.add_argument("--protocol", choices=["chat", "echo"], required=True)
         worker.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args(argv)
-    if args.command == "bare-server" and args.engine == "websockets":
+    if args.command == "storm":
+        trio.run(_storm_worker, args.url, args.count, args.jitter)
+    elif args.command == "bare-server" and args.engine == "websockets":
         _asyncio_echo_server(args.port)
     elif args.command == "bare-server":
         trio.run(_bare_echo_server, args.port)

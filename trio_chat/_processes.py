@@ -35,26 +35,15 @@ async def _wait_for(proc: trio.Process, marker: bytes, within: float = 60) -> No
             seen += chunk
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL us if our parent dies, so an
-    interrupted benchmark or soak leaves no server behind. Elsewhere: nothing."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 async def _spawn(args: Sequence[str]) -> trio.Process:
     return await trio.lowlevel.open_process(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        # No PR_SET_PDEATHSIG: it fires when the *thread* that forked exits, and Trio
+        # spawns from worker threads that retire after a few idle seconds. Children
+        # are killed in the `finally` of whoever started them instead.
     )
 
 
