@@ -717,6 +717,22 @@ async def test_graceful_shutdown_sends_spread_reconnects_and_1012(
     assert len(set(hints)) == 3
 
 
+async def test_the_restart_window_grows_with_the_crowd(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """3 s for a handful; a crowd is spread at about one guest per 2.5 ms."""
+    srv = await start(nursery, tmp_path, shutdown_spread=0.1, shutdown_spread_per_connection=0.5)
+    assert srv.port
+    async with connect(srv.port) as g1, connect(srv.port) as g2, connect(srv.port) as g3:
+        for g in (g1, g2, g3):
+            await new_guest(g)
+        srv.shutdown()
+        hints = [(await g.expect("reconnect"))["after_ms"] for g in (g1, g2, g3)]
+    # Three connections at 0.5 s each: a 1.5 s window, far wider than the 0.1 s minimum.
+    assert all(250 <= h < 250 + 1500 for h in hints)
+    assert max(hints) - min(hints) > 100
+
+
 async def test_healthz_reports_connections(server: ChatServer) -> None:
     assert server.port
     async with connect(server.port) as guest:

@@ -77,7 +77,8 @@ class ServerConfig:
     outbox_limit: int = 256  # frames queued for one connection before it is cut off
     handshake_timeout: float = 10.0
     close_timeout: float = 2.0
-    shutdown_spread: float = 3.0  # reconnect.after_ms is spread over this many seconds
+    shutdown_spread: float = 3.0  # reconnect.after_ms is spread over at least this long,
+    shutdown_spread_per_connection: float = 0.0025  # and at least this much per connection
     shutdown_grace: float = 5.0  # how long shutdown waits for in-flight work
     typing_delay: float = 0.3  # how long the concierge "types" before answering
     responder_timeout: float = 30.0
@@ -411,7 +412,12 @@ class ChatServer:
 
     async def _drain_for_shutdown(self) -> None:
         self._accepting.cancel()
-        spread_ms = int(self.config.shutdown_spread * 1000)
+        # A crowd needs a wider window than a handful: about 400 returns a second at most.
+        spread = max(
+            self.config.shutdown_spread,
+            len(self.connections) * self.config.shutdown_spread_per_connection,
+        )
+        spread_ms = int(spread * 1000)
         for conn in list(self.connections):
             after_ms = 250 + self._random.randrange(max(1, spread_ms))
             conn.deliver(proto.reconnect_frame(after_ms, "server restarting"))
