@@ -73,7 +73,6 @@ class ServerProcess:
         self.port = port
         self.extra = extra
         self.proc: trio.Process | None = None
-        self.starts = 0
 
     @property
     def url(self) -> str:
@@ -94,7 +93,6 @@ class ServerProcess:
             ]
         )
         await _wait_for(self.proc, f":{self.port}/ws".encode())
-        self.starts += 1
         nursery.start_soon(_drain, self.proc)
 
     async def stop(self, how: signal.Signals = signal.SIGINT, grace: float = 15.0) -> None:

@@ -43,10 +43,6 @@ MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+\Z")
 
-Sender: TypeAlias = Literal["guest", "ai", "staff", "system"]
-Status: TypeAlias = Literal["ai", "waiting", "staff", "resolved"]
-STATUSES: Final[tuple[str, ...]] = ("ai", "waiting", "staff", "resolved")
-
 
 class ErrorCode:
     """The wire error codes of protocol v1 (the ``code`` of an ``error`` frame)."""

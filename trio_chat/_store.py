@@ -482,9 +482,6 @@ class Database:
             )
         return found
 
-    def guest_exists(self, guest_id: str) -> bool:
-        return bool(self._read("SELECT 1 FROM guests WHERE guest_id = ?", (guest_id,)))
-
     def staff_member(self, staff_id: str) -> StaffMember | None:
         rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = ?", (staff_id,))
         return StaffMember(*rows[0]) if rows else None
