@@ -26,8 +26,12 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
             "--duration",
             "1",
             "--json",
+            "--rate",
+            "50",
             "--out",
             str(out),
+            "--plots",
+            str(tmp_path / "plots"),
         ],
         capture_output=True,
         text=True,
@@ -41,10 +45,32 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     assert any("concierge off)" in n and "vs" not in n for n in names)
     assert any("concierge on" in n for n in names)
     assert any("vs websockets echo" in n for n in names)
+    steady = [f for f in figures if "(6 guests, 50 msg/s)" in f["name"]]
+    assert (
+        sorted(f["name"].split(" latency")[0] for f in steady)
+        == ["ack"] * 3 + ["delivery to staff"] * 3
+    )
     storm = [f for f in figures if f["name"].startswith("storm")]
     assert len(storm) == 6  # no jitter, full jitter, server-spread: time and peak each
     assert all(f["unit"] in ("s", "attempts") for f in storm)
     for figure in figures:
         assert figure["baseline"] > 0 and figure["value"] > 0
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"])
-    assert json.loads(out.read_text())["figures"] == figures
+    written = json.loads(out.read_text())
+    assert written["figures"] == figures
+    # The series behind the plots: memory at each step, latency distributions, and
+    # the attempts of each storm, 100 ms by 100 ms.
+    series = written["series"]
+    assert [n for n, _ in series["idle_rss"]["trio-chat"]] == [1, 3, 4, 6]
+    assert set(series["steady_latency_ms"]) == {
+        "trio-chat ack",
+        "trio-chat delivery to staff",
+        "bare trio-websocket echo",
+    }
+    assert all(len(runs) > 0 for runs in series["storm_attempts_per_100ms"].values())
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "bench-idle.png",
+        "bench-steady.png",
+        "bench-storm.png",
+        "bench-throughput.png",
+    ]

@@ -16,6 +16,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,11 +28,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
 
+from ._admin import create_staff_token
 from ._processes import ServerProcess, free_port, python_process
 
 __all__ = ["main"]
@@ -97,10 +100,27 @@ async def _read_json_line(proc: trio.Process) -> dict[str, Any]:
 # ------------------------------------------------------------------ load workers
 
 
-async def _open(url: str, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+async def _open(
+    url: str, nursery: trio.Nursery, source: str | None = None
+) -> trio_websocket.WebSocketConnection:
+    """A client WebSocket to ``url``, from the local address ``source`` if given (one
+    address has only about 28,000 ephemeral ports towards one server port)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    resource = parts.path or "/"
     # trio-websocket's connect can hang if the peer closes mid-handshake: bound it.
     with trio.fail_after(30):
-        return await trio_websocket.connect_websocket_url(nursery, url)
+        stream = await trio.open_tcp_stream(host, parts.port or 80, local_address=source)
+        try:
+            return await trio_websocket.wrap_client_stream(nursery, stream, host, resource)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+
+def _source_address(index: int) -> str:
+    """The loopback source address of load process ``index``: 127.0.0.2, .3, ..."""
+    return f"127.0.0.{2 + index % 250}"
 
 
 async def _storm_worker(url: str, count: int, jitter: str) -> None:
@@ -125,18 +145,17 @@ async def _storm_worker(url: str, count: int, jitter: str) -> None:
         )
         for i in range(count)
     ]
-    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+    connecting = trio.Semaphore(CONNECT_CONCURRENCY)
 
     async def run(client: ChatClient, task_status: trio.TaskStatus[None]) -> None:
-        async with limiter:
-            await client.__aenter__()
-            await client.wait_for_state("connected")
-        task_status.started()
-        try:
+        await connecting.acquire()
+        async with client:
+            try:
+                await client.wait_for_state("connected")
+            finally:
+                connecting.release()
+            task_status.started()
             await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.__aexit__(None, None, None)
 
     async with trio.open_nursery() as nursery:
         async with trio.open_nursery() as starting:
@@ -176,28 +195,167 @@ async def _wait_all_back(clients: list[Any]) -> None:
         await client.wait_until(lambda c=client: c.reconnects >= 1 and c.synced)
 
 
-async def _hold_worker(url: str, count: int, protocol: str) -> None:
-    """Connect ``count`` clients (saying hello for the chat protocol), report, then
-    hold them until told to stop on stdin."""
+async def _stdin_line() -> str:
+    line: str = await trio.to_thread.run_sync(sys.stdin.readline)
+    return line
+
+
+async def _hello(
+    ws: trio_websocket.WebSocketConnection, token: str | None = None
+) -> dict[str, Any]:
+    """Say hello; returns the ``welcome`` frame."""
+    await ws.send_message(json.dumps({"type": "hello", "token": token}))
+    while True:
+        frame: dict[str, Any] = json.loads(await ws.get_message())
+        if frame.get("type") == "welcome":
+            return frame
+        if frame.get("type") == "error":
+            raise RuntimeError(f"hello refused: {frame}")
+
+
+async def _hold_worker(url: str, protocol: str, source: str | None) -> None:
+    """Hold connections open, adding ``N`` more on each ``add N`` line on stdin and
+    reporting the total; ``stop`` (or end of input) closes them all."""
     limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
     connected = 0
 
     async def one(nursery: trio.Nursery) -> None:
         nonlocal connected
         async with limiter:
-            ws = await _open(url, nursery)
+            ws = await _open(url, nursery, source)
             if protocol == "chat":
-                await ws.send_message(json.dumps({"type": "hello", "token": None}))
-                await ws.get_message()
+                await _hello(ws)
             connected += 1
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            words = (await _stdin_line()).split()
+            if len(words) != 2 or words[0] != "add":
+                break
+            async with trio.open_nursery() as connecting:
+                for _ in range(int(words[1])):
+                    connecting.start_soon(one, nursery)
+            print(json.dumps({"connected": connected}), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+async def _steady_worker(
+    url: str, count: int, protocol: str, rate: float, duration: float, source: str | None
+) -> None:
+    """Open-loop load: ``count`` guests connect and print their conversations; on
+    ``go`` they send ``rate`` messages per second in total, round robin, for
+    ``duration`` seconds, each stamped with its send time (``time.monotonic``, shared
+    by every process on the machine), then report each message's ack (or echo)
+    latency."""
+    sent_at: dict[str, float] = {}
+    samples: list[tuple[float, float]] = []  # (sent, latency)
+    all_sent = trio.Event()
+    drained = trio.Event()
+
+    async def read(ws: trio_websocket.WebSocketConnection) -> None:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                raw = await ws.get_message()
+                now = time.monotonic()
+                if protocol == "echo" or '"type":"ack"' in raw:
+                    cmid = json.loads(raw)["client_msg_id"]
+                else:
+                    continue
+                sent = sent_at.pop(cmid, None)
+                if sent is not None:
+                    samples.append((sent, now - sent))
+                if all_sent.is_set() and not sent_at:
+                    drained.set()
+
+    connections: list[trio_websocket.WebSocketConnection] = []
+    conversations: list[str] = []
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+
+    async def connect(nursery: trio.Nursery) -> None:
+        async with limiter:
+            ws = await _open(url, nursery, source)
+            if protocol == "chat":
+                conversations.append((await _hello(ws))["conversation_id"])
+            connections.append(ws)
+            nursery.start_soon(read, ws)
+
+    async def send(ws: trio_websocket.WebSocketConnection, cmid: str) -> None:
+        sent = time.monotonic()
+        sent_at[cmid] = sent
+        text = json.dumps(
+            {"type": "message", "client_msg_id": cmid, "text": f"steady t={sent:.6f}"}
+        )
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await ws.send_message(text)
 
     async with trio.open_nursery() as nursery:
         async with trio.open_nursery() as connecting:
             for _ in range(count):
-                connecting.start_soon(one, nursery)
-        print(json.dumps({"connected": connected}), flush=True)
-        await trio.to_thread.run_sync(sys.stdin.readline)
+                connecting.start_soon(connect, nursery)
+        print(json.dumps({"connected": len(connections), "conversations": conversations}))
+        sys.stdout.flush()
+        await _stdin_line()  # "go"
+        started = time.monotonic()
+        t0 = trio.current_time()
+        total = int(rate * duration)
+        async with trio.open_nursery() as sending:
+            for k in range(total):
+                # Open loop: each message leaves on its schedule, whatever happened to
+                # the ones before it (a closed loop would hide queueing delay).
+                await trio.sleep_until(t0 + k / rate)
+                sending.start_soon(send, connections[k % len(connections)], f"s{k}")
+        all_sent.set()
+        if sent_at:
+            with trio.move_on_after(10):  # what is still unanswered then counts as lost
+                await drained.wait()
         nursery.cancel_scope.cancel()
+    print(
+        json.dumps({"started": started, "sent": total, "lost": len(sent_at), "samples": samples}),
+        flush=True,
+    )
+
+
+async def _staff_worker(url: str, token: str, conversations: list[str]) -> None:
+    """One staff connection watching every conversation in ``conversations``; prints
+    ``ready`` once all are watched, then records, for every guest message pushed to it,
+    the time since the guest sent it; ``stop`` on stdin reports them."""
+    samples: list[tuple[float, float]] = []
+    subscribed = trio.Semaphore(0)
+
+    async with trio.open_nursery() as nursery:
+        ws = await _open(url, nursery)
+        await _hello(ws, token)
+
+        async def read() -> None:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                while True:
+                    raw = await ws.get_message()
+                    now = time.monotonic()
+                    if '"type":"subscribed"' in raw:
+                        subscribed.release()
+                    elif '"type":"message"' in raw and "steady t=" in raw:
+                        sent = float(json.loads(raw)["text"].rsplit("t=", 1)[1])
+                        samples.append((sent, now - sent))
+
+        nursery.start_soon(read)
+        # A bounded number of watches in flight: the server cuts off a connection that
+        # lets its replies pile up, and a real console would not flood either.
+        in_flight = trio.Semaphore(CONNECT_CONCURRENCY)
+        for conversation_id in conversations:
+            await in_flight.acquire()
+            await ws.send_message(json.dumps({"type": "watch", "conversation_id": conversation_id}))
+            nursery.start_soon(_release_after, subscribed, in_flight)
+        for _ in range(CONNECT_CONCURRENCY):
+            await in_flight.acquire()
+        print("ready", flush=True)
+        await _stdin_line()
+        nursery.cancel_scope.cancel()
+    print(json.dumps({"samples": samples}), flush=True)
+
+
+async def _release_after(event: trio.Semaphore, slot: trio.Semaphore) -> None:
+    await event.acquire()
+    slot.release()
 
 
 async def _load_worker(url: str, count: int, protocol: str, duration: float) -> None:
@@ -270,10 +428,14 @@ def _asyncio_echo_server(port: int) -> None:
     import asyncio
 
     from websockets.asyncio.server import serve
+    from websockets.exceptions import ConnectionClosed
 
     async def echo(ws: Any) -> None:
-        async for message in ws:
-            await ws.send(message)
+        try:
+            async for message in ws:
+                await ws.send(message)
+        except ConnectionClosed:
+            pass  # the load generator is cancelled without a closing handshake
 
     async def main() -> None:
         async with serve(echo, "127.0.0.1", port):
@@ -308,60 +470,75 @@ class Figure:
         return self.value / self.baseline if self.baseline else math.inf
 
 
+def _shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` nearly equal whole shares."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class _HoldWorker:
+    """A ``hold`` load process, told to add connections step by step."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.connected = 0
+
+    async def add(self, count: int) -> None:
+        """Open ``count`` more connections. Raises ``RuntimeError`` if any failed."""
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(f"add {count}\n".encode())
+        report = await _read_json_line(self.proc)
+        self.connected += count
+        if report["connected"] != self.connected:
+            raise RuntimeError(f"only {report['connected']} of {self.connected} connections")
+
+    async def stop(self) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(b"stop\n")
+        await self.proc.wait()
+
+
 async def _held_rss(
-    server: trio.Process, url: str, count: int, protocol: str, workers: int
-) -> float:
-    """Server RSS growth per connection when ``count`` clients are held open."""
-    # One warm-up connection first, so one-off allocations are not counted per guest.
-    async with python_process(
-        ["-m", "trio_chat._bench", "hold", "--url", url, "--count", "1", "--protocol", protocol],
-        None,
-    ) as warm:
-        await _read_json_line(warm)
+    server: trio.Process, url: str, steps: Sequence[int], protocol: str, workers: int
+) -> list[tuple[int, int]]:
+    """Server RSS growth, in bytes, with each number of connections in ``steps`` held
+    open (ascending), from ``workers`` processes on distinct source addresses."""
+    async with AsyncExitStack() as stack:
+        holders = [
+            _HoldWorker(
+                await stack.enter_async_context(
+                    python_process(
+                        [
+                            "-m",
+                            "trio_chat._bench",
+                            "hold",
+                            "--url",
+                            url,
+                            "--protocol",
+                            protocol,
+                            "--source",
+                            _source_address(i),
+                        ]
+                    )
+                )
+            )
+            for i in range(workers)
+        ]
+        # One warm-up connection first, so one-off allocations are not counted per guest.
+        await holders[0].add(1)
         await trio.sleep(0.5)
         before = _rss_bytes(server.pid)
-        share = [count // workers + (1 if i < count % workers else 0) for i in range(workers)]
-        async with trio.open_nursery() as nursery:
-            procs: list[trio.Process] = []
-            for n in share:
-                procs.append(await nursery.start(_start_hold, url, n, protocol))
-            total = 0
-            for proc in procs:
-                total += (await _read_json_line(proc))["connected"]
-            if total != count:
-                raise RuntimeError(f"only {total} of {count} connections were made")
+        points: list[tuple[int, int]] = []
+        held = 0
+        for step in steps:
+            async with trio.open_nursery() as nursery:
+                for holder, n in zip(holders, _shares(step - held, workers), strict=True):
+                    nursery.start_soon(holder.add, n)
+            held = step
             await trio.sleep(1.0)  # let the server settle before reading its memory
-            after = _rss_bytes(server.pid)
-            for proc in procs:
-                assert proc.stdin is not None
-                await proc.stdin.send_all(b"stop\n")
-        assert warm.stdin is not None
-        await warm.stdin.send_all(b"stop\n")
-    return (after - before) / count
-
-
-async def _start_hold(
-    url: str,
-    count: int,
-    protocol: str,
-    task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    async with python_process(
-        [
-            "-m",
-            "trio_chat._bench",
-            "hold",
-            "--url",
-            url,
-            "--count",
-            str(count),
-            "--protocol",
-            protocol,
-        ],
-        None,
-    ) as proc:
-        task_status.started(proc)
-        await proc.wait()
+            points.append((step, _rss_bytes(server.pid) - before))
+        for holder in holders:
+            await holder.stop()
+    return points
 
 
 async def _storm_once(
@@ -371,10 +548,11 @@ async def _storm_once(
     workers: int,
     jitter: str,
     how: signal.Signals,
-) -> tuple[float, int]:
+) -> tuple[float, int, list[int]]:
     """One restart with ``guests`` connected: (seconds until all were back and
-    resynced, peak connection attempts per 100 ms counted by the clients)."""
-    share = [guests // workers + (1 if i < guests % workers else 0) for i in range(workers)]
+    resynced, peak connection attempts per 100 ms counted by the clients, the attempts
+    in each 100 ms since the restart began)."""
+    share = _shares(guests, workers)
     async with AsyncExitStack() as stack:
         procs = [
             await stack.enter_async_context(
@@ -408,10 +586,13 @@ async def _storm_once(
             results.append(await _read_json_line(proc))
     attempts = [a for r in results for a in r["attempts"]]
     back = [b for r in results for b in r["back"]]
+    # Attempts per 100 ms since the restart began, for the peak and the plots.
     buckets: dict[int, int] = {}
     for at in attempts:
-        buckets[int(at * 10)] = buckets.get(int(at * 10), 0) + 1
-    return max(back) - restart, max(buckets.values(), default=0)
+        bucket = int((at - restart) * 10)
+        buckets[bucket] = buckets.get(bucket, 0) + 1
+    histogram = [buckets.get(i, 0) for i in range(max(buckets, default=-1) + 1)]
+    return max(back) - restart, max(histogram, default=0), histogram
 
 
 async def _wait_line(proc: trio.Process, marker: bytes) -> None:
@@ -424,12 +605,12 @@ async def _wait_line(proc: trio.Process, marker: bytes) -> None:
         seen += chunk
 
 
-async def scenario_storm(guests: int, workers: int) -> list[Figure]:
+async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[str, Any]]:
     """A reconnect storm: ``guests`` connected, the server killed (SIGKILL) or restarted
     gracefully (SIGINT: it spreads its ``reconnect.after_ms`` hints); how long until
     all are back and resynced, and the peak attempts per 100 ms the clients made,
     beside the same storm with no jitter."""
-    runs: dict[str, tuple[float, int]] = {}
+    runs: dict[str, tuple[float, int, list[int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
             Path(tmp) / "storm.db",
@@ -451,9 +632,9 @@ async def scenario_storm(guests: int, workers: int) -> list[Figure]:
                 runs[name] = await _storm_once(server, nursery, guests, workers, jitter, how)
             await server.aclose()
             nursery.cancel_scope.cancel()
-    herd_time, herd_peak = runs["no jitter, kill -9"]
+    herd_time, herd_peak, _ = runs["no jitter, kill -9"]
     figures = []
-    for name, (seconds, peak) in runs.items():
+    for name, (seconds, peak, _) in runs.items():
         figures.append(
             Figure(
                 f"storm ({guests} guests), {name}: all back after",
@@ -474,33 +655,184 @@ async def scenario_storm(guests: int, workers: int) -> list[Figure]:
                 "<= 0.2 x",
             )
         )
-    return figures
+    series = {"storm_attempts_per_100ms": {name: run[2] for name, run in runs.items()}}
+    return figures, series
 
 
-async def scenario_idle(guests: int, workers: int) -> list[Figure]:
+IDLE_STEPS: Final = 4  # memory is read at 1/4, 2/4, 3/4 and all of the guests
+
+
+async def scenario_idle(guests: int, workers: int) -> tuple[list[Figure], dict[str, Any]]:
+    """``guests`` idle authenticated guests; server RSS per guest above its own
+    baseline, beside a bare trio-websocket server holding as many connections."""
+    steps = [max(1, guests * (i + 1) // IDLE_STEPS) for i in range(IDLE_STEPS)]
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         async with _chat_server(Path(tmp), port) as server:
-            ours = await _held_rss(server, f"ws://127.0.0.1:{port}/ws", guests, "chat", workers)
+            ours = await _held_rss(server, f"ws://127.0.0.1:{port}/ws", steps, "chat", workers)
     port = free_port()
     async with _bare_server(port) as bare:
-        base = await _held_rss(bare, f"ws://127.0.0.1:{port}/", guests, "echo", workers)
-    return [
-        Figure(
-            f"idle RSS per connected guest ({guests} guests)",
-            ours,
-            base,
-            "bytes",
-            "lower",
-            "<= 1.3 x",
+        base = await _held_rss(bare, f"ws://127.0.0.1:{port}/", steps, "echo", workers)
+    figure = Figure(
+        f"idle RSS per connected guest ({guests} guests)",
+        ours[-1][1] / guests,
+        base[-1][1] / guests,
+        "bytes",
+        "lower",
+        "<= 1.3 x",
+    )
+    return [figure], {"idle_rss": {"trio-chat": ours, "trio-websocket": base}}
+
+
+async def _steady_run(
+    url: str,
+    guests: int,
+    rate: float,
+    duration: float,
+    workers: int,
+    protocol: str,
+    staff_token: str | None = None,
+) -> tuple[list[float], list[float], int]:
+    """One steady-load run: (ack or echo latencies, delivery-to-staff latencies, lost).
+    The first second of sending (a fifth of a short run) is left out as warm-up."""
+    async with AsyncExitStack() as stack:
+        guests_procs = [
+            await stack.enter_async_context(
+                python_process(
+                    [
+                        "-m",
+                        "trio_chat._bench",
+                        "steady",
+                        "--url",
+                        url,
+                        "--count",
+                        str(n),
+                        "--protocol",
+                        protocol,
+                        "--rate",
+                        str(rate / workers),
+                        "--duration",
+                        str(duration),
+                        "--source",
+                        _source_address(i),
+                    ]
+                )
+            )
+            for i, n in enumerate(_shares(guests, workers))
+        ]
+        conversations = [
+            c for p in guests_procs for c in (await _read_json_line(p))["conversations"]
+        ]
+        staff_procs = []
+        if staff_token is not None:
+            # Two staff members on the night shift, each watching half the hotel.
+            for i, half in enumerate((conversations[0::2], conversations[1::2])):
+                listing = Path(stack.enter_context(tempfile.TemporaryDirectory())) / f"c{i}"
+                listing.write_text("\n".join(half))
+                staff_procs.append(
+                    await stack.enter_async_context(
+                        python_process(
+                            [
+                                "-m",
+                                "trio_chat._bench",
+                                "staff",
+                                "--url",
+                                url,
+                                "--token",
+                                staff_token,
+                                "--conversations",
+                                str(listing),
+                            ],
+                            b"ready",
+                        )
+                    )
+                )
+        for proc in guests_procs:
+            assert proc.stdin is not None
+            await proc.stdin.send_all(b"go\n")
+        reports = [await _read_json_line(proc) for proc in guests_procs]
+        staff_reports = []
+        for proc in staff_procs:
+            assert proc.stdin is not None
+            await proc.stdin.send_all(b"stop\n")
+            staff_reports.append(await _read_json_line(proc))
+    warm = min(r["started"] for r in reports) + min(1.0, duration / 5)
+    acks = sorted(lat for r in reports for sent, lat in r["samples"] if sent >= warm)
+    delivered = sorted(lat for r in staff_reports for sent, lat in r["samples"] if sent >= warm)
+    return acks, delivered, sum(r["lost"] for r in reports)
+
+
+async def scenario_steady(
+    guests: int, rate: float, duration: float, workers: int
+) -> tuple[list[Figure], dict[str, Any]]:
+    """``guests`` connected guests sending ``rate`` messages per second in total (open
+    loop) while two staff consoles watch every conversation: ack latency and
+    delivery-to-staff latency, beside the round-trip latency of a bare trio-websocket
+    echo server under the same load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "steady.db"
+        token = create_staff_token(db_path, "night shift")
+        server = ServerProcess(
+            db_path, free_port(), "--concierge", "off", "--rate-limit", "0", "--heartbeat", "0"
         )
+        async with trio.open_nursery() as nursery:
+            await server.start(nursery)
+            try:
+                acks, delivered, lost = await _steady_run(
+                    server.url, guests, rate, duration, workers, "chat", token
+                )
+            finally:
+                await server.stop()
+    port = free_port()
+    async with _bare_server(port):
+        echo, _, _ = await _steady_run(
+            f"ws://127.0.0.1:{port}/", guests, rate, duration, workers, "echo"
+        )
+    if lost:
+        raise RuntimeError(f"{lost} messages were never acknowledged under steady load")
+    figures = []
+    load = f"{guests} guests, {rate:g} msg/s"
+    for q in (0.5, 0.99, 0.999):
+        target = "< 20 ms" if q == 0.99 else ""
+        for what, values in (("ack", acks), ("delivery to staff", delivered)):
+            figures.append(
+                Figure(
+                    f"{what} latency p{q * 100:g} ({load})",
+                    _percentile(values, q) * 1000,
+                    _percentile(echo, q) * 1000,
+                    "ms",
+                    "lower",
+                    target,
+                )
+            )
+    series = {
+        "steady_latency_ms": {
+            name: _quantiles(values)
+            for name, values in (
+                ("trio-chat ack", acks),
+                ("trio-chat delivery to staff", delivered),
+                ("bare trio-websocket echo", echo),
+            )
+        }
+    }
+    return figures, series
+
+
+def _quantiles(sorted_values: Sequence[float], points: int = 200) -> list[tuple[float, float]]:
+    """A latency distribution in milliseconds, compressed for the JSON and the plots:
+    (quantile, latency) at ``points`` quantiles, denser in the tail."""
+    if not sorted_values:
+        return []
+    qs = [1 - 10 ** (-4 * i / points) for i in range(points)]
+    return [(q, _percentile(sorted_values, q) * 1000) for q in qs] + [
+        (1.0, sorted_values[-1] * 1000)
     ]
 
 
 async def _run_load(
     url: str, guests: int, protocol: str, duration: float, workers: int
 ) -> tuple[float, list[float]]:
-    share = [guests // workers + (1 if i < guests % workers else 0) for i in range(workers)]
+    share = _shares(guests, workers)
     results: list[dict[str, Any]] = []
 
     async def run(n: int) -> None:
@@ -538,7 +870,9 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def scenario_throughput(guests: int, duration: float, workers: int) -> list[Figure]:
+async def scenario_throughput(
+    guests: int, duration: float, workers: int
+) -> tuple[list[Figure], dict[str, Any]]:
     """Acked messages per second: the concierge off and on, beside a bare trio-websocket
     echo server and (when installed) a ``websockets`` asyncio echo server."""
     rates: dict[str, float] = {}
@@ -583,56 +917,93 @@ async def scenario_throughput(guests: int, duration: float, workers: int) -> lis
                 "lower",
             )
         )
-    return figures
+    names = {"off": "trio-chat, concierge off", "rules": "trio-chat, concierge on"}
+    series = {
+        "throughput_latency_ms": {names.get(k, k): _quantiles(v) for k, v in latencies.items()}
+    }
+    return figures, series
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
+SCENARIOS: Final = ("idle", "throughput", "steady", "storm")
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="trio-chat bench")
+    parser.add_argument("scenario", nargs="?", default="all", choices=["all", *SCENARIOS])
     parser.add_argument(
-        "scenario", nargs="?", default="all", choices=["all", "idle", "throughput", "storm"]
-    )
-    parser.add_argument(
-        "--guests", type=int, default=None, help="connections (idle: 2000, throughput: 50)"
+        "--guests",
+        type=int,
+        default=None,
+        help="connections (idle: 10000, throughput: 50, steady: 2000, storm: 4000)",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
-    parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--rate", type=float, default=500.0, help="steady: messages per second in total"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="load-generator processes (idle, steady and storm use at least 4)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
+    parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
     return parser
 
 
-async def run_benchmarks(args: argparse.Namespace) -> list[Figure]:
+async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
+    """Run the chosen scenarios; returns their figures and the series for plots."""
     figures: list[Figure] = []
-    if args.scenario in ("all", "idle"):
-        figures += await scenario_idle(args.guests or 2000, args.workers)
-    if args.scenario in ("all", "throughput"):
-        figures += await scenario_throughput(args.guests or 50, args.duration, args.workers)
-    if args.scenario in ("all", "storm"):
-        figures += await scenario_storm(args.guests or 4000, max(args.workers, 4))
-    return figures
+    series: dict[str, Any] = {}
+    wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    many = max(args.workers, 4)
+    for name in wanted:
+        if name == "idle":
+            result = await scenario_idle(args.guests or 10_000, many)
+        elif name == "throughput":
+            result = await scenario_throughput(args.guests or 50, args.duration, args.workers)
+        elif name == "steady":
+            result = await scenario_steady(args.guests or 2000, args.rate, args.duration, many)
+        else:
+            result = await scenario_storm(args.guests or 4000, many)
+        figures += result[0]
+        series.update(result[1])
+    return figures, series
 
 
-def _results(figures: list[Figure]) -> dict[str, Any]:
+def _results(figures: list[Figure], series: dict[str, Any]) -> dict[str, Any]:
     return {
         "figures": [{**asdict(f), "ratio": f.ratio} for f in figures],
+        "series": series,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def report(figures: list[Figure], as_json: bool, out: str | None = None) -> None:
+def report(
+    figures: list[Figure],
+    series: dict[str, Any],
+    as_json: bool,
+    out: str | None = None,
+    plots: str | None = None,
+) -> None:
+    """Print the figures (a table, or JSON), and write the JSON and the plots if asked."""
+    results = _results(figures, series)
     if out:
-        Path(out).write_text(json.dumps(_results(figures), indent=2) + "\n")
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    if plots:
+        write_plots(results, Path(plots))
     if as_json:
-        print(json.dumps(_results(figures)))
+        print(json.dumps(results))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="trio-chat benchmarks (baseline: bare trio-websocket, same run)")
+    table = Table(title="trio-chat benchmarks (each beside its baseline, same run)")
     for column in ("figure", "trio-chat", "baseline", "ratio", "target"):
         table.add_column(column)
     for f in figures:
@@ -646,9 +1017,72 @@ def report(figures: list[Figure], as_json: bool, out: str | None = None) -> None
     Console().print(table)
 
 
+def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
+    """Draw each series of ``results`` (as written by ``--out``) as a PNG in
+    ``directory``; returns the files written. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    series = results.get("series", {})
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        path = directory / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if "idle_rss" in series:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for name, points in series["idle_rss"].items():
+            ax.plot([n for n, _ in points], [b / 2**20 for _, b in points], "o-", label=name)
+        ax.set_xlabel("idle guests connected")
+        ax.set_ylabel("server RSS growth (MiB)")
+        ax.set_title("Idle capacity: memory held per connection")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "bench-idle.png")
+    for key, title, name in (
+        ("throughput_latency_ms", "Closed loop, as fast as acks allow", "bench-throughput.png"),
+        ("steady_latency_ms", "Steady open-loop load", "bench-steady.png"),
+    ):
+        if key not in series:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for label, points in series[key].items():
+            # x: how many messages were slower, on a log scale: the tail is the story.
+            tail = [(1 - q, ms) for q, ms in points if q < 1 and ms > 0]
+            if not tail:
+                continue
+            ax.plot([ms for _, ms in tail], [t for t, _ in tail], label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of messages slower")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+        save(fig, name)
+    if "storm_attempts_per_100ms" in series:
+        runs = series["storm_attempts_per_100ms"]
+        fig, axes = plt.subplots(len(runs), 1, figsize=(6.4, 1.6 + 1.4 * len(runs)), sharex=True)
+        for ax, (label, histogram) in zip(list(axes), runs.items(), strict=True):
+            ax.bar([i / 10 for i in range(len(histogram))], histogram, width=0.1, align="edge")
+            ax.set_title(label, fontsize=9)
+            ax.set_ylabel("attempts\n/100 ms", fontsize=8)
+        axes[-1].set_xlabel("seconds since the restart began")
+        fig.suptitle("Reconnect storm: connection attempts", fontsize=10)
+        save(fig, "bench-storm.png")
+    return written
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    figures = trio.run(run_benchmarks, args)
-    report(figures, args.json, getattr(args, "out", None))
+    figures, series = trio.run(run_benchmarks, args)
+    report(figures, series, args.json, getattr(args, "out", None), getattr(args, "plots", None))
     return 0
 
 
@@ -667,12 +1101,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     storm.add_argument(
         "--jitter", choices=["none", "full", "equal", "decorrelated"], default="full"
     )
-    for name in ("hold", "load"):
-        worker = commands.add_parser(name)
-        worker.add_argument("--url", required=True)
-        worker.add_argument("--count", type=int, required=True)
-        worker.add_argument("--protocol", choices=["chat", "echo"], required=True)
-        worker.add_argument("--duration", type=float, default=10.0)
+    hold = commands.add_parser("hold")
+    hold.add_argument("--url", required=True)
+    hold.add_argument("--protocol", choices=["chat", "echo"], required=True)
+    hold.add_argument("--source", default=None, help="local address to connect from")
+    load = commands.add_parser("load")
+    load.add_argument("--url", required=True)
+    load.add_argument("--count", type=int, required=True)
+    load.add_argument("--protocol", choices=["chat", "echo"], required=True)
+    load.add_argument("--duration", type=float, default=10.0)
+    steady = commands.add_parser("steady")
+    steady.add_argument("--url", required=True)
+    steady.add_argument("--count", type=int, required=True)
+    steady.add_argument("--protocol", choices=["chat", "echo"], required=True)
+    steady.add_argument("--rate", type=float, required=True)
+    steady.add_argument("--duration", type=float, required=True)
+    steady.add_argument("--source", default=None)
+    staff = commands.add_parser("staff")
+    staff.add_argument("--url", required=True)
+    staff.add_argument("--token", required=True)
+    staff.add_argument("--conversations", required=True, help="file: one id per line")
     args = parser.parse_args(argv)
     if args.command == "storm":
         trio.run(_storm_worker, args.url, args.count, args.jitter)
@@ -681,7 +1129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "bare-server":
         trio.run(_bare_echo_server, args.port)
     elif args.command == "hold":
-        trio.run(_hold_worker, args.url, args.count, args.protocol)
+        trio.run(_hold_worker, args.url, args.protocol, args.source)
+    elif args.command == "steady":
+        trio.run(
+            _steady_worker,
+            args.url,
+            args.count,
+            args.protocol,
+            args.rate,
+            args.duration,
+            args.source,
+        )
+    elif args.command == "staff":
+        trio.run(_staff_worker, args.url, args.token, Path(args.conversations).read_text().split())
     else:
         trio.run(_load_worker, args.url, args.count, args.protocol, args.duration)
     return 0
