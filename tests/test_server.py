@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -701,7 +702,7 @@ async def test_slow_consumer_is_cut_off_and_others_are_unaffected(
 async def test_graceful_shutdown_sends_spread_reconnects_and_1012(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    srv = await start(nursery, tmp_path, shutdown_spread=3.0)
+    srv = await start(nursery, tmp_path, shutdown_spread=3.0, drain_per_connection=0.0)
     assert srv.port
     hints: list[int] = []
     async with connect(srv.port) as g1, connect(srv.port) as g2, connect(srv.port) as g3:
@@ -720,17 +721,75 @@ async def test_graceful_shutdown_sends_spread_reconnects_and_1012(
 async def test_the_restart_window_grows_with_the_crowd(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """3 s for a handful; a crowd is spread at about one guest per 2.5 ms."""
-    srv = await start(nursery, tmp_path, shutdown_spread=0.1, shutdown_spread_per_connection=0.5)
+    """The window opens later and lasts longer for a crowd than for a handful: the old
+    process takes longer to drain, the new one to take everyone back."""
+    srv = await start(
+        nursery,
+        tmp_path,
+        restart_delay=0.25,
+        drain_per_connection=0.1,
+        shutdown_spread=0.1,
+        shutdown_spread_per_connection=0.5,
+    )
     assert srv.port
     async with connect(srv.port) as g1, connect(srv.port) as g2, connect(srv.port) as g3:
         for g in (g1, g2, g3):
             await new_guest(g)
         srv.shutdown()
         hints = [(await g.expect("reconnect"))["after_ms"] for g in (g1, g2, g3)]
-    # Three connections at 0.5 s each: a 1.5 s window, far wider than the 0.1 s minimum.
-    assert all(250 <= h < 250 + 1500 for h in hints)
+    # Three connections: the window opens after 0.25 s + 3 x 0.1 s of draining, and lasts
+    # 3 x 0.5 s, far wider than the 0.1 s minimum.
+    assert all(550 <= h < 550 + 1500 for h in hints)
     assert max(hints) - min(hints) > 100
+
+
+async def test_a_shutdown_refuses_new_connections_at_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """While the old process drains, a connection attempt is refused at once (clients
+    back off), not parked in the kernel's backlog until the process exits."""
+    srv = await start(nursery, tmp_path, shutdown_grace=30.0)
+    assert srv.port
+    # A connection that never sends its request keeps the drain going.
+    lingering = await trio.open_tcp_stream("127.0.0.1", srv.port)
+    stopped = trio.Event()
+
+    async def watch() -> None:
+        await srv.wait_stopped()
+        stopped.set()
+
+    nursery.start_soon(watch)
+    srv.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", srv.port)
+    assert not stopped.is_set()
+    await lingering.aclose()
+    with trio.fail_after(10):
+        await stopped.wait()
+
+
+async def test_a_shutdown_does_not_wait_for_close_replies(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Thousands of close handshakes would hold the old process (and its port) for
+    seconds: in a shutdown the server sends its reconnect hint and close frame, then
+    closes the TCP connection without waiting for the peer's close frame."""
+    srv = await start(nursery, tmp_path, close_timeout=60.0, shutdown_grace=60.0)
+    assert srv.port
+    peer = await SilentPeer.connect(srv.port)
+    await peer.send(type="hello", token=None)
+    await peer.events_until(wsproto.events.TextMessage)  # welcome
+    srv.shutdown()
+    with trio.fail_after(10):  # not the 60 s it would wait for a reply
+        await srv.wait_stopped()
+    events = await peer.events_until(wsproto.events.CloseConnection)
+    frames = [json.loads(e.data) for e in events if isinstance(e, wsproto.events.TextMessage)]
+    assert frames[-1]["type"] == "reconnect"
+    assert events[-1].code == 1012
+    assert await peer.stream.receive_some() == b""  # then the end of the stream
+    # The collector, frozen for the drain, works again.
+    assert gc.get_freeze_count() == 0
 
 
 async def test_healthz_reports_connections(server: ChatServer) -> None:

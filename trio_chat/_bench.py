@@ -541,6 +541,15 @@ async def _held_rss(
     return points
 
 
+@dataclass
+class StormRun:
+    all_back: float  # seconds from the signal until every guest was back and resynced
+    peak: int  # the most connection attempts in any 100 ms
+    attempts: list[int]  # connection attempts in each 100 ms since the signal
+    old_gone: float  # seconds until the old process had exited
+    new_listening: float  # seconds until the new one listened
+
+
 async def _storm_once(
     server: ServerProcess,
     nursery: trio.Nursery,
@@ -548,10 +557,8 @@ async def _storm_once(
     workers: int,
     jitter: str,
     how: signal.Signals,
-) -> tuple[float, int, list[int]]:
-    """One restart with ``guests`` connected: (seconds until all were back and
-    resynced, peak connection attempts per 100 ms counted by the clients, the attempts
-    in each 100 ms since the restart began)."""
+) -> StormRun:
+    """One restart with ``guests`` connected, measured by the clients."""
     share = _shares(guests, workers)
     async with AsyncExitStack() as stack:
         procs = [
@@ -575,7 +582,9 @@ async def _storm_once(
         ]
         restart = time.time()
         await server.stop(how)
+        down = time.time() - restart
         await server.start(nursery)
+        up = time.time() - restart
         with trio.fail_after(120):
             for proc in procs:
                 await _wait_line(proc, b"back")
@@ -592,7 +601,7 @@ async def _storm_once(
         bucket = int((at - restart) * 10)
         buckets[bucket] = buckets.get(bucket, 0) + 1
     histogram = [buckets.get(i, 0) for i in range(max(buckets, default=-1) + 1)]
-    return max(back) - restart, max(histogram, default=0), histogram
+    return StormRun(max(back) - restart, max(histogram, default=0), histogram, down, up)
 
 
 async def _wait_line(proc: trio.Process, marker: bytes) -> None:
@@ -610,7 +619,7 @@ async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[
     gracefully (SIGINT: it spreads its ``reconnect.after_ms`` hints); how long until
     all are back and resynced, and the peak attempts per 100 ms the clients made,
     beside the same storm with no jitter."""
-    runs: dict[str, tuple[float, int, list[int]]] = {}
+    runs: dict[str, StormRun] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
             Path(tmp) / "storm.db",
@@ -632,9 +641,11 @@ async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[
                 runs[name] = await _storm_once(server, nursery, guests, workers, jitter, how)
             await server.aclose()
             nursery.cancel_scope.cancel()
-    herd_time, herd_peak, _ = runs["no jitter, kill -9"]
+    herd = runs["no jitter, kill -9"]
+    herd_time, herd_peak = herd.all_back, herd.peak
     figures = []
-    for name, (seconds, peak, _) in runs.items():
+    for name, run in runs.items():
+        seconds, peak = run.all_back, run.peak
         figures.append(
             Figure(
                 f"storm ({guests} guests), {name}: all back after",
@@ -655,7 +666,7 @@ async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[
                 "<= 0.2 x",
             )
         )
-    series = {"storm_attempts_per_100ms": {name: run[2] for name, run in runs.items()}}
+    series = {"storm": {name: asdict(run) for name, run in runs.items()}}
     return figures, series
 
 
@@ -1067,14 +1078,19 @@ def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
         ax.legend()
         ax.grid(alpha=0.3, which="both")
         save(fig, name)
-    if "storm_attempts_per_100ms" in series:
-        runs = series["storm_attempts_per_100ms"]
+    if "storm" in series:
+        runs = series["storm"]
         fig, axes = plt.subplots(len(runs), 1, figsize=(6.4, 1.6 + 1.4 * len(runs)), sharex=True)
-        for ax, (label, histogram) in zip(list(axes), runs.items(), strict=True):
+        for ax, (label, run) in zip(list(axes), runs.items(), strict=True):
+            histogram = run["attempts"]
             ax.bar([i / 10 for i in range(len(histogram))], histogram, width=0.1, align="edge")
-            ax.set_title(label, fontsize=9)
+            ax.axvspan(run["old_gone"], run["new_listening"], color="red", alpha=0.12)
+            ax.axvline(run["all_back"], color="green", linestyle="--", linewidth=1)
+            ax.set_title(
+                f"{label}: all back after {run['all_back']:.1f} s, peak {run['peak']}", fontsize=9
+            )
             ax.set_ylabel("attempts\n/100 ms", fontsize=8)
-        axes[-1].set_xlabel("seconds since the restart began")
+        axes[-1].set_xlabel("seconds since the signal (red: no server listening)")
         fig.suptitle("Reconnect storm: connection attempts", fontsize=10)
         save(fig, "bench-storm.png")
     return written

@@ -37,7 +37,11 @@ log = logging.getLogger("trio_chat.client")
 State = Literal["connecting", "connected", "reconnecting", "offline", "closed"]
 CONTROL_QUEUE: Final = 256
 EVENT_LOG: Final = 10_000
-HINT_JITTER: Final = 0.2  # spread added on top of a server's reconnect hint
+# A server's reconnect hint gets up to 20 % added, at most half a second: enough to
+# part clients a server sent the same hint, little enough to keep a server's own spread
+# (a hint of 9 s arriving at 9.5 s, not at 10.8 s).
+HINT_JITTER: Final = 0.2
+HINT_JITTER_MAX: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +454,7 @@ class ChatClient:
             CloseCode.TRY_LATER,
             CloseCode.RATE_LIMITED,
         ):
-            hinted = hint * (1 + self._random.uniform(0, HINT_JITTER))
+            hinted = hint + self._random.uniform(0, min(hint * HINT_JITTER, HINT_JITTER_MAX))
             # A restart hint replaces the backoff; overload and rate limits set a floor.
             delay = (
                 hinted
