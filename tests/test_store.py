@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ import trio.testing
 
 from trio_chat import StorageError
 from trio_chat._store import (
+    ROWS_PER_STATEMENT,
     Appended,
     AppendMessage,
     Database,
@@ -72,6 +74,39 @@ def test_a_repeated_client_msg_id_returns_the_original(db: Database) -> None:
         client_msg_id="x",
     )
     assert db.apply_batch([staff])[0].message.seq == 3
+
+
+def test_a_large_batch_over_many_conversations_is_stored_exactly(db: Database) -> None:
+    """More rows than one multi-row statement holds, conversations touched several
+    times, a status change and a retry in the middle: the same outcome as one message
+    at a time."""
+    cids = [db.add_guest(None).conversation_id for _ in range(40)]
+    ops: list[Operation[Any]] = [
+        guest_message(cids[i % 40], f"m{i}", f"text {i}") for i in range(3 * ROWS_PER_STATEMENT)
+    ]
+    ops.append(guest_message(cids[0], "m0", "a retry of the first"))
+    ops.append(
+        AppendMessage(
+            conversation_id=cids[1],
+            sender="system",
+            text="Staff joined.",
+            status=("staff", "s_1", "Anna"),
+        )
+    )
+    results = db.apply_batch(ops)
+    retry = results[-2]
+    assert isinstance(retry, Appended) and retry.duplicate and retry.message.seq == 1
+    for i, cid in enumerate(cids):
+        stored = db.history(cid, 0, 500)
+        expected = [f"text {k}" for k in range(i, 3 * ROWS_PER_STATEMENT, 40)]
+        if i == 1:
+            expected.append("Staff joined.")
+        assert [m.text for m in stored] == expected
+        assert [m.seq for m in stored] == list(range(1, len(expected) + 1))
+        row = db.conversation(cid)
+        assert row is not None and row.last_seq == len(expected)
+        assert row.preview == expected[-1]
+        assert row.status == ("staff" if i == 1 else "ai")
 
 
 def test_a_failed_batch_stores_nothing_and_leaves_no_gap(db: Database) -> None:

@@ -43,6 +43,28 @@ MAX_BATCH: Final = 512
 PUBLISH_AHEAD: Final = 2  # committed batches that may wait for their callbacks
 PREVIEW_CHARS: Final = 120
 
+# (head, one row, tail) of the batch statements: see Database._execute_rows.
+ROWS_PER_STATEMENT: Final = 64  # 8 x 64 parameters, far below SQLite's 32,766
+_INSERT_MESSAGES: Final = (
+    "INSERT OR IGNORE INTO messages(conversation_id, seq, sender, author, author_key, "
+    "text, ts, client_msg_id) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
+    "",
+)
+_UPDATE_CONVERSATIONS: Final = (
+    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
+    "preview = v.column4 FROM (VALUES ",
+    "(?, ?, ?, ?)",
+    ") AS v WHERE conversations.conversation_id = v.column1",
+)
+_UPDATE_CONVERSATIONS_AND_STATUS: Final = (
+    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
+    "preview = v.column4, status = v.column5, assigned_staff_id = v.column6, "
+    "assigned_name = v.column7 FROM (VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?)",
+    ") AS v WHERE conversations.conversation_id = v.column1",
+)
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS guests (
@@ -233,13 +255,13 @@ class Database:
     def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
         """Apply every operation in one transaction and commit once.
 
-        The common batch costs a fixed number of statements, not a few per message:
-        the writer thread re-takes the GIL after every statement, and under load each
-        hand-off waits on the busy event loop. So the batch is first applied assuming
-        no message is a retry, with all new messages inserted by one ``executemany``
-        (``INSERT OR IGNORE``) and each touched conversation row written once. If any
-        insert was ignored (a retry of a stored message: rare), the batch is rolled back
-        to a savepoint and applied again one message at a time.
+        The common batch costs a handful of statements, not a few per message: the
+        writer thread gives up the GIL for every SQLite step and under load waits for
+        the busy event loop to take it back. So the batch is first applied assuming no
+        message is a retry: all new messages are inserted by multi-row ``INSERT OR
+        IGNORE`` statements and the touched conversation rows written by one multi-row
+        ``UPDATE``. If any insert was ignored (a retry of a stored message: rare), the
+        transaction is rolled back and the batch applied again one message at a time.
 
         Returns one result per operation. Raises :class:`StorageError` if the batch
         could not commit; then nothing of it was stored.
@@ -247,17 +269,17 @@ class Database:
         try:
             self.writer.execute("BEGIN IMMEDIATE")
             try:
-                self.writer.execute("SAVEPOINT optimistic")
                 results = self._apply(operations, optimistic=True)
                 if results is None:
-                    self.writer.execute("ROLLBACK TO optimistic")
+                    self.writer.execute("ROLLBACK")
                     self._last_seq.clear()
+                    self.writer.execute("BEGIN IMMEDIATE")
                     results = self._apply(operations, optimistic=False)
                     assert results is not None
-                self.writer.execute("RELEASE optimistic")
                 self.writer.execute("COMMIT")
             except BaseException:
-                self.writer.execute("ROLLBACK")
+                if self.writer.in_transaction:
+                    self.writer.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             self._last_seq.clear()
@@ -274,19 +296,24 @@ class Database:
         self._touched = {}
         try:
             results = [op.apply(self) for op in operations]
-            if self._rows:
-                cursor = self.writer.executemany(
-                    "INSERT OR IGNORE INTO messages(conversation_id, seq, sender, author, "
-                    "author_key, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    self._rows,
-                )
-                if cursor.rowcount != len(self._rows):
-                    return None
+            if self._execute_rows(_INSERT_MESSAGES, self._rows) != len(self._rows):
+                return None
             self._write_conversations()
             return results
         finally:
             self._rows = []
             self._touched = {}
+
+    def _execute_rows(self, statement: tuple[str, str, str], rows: list[tuple[Any, ...]]) -> int:
+        """Run a statement over many rows with one SQLite step per chunk of rows (a
+        multi-row ``VALUES``), not one per row; returns the rows changed."""
+        head, row_sql, tail = statement
+        changed = 0
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            sql = head + ",".join([row_sql] * len(chunk)) + tail
+            changed += self.writer.execute(sql, [v for row in chunk for v in row]).rowcount
+        return changed
 
     def _next_seq(self, conversation_id: str) -> int:
         last = self._last_seq.get(conversation_id)
@@ -356,21 +383,11 @@ class Database:
         with_status = []
         for conversation_id, (seq, now, preview, status) in self._touched.items():
             if status is None:
-                plain.append((seq, now, preview, conversation_id))
+                plain.append((conversation_id, seq, now, preview))
             else:
-                with_status.append((seq, now, preview, *status, conversation_id))
-        if plain:
-            self.writer.executemany(
-                "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ? "
-                "WHERE conversation_id = ?",
-                plain,
-            )
-        if with_status:
-            self.writer.executemany(
-                "UPDATE conversations SET last_seq = ?, updated_ts = ?, preview = ?, status = ?, "
-                "assigned_staff_id = ?, assigned_name = ? WHERE conversation_id = ?",
-                with_status,
-            )
+                with_status.append((conversation_id, seq, now, preview, *status))
+        self._execute_rows(_UPDATE_CONVERSATIONS, plain)
+        self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
 
     def create_guest(self, name: str | None) -> ConversationRow:
         guest_id = new_id("g")
