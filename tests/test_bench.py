@@ -28,6 +28,8 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
             "--json",
             "--rate",
             "50",
+            "--rounds",
+            "1",
             "--out",
             str(out),
             "--plots",
@@ -54,6 +56,10 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     assert len(storm) == 6  # no jitter, full jitter, server-spread: time and peak each
     assert all(f["unit"] in ("s", "attempts") for f in storm)
     for figure in figures:
+        if figure["name"].startswith("idle RSS"):
+            # Six connections can fit in memory a process already holds: growth may be 0.
+            assert figure["baseline"] >= 0 and figure["value"] >= 0
+            continue
         assert figure["baseline"] > 0 and figure["value"] > 0
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"])
     written = json.loads(out.read_text())
@@ -62,6 +68,7 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     # the attempts of each storm, 100 ms by 100 ms.
     series = written["series"]
     assert [n for n, _ in series["idle_rss"]["trio-chat"]] == [1, 3, 4, 6]
+    assert len(series["throughput_rounds"]["trio-chat, concierge off"]) == 1
     assert set(series["steady_latency_ms"]) == {
         "trio-chat ack",
         "trio-chat delivery to staff",

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -882,26 +883,36 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 async def scenario_throughput(
-    guests: int, duration: float, workers: int
+    guests: int, duration: float, workers: int, rounds: int = 3
 ) -> tuple[list[Figure], dict[str, Any]]:
     """Acked messages per second: the concierge off and on, beside a bare trio-websocket
-    echo server and (when installed) a ``websockets`` asyncio echo server."""
-    rates: dict[str, float] = {}
-    latencies: dict[str, list[float]] = {}
-    for concierge in ("off", "rules"):
-        with tempfile.TemporaryDirectory() as tmp:
-            port = free_port()
-            async with _chat_server(Path(tmp), port, concierge):
-                rates[concierge], latencies[concierge] = await _run_load(
-                    f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
-                )
+    echo server and (when installed) a ``websockets`` asyncio echo server.
+
+    The four are measured in turn, ``rounds`` times over; each figure is the median of
+    its rounds. This machine drifts by more than the effects worth measuring from one
+    minute to the next; interleaving puts the drift on both sides of each ratio."""
     engines = ["trio-websocket"] + (["websockets"] if _websockets_available() else [])
-    for engine in engines:
-        port = free_port()
-        async with _bare_server(port, engine):
-            rates[engine], latencies[engine] = await _run_load(
-                f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers
-            )
+    per_round: dict[str, list[float]] = {}
+    latencies: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for setup in ("off", "rules", *engines):
+            if setup in ("off", "rules"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    port = free_port()
+                    async with _chat_server(Path(tmp), port, setup):
+                        rate, lat = await _run_load(
+                            f"ws://127.0.0.1:{port}/ws", guests, "chat", duration, workers
+                        )
+            else:
+                port = free_port()
+                async with _bare_server(port, setup):
+                    rate, lat = await _run_load(
+                        f"ws://127.0.0.1:{port}/", guests, "echo", duration, workers
+                    )
+            per_round.setdefault(setup, []).append(rate)
+            latencies.setdefault(setup, []).extend(lat)
+    rates = {setup: statistics.median(values) for setup, values in per_round.items()}
+    latencies = {setup: sorted(values) for setup, values in latencies.items()}
     base = rates["trio-websocket"]
     name = f"acknowledged messages per second ({guests} guests"
     figures = [
@@ -930,7 +941,8 @@ async def scenario_throughput(
         )
     names = {"off": "trio-chat, concierge off", "rules": "trio-chat, concierge on"}
     series = {
-        "throughput_latency_ms": {names.get(k, k): _quantiles(v) for k, v in latencies.items()}
+        "throughput_latency_ms": {names.get(k, k): _quantiles(v) for k, v in latencies.items()},
+        "throughput_rounds": {names.get(k, k): v for k, v in per_round.items()},
     }
     return figures, series
 
@@ -960,6 +972,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=2,
         help="load-generator processes (idle, steady and storm use at least 4)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput: measure each setup this many times"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
@@ -976,7 +991,9 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
         if name == "idle":
             result = await scenario_idle(args.guests or 10_000, many)
         elif name == "throughput":
-            result = await scenario_throughput(args.guests or 50, args.duration, args.workers)
+            result = await scenario_throughput(
+                args.guests or 50, args.duration, args.workers, args.rounds
+            )
         elif name == "steady":
             result = await scenario_steady(args.guests or 2000, args.rate, args.duration, many)
         else:

@@ -5,10 +5,10 @@ Two layers:
 * :class:`Database` is plain synchronous code around :mod:`sqlite3`. The admin
   commands (``trio-chat staff add`` ...) use it directly.
 * :class:`Store` is the Trio side. Every write is an *operation* put on a queue; one
-  writer task takes everything queued, hops to a worker thread once, applies the whole
-  batch in one transaction and commits once (so concurrent messages share an fsync),
-  then, back on the event loop and still in that one task, runs each operation's
-  ``on_commit`` callback in order. The server uses those callbacks to update its
+  writer thread takes everything queued, applies the whole batch in one transaction
+  and commits once (so concurrent messages share an fsync), then hands the batch back
+  to the event loop, where each operation's ``on_commit`` callback runs, in order, in
+  one step. The server uses those callbacks to update its
   in-memory view and push frames, which is why pushes leave in ``seq`` order and why
   "subscribe and read ``last_seq``" is atomic: both happen in a single Trio step.
 
@@ -19,10 +19,12 @@ acknowledged before its commit.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,12 @@ from ._tokens import new_id
 
 __all__ = ["Database", "Store"]
 
+log = logging.getLogger("trio_chat.store")
+
 T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
 MAX_BATCH: Final = 512
-PUBLISH_AHEAD: Final = 2  # committed batches that may wait for their callbacks
 PREVIEW_CHARS: Final = 120
 
 # (head, one row, tail) of the batch statements: see Database._execute_rows.
@@ -571,8 +574,15 @@ class Store:
 
     def __init__(self, db: Database, *, max_queued: int = 10_000) -> None:
         self.db = db
-        self._send, self._receive = trio.open_memory_channel[_Pending](max_queued)
-        self._write_thread = trio.CapacityLimiter(1)
+        # The writer thread takes from this queue directly, batch after batch, with no
+        # trip through the event loop between batches: under load every such trip
+        # waited for a busy loop, and the next commit with it.
+        self._queued: deque[_Pending] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False  # close(): commit what is queued, then stop
+        self._aborting = False  # run() cancelled: fail what is queued, then stop
+        self._room = trio.Semaphore(max_queued)
+        self._token: trio.lowlevel.TrioToken | None = None
         self._read_thread = trio.CapacityLimiter(1)
         self.batches = 0
         self.operations = 0
@@ -580,81 +590,80 @@ class Store:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer. Returns once :meth:`close` was called and the queue is empty.
 
-        Two stages: the writer commits batch after batch in the worker thread, and a
-        publisher task runs each committed batch's ``on_commit`` callbacks, in commit
-        order, while the thread already works on the next batch.
+        A dedicated worker thread commits batch after batch; each committed batch's
+        ``on_commit`` callbacks run back on the event loop, in commit order, in one
+        step (so pushes leave in ``seq`` order), while the thread already works on the
+        next batch. A callback that raises is logged; it cannot stop the store.
 
         If it is cancelled instead, whatever is still queued fails with
-        :class:`StorageError` (nothing of it was stored, so nothing was acknowledged).
+        :class:`StorageError` (nothing of it was stored, so nothing was acknowledged);
+        a batch already committing finishes, and its callbacks run.
         """
-        publish_send, publish_receive = trio.open_memory_channel[
-            tuple[list[_Pending], list[Any] | StorageError]
-        ](PUBLISH_AHEAD)
+        self._token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+
+        async def writer() -> None:
+            try:
+                await trio.to_thread.run_sync(self._write_batches)
+            finally:
+                finished.set()
+
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._publish, publish_receive)
-                async with publish_send:
-                    async for first in self._receive:
-                        batch = [first]
-                        while len(batch) < MAX_BATCH:
-                            try:
-                                batch.append(self._receive.receive_nowait())
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        await publish_send.send((batch, await self._commit(batch)))
-        finally:
-            self._fail_queued()
-            self._receive.close()
-
-    def _fail_queued(self) -> None:
-        error = StorageError("the store stopped before this write")
-        while True:
-            try:
-                pending = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            pending.fail(error)
-
-    async def _commit(self, batch: list[_Pending]) -> list[Any] | StorageError:
-        operations = [p.operation for p in batch]
-        try:
-            # A commit in progress must finish even if we are cancelled: its result
-            # must reach the publisher, or a stored message would never be acked.
-            with trio.CancelScope(shield=True):
-                results = await trio.to_thread.run_sync(
-                    self.db.apply_batch, operations, limiter=self._write_thread
-                )
-        except StorageError as exc:
-            return exc
-        self.batches += 1
-        self.operations += len(batch)
-        return results
-
-    async def _publish(
-        self,
-        committed: trio.MemoryReceiveChannel[tuple[list[_Pending], list[Any] | StorageError]],
-    ) -> None:
-        stopped = StorageError("the store stopped before confirming this write")
-        try:
-            async for batch, results in committed:
-                if isinstance(results, StorageError):
-                    for pending in batch:
-                        pending.fail(results)
-                    continue
-                # One Trio step for the whole batch: pushes leave in seq order.
-                for pending, result in zip(batch, results, strict=True):
-                    pending.succeed(result)
-        finally:
-            # Cancelled: committed but unconfirmed writes are not acked; a client's
-            # retry with the same client_msg_id gets the original ack next time.
-            while True:
+                nursery.start_soon(writer)
                 try:
-                    batch, _ = committed.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-                for pending in batch:
-                    pending.fail(stopped)
+                    await finished.wait()
+                except BaseException:
+                    with self._wakeup:
+                        self._aborting = True
+                        self._wakeup.notify()
+                    raise
+        finally:
+            # Cancelled before the thread even started: fail what it left behind.
+            with self._wakeup:
+                self._aborting = self._aborting or not self._stopping
+                left = list(self._queued)
+                self._queued.clear()
+            self._complete(left, StorageError("the store stopped before this write"))
+
+    def _write_batches(self) -> None:
+        """The writer thread's loop."""
+        assert self._token is not None
+        while True:
+            with self._wakeup:
+                while not self._queued and not (self._stopping or self._aborting):
+                    self._wakeup.wait()
+                batch = [self._queued.popleft() for _ in range(min(MAX_BATCH, len(self._queued)))]
+                aborting = self._aborting
+            if not batch:
+                return
+            outcome: list[Any] | StorageError
+            if aborting:
+                outcome = StorageError("the store stopped before this write")
+            else:
+                try:
+                    outcome = self.db.apply_batch([p.operation for p in batch])
+                except StorageError as exc:
+                    outcome = exc
+            # FIFO: callbacks run in commit order, and all before run() returns.
+            self._token.run_sync_soon(self._complete, batch, outcome)
+
+    def _complete(self, batch: list[_Pending], outcome: list[Any] | StorageError) -> None:
+        """Back on the event loop: confirm a committed batch, or fail it."""
+        if not isinstance(outcome, StorageError):
+            self.batches += 1
+            self.operations += len(batch)
+        for index, pending in enumerate(batch):
+            self._room.release()
+            try:
+                if isinstance(outcome, StorageError):
+                    pending.fail(outcome)
+                else:
+                    pending.succeed(outcome[index])
+            except Exception:
+                # A callback's bug must not take the other writes (or the loop) down.
+                log.exception("a write's callback failed")
 
     async def submit(self, operation: Operation[T]) -> T:
         """Queue a write and wait until it is committed and its ``on_commit`` has run.
@@ -682,13 +691,19 @@ class Store:
         # Every operation ends in exactly one callback: on_commit, or on_error, here
         # too when it never made it into the queue.
         try:
-            await self._send.send(pending)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pending.fail(StorageError("the store is closed"))
-            raise StorageError("the store is closed") from None
+            await self._room.acquire()
         except BaseException:
             pending.fail(StorageError("cancelled before it was queued"))
             raise
+        with self._wakeup:
+            closed = self._stopping or self._aborting
+            if not closed:
+                self._queued.append(pending)
+                self._wakeup.notify()
+        if closed:
+            self._room.release()
+            pending.fail(StorageError("the store is closed"))
+            raise StorageError("the store is closed")
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a :class:`Database` read in a worker thread."""
@@ -696,4 +711,6 @@ class Store:
 
     def close(self) -> None:
         """Stop taking writes; :meth:`run` returns after committing what is queued."""
-        self._send.close()
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
