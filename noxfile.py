@@ -39,7 +39,15 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmarks at full size (minutes); results go to docs/benchmarks.md."""
     session.install("-e", ".[test]")
-    args = session.posargs or ["all"]
+    args = session.posargs or [
+        "all",
+        "--duration",
+        "8",
+        "--out",
+        "docs/benchmarks.json",
+        "--plots",
+        "docs/img",
+    ]
     session.run(
         "trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     )

@@ -81,3 +81,23 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
         "bench-storm.png",
         "bench-throughput.png",
     ]
+    # The saved results can be reported and drawn again without running anything.
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_chat",
+            "bench",
+            "--from",
+            str(out),
+            "--json",
+            "--plots",
+            str(tmp_path / "again"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["figures"] == figures
+    assert len(list((tmp_path / "again").iterdir())) == 4

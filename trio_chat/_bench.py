@@ -693,7 +693,7 @@ async def scenario_idle(guests: int, workers: int) -> tuple[list[Figure], dict[s
         "lower",
         "<= 1.3 x",
     )
-    return [figure], {"idle_rss": {"trio-chat": ours, "trio-websocket": base}}
+    return [figure], {"idle_rss": {"trio-chat": ours, "bare trio-websocket": base}}
 
 
 async def _steady_run(
@@ -939,7 +939,12 @@ async def scenario_throughput(
                 "lower",
             )
         )
-    names = {"off": "trio-chat, concierge off", "rules": "trio-chat, concierge on"}
+    names = {
+        "off": "trio-chat, concierge off",
+        "rules": "trio-chat, concierge on",
+        "trio-websocket": "bare trio-websocket echo",
+        "websockets": "websockets (asyncio) echo",
+    }
     series = {
         "throughput_latency_ms": {names.get(k, k): _quantiles(v) for k, v in latencies.items()},
         "throughput_rounds": {names.get(k, k): v for k, v in per_round.items()},
@@ -978,6 +983,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
+    parser.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="PATH",
+        help="run nothing: report (and draw) the results saved by an earlier --out",
+    )
     return parser
 
 
@@ -1114,6 +1125,13 @@ def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if getattr(args, "from_json", None):
+        saved = json.loads(Path(args.from_json).read_text())
+        saved["figures"] = [
+            Figure(**{k: v for k, v in f.items() if k != "ratio"}) for f in saved["figures"]
+        ]
+        report(saved["figures"], saved.get("series", {}), args.json, None, args.plots)
+        return 0
     figures, series = trio.run(run_benchmarks, args)
     report(figures, series, args.json, getattr(args, "out", None), getattr(args, "plots", None))
     return 0
