@@ -683,18 +683,23 @@ class Store:
 
     async def enqueue(self, operation: Operation[Any]) -> None:
         """Queue a write without waiting for its commit: its ``on_commit`` or
-        ``on_error`` callback says how it went. Waits only while the queue is full.
-        Raises :class:`StorageError` if the store is closed."""
+        ``on_error`` callback says how it went. Waits (and is a checkpoint) only while
+        the queue is full. Raises :class:`StorageError` if the store is closed."""
         await self._queue(_Pending(operation, waited=False))
 
     async def _queue(self, pending: _Pending) -> None:
         # Every operation ends in exactly one callback: on_commit, or on_error, here
         # too when it never made it into the queue.
         try:
-            await self._room.acquire()
-        except BaseException:
-            pending.fail(StorageError("cancelled before it was queued"))
-            raise
+            # No trip through the scheduler unless the queue is full: under load that
+            # trip delayed every message's entry into its batch by a turn of the loop.
+            self._room.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                await self._room.acquire()
+            except BaseException:
+                pending.fail(StorageError("cancelled before it was queued"))
+                raise
         with self._wakeup:
             closed = self._stopping or self._aborting
             if not closed:
