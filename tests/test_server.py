@@ -792,26 +792,6 @@ async def test_a_shutdown_does_not_wait_for_close_replies(
     assert gc.get_freeze_count() == 0
 
 
-async def test_a_writer_lingers_for_a_busy_guest_and_then_ends(
-    nursery: trio.Nursery, tmp_path: Path, idle_clock: trio.testing.MockClock
-) -> None:
-    """Starting a writer task for every message cost a tenth of the throughput; an idle
-    guest must still cost no task and no outbox."""
-    srv = await start(nursery, tmp_path)
-    assert srv.port
-    async with connect(srv.port) as guest:
-        await new_guest(guest)
-        await say(guest, "m1", "hello")
-        (conn,) = srv.connections
-        assert conn.writer_running  # waiting a moment for the next frames
-        await say(guest, "m2", "and again")
-        await trio.sleep(1.0)
-        assert not conn.writer_running
-        await say(guest, "m3", "after a pause")  # a new writer starts when needed
-        await trio.sleep(1.0)
-        assert not conn.writer_running
-
-
 async def test_healthz_reports_connections(server: ChatServer) -> None:
     assert server.port
     async with connect(server.port) as guest:

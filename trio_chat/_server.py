@@ -95,7 +95,6 @@ class ServerConfig:
 
 
 WRITE_BATCH: Final = 64
-WRITER_LINGER: Final = 0.25  # seconds a drained writer waits for more before it ends
 
 
 async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
@@ -203,7 +202,6 @@ class Connection:
 
     __slots__ = (
         "_drained",
-        "_more",
         "_outbox",
         "bad_frames",
         "bucket",
@@ -235,7 +233,6 @@ class Connection:
         self.subscriptions: set[Conversation] | None = None  # a staff member's
         self._outbox: deque[str] | None = None
         self._drained: trio.Event | None = None
-        self._more: trio.Event | None = None  # set while the writer waits for frames
         self.writer_running = False
         self.ping_in_flight = False
         self.close_code: int | None = None
@@ -260,44 +257,31 @@ class Connection:
             self.request_close(CloseCode.TRY_LATER, "too far behind; reconnect and fetch history")
             return
         self._outbox.append(frame)
-        if self._more is not None:
-            self._more.set()
-        elif not self.writer_running:
+        if not self.writer_running:
             self.writer_running = True
             self.nursery.start_soon(self._write)
 
     async def _write(self) -> None:
+        outbox = self._outbox
+        assert outbox is not None
         try:
-            while True:
-                outbox = self._outbox
-                while outbox:
-                    # Usually an ack and its message wait together: one write for both.
-                    frames = list(itertools.islice(outbox, WRITE_BATCH))
-                    await send_frames(self.ws, frames)
-                    for _ in frames:
-                        outbox.popleft()
-                # Idle connections are the common case: do not keep an empty deque.
-                self._outbox = None
-                if self._drained is not None:
-                    self._drained.set()
-                # A busy guest's next frames come within milliseconds: waiting a moment
-                # for them costs less than a task started for every burst.
-                self._more = trio.Event()
-                with trio.move_on_after(WRITER_LINGER):
-                    await self._more.wait()
-                self._more = None
-                if self._outbox is None:
-                    return
+            while outbox:
+                # Usually an ack and its message wait together: one write for both.
+                frames = list(itertools.islice(outbox, WRITE_BATCH))
+                await send_frames(self.ws, frames)
+                for _ in frames:
+                    outbox.popleft()
+            # Idle connections are the common case: do not keep an empty deque around.
+            self._outbox = None
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(CloseCode.ABNORMAL, "connection lost")
         finally:
-            self._more = None
             self.writer_running = False
             if self._drained is not None:
                 self._drained.set()
 
     async def wait_drained(self) -> None:
-        while self._outbox:
+        while self.writer_running:
             self._drained = trio.Event()
             await self._drained.wait()
 
