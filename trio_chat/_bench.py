@@ -51,6 +51,14 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def _worker_args(command: str, **options: object) -> list[str]:
+    """The arguments of ``python -m trio_chat._bench COMMAND --option value ...``."""
+    args = ["-m", "trio_chat._bench", command]
+    for name, value in options.items():
+        args += [f"--{name}", str(value)]
+    return args
+
+
 @asynccontextmanager
 async def _chat_server(tmp: Path, port: int, concierge: str = "off") -> AsyncIterator[trio.Process]:
     args = [
@@ -76,7 +84,7 @@ async def _chat_server(tmp: Path, port: int, concierge: str = "off") -> AsyncIte
 
 @asynccontextmanager
 async def _bare_server(port: int, engine: str = "trio-websocket") -> AsyncIterator[trio.Process]:
-    args = ["-m", "trio_chat._bench", "bare-server", "--port", str(port), "--engine", engine]
+    args = _worker_args("bare-server", port=port, engine=engine)
     async with python_process(args, b"listening") as proc:
         yield proc
 
@@ -508,17 +516,7 @@ async def _held_rss(
             _HoldWorker(
                 await stack.enter_async_context(
                     python_process(
-                        [
-                            "-m",
-                            "trio_chat._bench",
-                            "hold",
-                            "--url",
-                            url,
-                            "--protocol",
-                            protocol,
-                            "--source",
-                            _source_address(i),
-                        ]
+                        _worker_args("hold", url=url, protocol=protocol, source=_source_address(i))
                     )
                 )
             )
@@ -565,17 +563,7 @@ async def _storm_once(
         procs = [
             await stack.enter_async_context(
                 python_process(
-                    [
-                        "-m",
-                        "trio_chat._bench",
-                        "storm",
-                        "--url",
-                        server.url,
-                        "--count",
-                        str(n),
-                        "--jitter",
-                        jitter,
-                    ],
+                    _worker_args("storm", url=server.url, count=n, jitter=jitter),
                     b"ready",
                 )
             )
@@ -711,23 +699,15 @@ async def _steady_run(
         guests_procs = [
             await stack.enter_async_context(
                 python_process(
-                    [
-                        "-m",
-                        "trio_chat._bench",
+                    _worker_args(
                         "steady",
-                        "--url",
-                        url,
-                        "--count",
-                        str(n),
-                        "--protocol",
-                        protocol,
-                        "--rate",
-                        str(rate / workers),
-                        "--duration",
-                        str(duration),
-                        "--source",
-                        _source_address(i),
-                    ]
+                        url=url,
+                        count=n,
+                        protocol=protocol,
+                        rate=rate / workers,
+                        duration=duration,
+                        source=_source_address(i),
+                    )
                 )
             )
             for i, n in enumerate(_shares(guests, workers))
@@ -744,17 +724,9 @@ async def _steady_run(
                 staff_procs.append(
                     await stack.enter_async_context(
                         python_process(
-                            [
-                                "-m",
-                                "trio_chat._bench",
-                                "staff",
-                                "--url",
-                                url,
-                                "--token",
-                                staff_token,
-                                "--conversations",
-                                str(listing),
-                            ],
+                            _worker_args(
+                                "staff", url=url, token=staff_token, conversations=listing
+                            ),
                             b"ready",
                         )
                     )
@@ -849,19 +821,7 @@ async def _run_load(
 
     async def run(n: int) -> None:
         async with python_process(
-            [
-                "-m",
-                "trio_chat._bench",
-                "load",
-                "--url",
-                url,
-                "--count",
-                str(n),
-                "--protocol",
-                protocol,
-                "--duration",
-                str(duration),
-            ],
+            _worker_args("load", url=url, count=n, protocol=protocol, duration=duration),
             None,
         ) as p:
             results.append(await _read_json_line(p))
