@@ -257,9 +257,9 @@ async def test_a_cancelled_writer_fails_queued_writes_without_storing_them(
     db.close()
 
 
-@pytest.mark.parametrize("checkpoint_bytes", [1, 1 << 40])
+@pytest.mark.parametrize("checkpoint_every", [1, 10**9])
 async def test_checkpoints_run_beside_the_writer_not_in_its_commits(
-    tmp_path: Path, checkpoint_bytes: int
+    tmp_path: Path, checkpoint_every: int
 ) -> None:
     """A checkpoint inside a commit held every ack behind it (up to 200 ms seen). The
     writer's own automatic checkpoint only backs up a checkpointer that falls far
@@ -269,14 +269,14 @@ async def test_checkpoints_run_beside_the_writer_not_in_its_commits(
     cids = [db.add_guest(None).conversation_id for _ in range(20)]
     db.checkpoint()
     size_before = (tmp_path / "chat.db").stat().st_size
-    store = Store(db, checkpoint_bytes=checkpoint_bytes)
+    store = Store(db, checkpoint_every=checkpoint_every)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         for i in range(300):
             await store.submit(guest_message(cids[i % 20], f"m{i}", "x" * 200))
         store.close()
     grew = (tmp_path / "chat.db").stat().st_size > size_before
-    if checkpoint_bytes == 1:
+    if checkpoint_every == 1:
         assert store.checkpoints >= 1 and grew
     else:
         assert store.checkpoints == 0 and not grew  # everything still in the WAL

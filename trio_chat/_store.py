@@ -20,7 +20,6 @@ acknowledged before its commit.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -45,7 +44,9 @@ T = TypeVar("T")
 
 SCHEMA_VERSION: Final = 1
 MAX_BATCH: Final = 512
-CHECKPOINT_BYTES: Final = 4 << 20  # the checkpointer runs once the WAL is this big
+# Committed writes between two background checkpoints. Not the WAL's size: its file
+# stays as large as it once grew while SQLite reuses it from the start.
+CHECKPOINT_EVERY: Final = 1_000
 BACKSTOP_CHECKPOINT_PAGES: Final = 16_384  # 64 MiB of 4 KiB pages
 PREVIEW_CHARS: Final = 120
 
@@ -263,13 +264,6 @@ class Database:
         self.reader.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
-
-    def wal_bytes(self) -> int:
-        """The size of the write-ahead log now (0 if there is none)."""
-        try:
-            return os.stat(f"{self.path}-wal").st_size
-        except FileNotFoundError:
-            return 0
 
     def checkpoint(self) -> None:
         """Copy what the WAL holds into the database file without blocking the writer
@@ -602,7 +596,7 @@ class Store:
     """
 
     def __init__(
-        self, db: Database, *, max_queued: int = 10_000, checkpoint_bytes: int = CHECKPOINT_BYTES
+        self, db: Database, *, max_queued: int = 10_000, checkpoint_every: int = CHECKPOINT_EVERY
     ) -> None:
         self.db = db
         # The writer thread takes from this queue directly, batch after batch, with no
@@ -616,7 +610,8 @@ class Store:
         self._token: trio.lowlevel.TrioToken | None = None
         self._read_thread = trio.CapacityLimiter(1)
         self._checkpoint_wanted = trio.Event()
-        self._checkpoint_bytes = checkpoint_bytes
+        self._checkpoint_every = checkpoint_every
+        self._since_checkpoint = 0  # writer thread only
         self.batches = 0
         self.operations = 0
         self.checkpoints = 0
@@ -682,8 +677,11 @@ class Store:
                     outcome = self.db.apply_batch([p.operation for p in batch])
                 except StorageError as exc:
                     outcome = exc
-                if self.db.wal_bytes() >= self._checkpoint_bytes:
-                    self._token.run_sync_soon(self._checkpoint_wanted.set)
+                else:
+                    self._since_checkpoint += len(batch)
+                    if self._since_checkpoint >= self._checkpoint_every:
+                        self._since_checkpoint = 0
+                        self._token.run_sync_soon(self._checkpoint_wanted.set)
             # FIFO: callbacks run in commit order, and all before run() returns.
             self._token.run_sync_soon(self._complete, batch, outcome)
 
