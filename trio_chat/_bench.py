@@ -36,7 +36,8 @@ import trio
 import trio_websocket
 
 from ._admin import create_staff_token
-from ._processes import ServerProcess, free_port, python_process
+from ._processes import ServerProcess, free_port, python_process, wait_for_marker
+from ._stats import per_interval, percentile
 
 __all__ = ["main"]
 
@@ -574,9 +575,8 @@ async def _storm_once(
         down = time.time() - restart
         await server.start(nursery)
         up = time.time() - restart
-        with trio.fail_after(120):
-            for proc in procs:
-                await _wait_line(proc, b"back")
+        for proc in procs:
+            await wait_for_marker(proc, b"back", within=120)
         results = []
         for proc in procs:
             assert proc.stdin is not None
@@ -585,22 +585,8 @@ async def _storm_once(
     attempts = [a for r in results for a in r["attempts"]]
     back = [b for r in results for b in r["back"]]
     # Attempts per 100 ms since the restart began, for the peak and the plots.
-    buckets: dict[int, int] = {}
-    for at in attempts:
-        bucket = int((at - restart) * 10)
-        buckets[bucket] = buckets.get(bucket, 0) + 1
-    histogram = [buckets.get(i, 0) for i in range(max(buckets, default=-1) + 1)]
+    histogram = per_interval(attempts, restart)
     return StormRun(max(back) - restart, max(histogram, default=0), histogram, down, up)
-
-
-async def _wait_line(proc: trio.Process, marker: bytes) -> None:
-    assert proc.stdout is not None
-    seen = b""
-    while marker not in seen:
-        chunk = await proc.stdout.receive_some()
-        if not chunk:
-            raise RuntimeError(f"storm worker exited: {seen.decode(errors='replace')}")
-        seen += chunk
 
 
 async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[str, Any]]:
@@ -782,8 +768,8 @@ async def scenario_steady(
             figures.append(
                 Figure(
                     f"{what} latency p{q * 100:g} ({load})",
-                    _percentile(values, q) * 1000,
-                    _percentile(echo, q) * 1000,
+                    percentile(values, q) * 1000,
+                    percentile(echo, q) * 1000,
                     "ms",
                     "lower",
                     target,
@@ -808,7 +794,7 @@ def _quantiles(sorted_values: Sequence[float], points: int = 200) -> list[tuple[
     if not sorted_values:
         return []
     qs = [1 - 10 ** (-4 * i / points) for i in range(points)]
-    return [(q, _percentile(sorted_values, q) * 1000) for q in qs] + [
+    return [(q, percentile(sorted_values, q) * 1000) for q in qs] + [
         (1.0, sorted_values[-1] * 1000)
     ]
 
@@ -833,13 +819,6 @@ async def _run_load(
     elapsed = max(r["elapsed"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies"])
     return done / elapsed, latencies
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[index]
 
 
 async def scenario_throughput(
@@ -893,8 +872,8 @@ async def scenario_throughput(
         figures.append(
             Figure(
                 f"ack latency p{q * 100:g}",
-                _percentile(latencies["off"], q) * 1000,
-                _percentile(latencies["trio-websocket"], q) * 1000,
+                percentile(latencies["off"], q) * 1000,
+                percentile(latencies["trio-websocket"], q) * 1000,
                 "ms",
                 "lower",
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-__all__ = ["ServerProcess", "free_port", "python_process"]
+__all__ = ["ServerProcess", "free_port", "python_process", "wait_for_marker"]
 
 
 def free_port() -> int:
@@ -24,7 +24,9 @@ def free_port() -> int:
         return port
 
 
-async def _wait_for(proc: trio.Process, marker: bytes, within: float = 60) -> None:
+async def wait_for_marker(proc: trio.Process, marker: bytes, within: float = 60) -> None:
+    """Read ``proc``'s stdout until ``marker`` appears. Raises ``RuntimeError`` if the
+    process exits first, ``trio.TooSlowError`` after ``within`` seconds."""
     assert proc.stdout is not None
     seen = b""
     with trio.fail_after(within):
@@ -56,7 +58,7 @@ async def python_process(
     proc = await _spawn(args)
     try:
         if ready_marker is not None:
-            await _wait_for(proc, ready_marker)
+            await wait_for_marker(proc, ready_marker)
         yield proc
     finally:
         if proc.returncode is None:
@@ -92,7 +94,7 @@ class ServerProcess:
                 *self.extra,
             ]
         )
-        await _wait_for(self.proc, f":{self.port}/ws".encode())
+        await wait_for_marker(self.proc, f":{self.port}/ws".encode())
         nursery.start_soon(_drain, self.proc)
 
     async def stop(self, how: signal.Signals = signal.SIGINT, grace: float = 15.0) -> None:

@@ -17,6 +17,7 @@ import trio.testing
 
 from .._backoff import Backoff, Jitter
 from .._client import ChatClient
+from .._stats import per_interval
 from ._mock import MockServer
 from ._proxy import FaultProxy
 
@@ -45,15 +46,8 @@ class OutageResult:
 
     def attempt_rate(self, bucket: float = 0.1) -> tuple[list[float], list[int]]:
         """Connection attempts per ``bucket`` seconds: (bucket starts, counts)."""
-        if not self.attempts:
-            return [], []
-        last = max(self.attempts)
-        n = int(last / bucket) + 1
-        counts = [0] * n
-        for at in self.attempts:
-            if at >= 0:
-                counts[int(at / bucket)] += 1
-        return [i * bucket for i in range(n)], counts
+        counts = per_interval(self.attempts, 0.0, bucket)
+        return [i * bucket for i in range(len(counts))], counts
 
 
 async def outage_experiment(

@@ -24,6 +24,7 @@ from .._backoff import Backoff
 from .._client import ChatClient, ClientEvent
 from .._errors import TrioChatError
 from .._processes import ServerProcess, free_port
+from .._stats import per_interval, percentile
 from ._proxy import FaultProxy
 
 __all__ = ["Fault", "SoakReport", "parse_faults", "soak"]
@@ -265,18 +266,10 @@ async def _report_progress(
 
 
 def _peak(attempts: list[float]) -> int:
-    buckets: dict[int, int] = {}
-    for at in attempts:
-        bucket = math.floor(at * 10)
-        buckets[bucket] = buckets.get(bucket, 0) + 1
-    return max(buckets.values(), default=0)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    if not attempts:
+        return 0
+    # Slots aligned on whole tenths of a second of Trio time.
+    return max(per_interval(attempts, math.floor(min(attempts) * 10) / 10))
 
 
 async def _account(report: SoakReport, population: list[_Guest], server_url: str) -> None:
@@ -324,8 +317,8 @@ async def _account(report: SoakReport, population: list[_Guest], server_url: str
             report.out_of_order += 1
             report.notes.append(f"guest {index}: transcript differs from the server")
     report.recovery_s = {
-        "p50": round(_percentile(outages, 0.5), 3),
-        "p99": round(_percentile(outages, 0.99), 3),
+        "p50": round(percentile(sorted(outages), 0.5, empty=0.0), 3),
+        "p99": round(percentile(sorted(outages), 0.99, empty=0.0), 3),
         "max": round(max(outages, default=0.0), 3),
     }
 
