@@ -109,3 +109,49 @@ async def test_prefix_stream_replays_then_continues() -> None:
     assert await stream.receive_some() == b"gh"
     await stream.send_all(b"out")
     assert await left.receive_some() == b"out"
+
+
+async def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_prefix_stream_writes_without_blocking_when_the_socket_has_room() -> None:
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    assert stream.can_send_without_blocking
+    assert stream.send_without_blocking(b"hello")
+    assert await far.receive_some() == b"hello"
+    assert not PrefixStream(trio.testing.memory_stream_pair()[0], b"").can_send_without_blocking
+
+
+async def test_bytes_the_socket_did_not_take_go_out_first_in_the_next_send_all() -> None:
+    near, far = await socket_stream_pair()
+    near.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    stream = PrefixStream(near, b"")
+    big = bytes(range(256)) * 4096  # 1 MiB: far more than the socket's buffer
+    assert not stream.send_without_blocking(big)
+    received = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await far.receive_some():
+            received.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        # Another sender (trio-websocket answering a ping) comes after the held bytes.
+        await stream.send_all(b"pong")
+        await stream.aclose()
+    assert bytes(received) == big + b"pong"
+
+
+async def test_writing_without_blocking_to_a_dead_socket_raises_the_stream_errors() -> None:
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    await far.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        stream.send_without_blocking(b"anyone there?")
+    await near.aclose()
+    # The closed socket's number may belong to a new connection by now: never write.
+    with pytest.raises(trio.ClosedResourceError):
+        stream.send_without_blocking(b"anyone there?")

@@ -14,7 +14,8 @@ import trio.testing
 import trio_websocket
 import wsproto.events
 
-from trio_chat import ChatServer, Responder, ResponderReply, ResponderRequest
+from trio_chat import ChatServer, CloseCode, Responder, ResponderReply, ResponderRequest
+from trio_chat._http import PrefixStream
 
 from .conftest import make_config
 from .helpers import RawClient, SilentPeer, connect, staff_token
@@ -99,6 +100,28 @@ async def test_ack_precedes_the_push_and_seq_has_no_gaps(server: ChatServer) -> 
                     assert frame["client_msg_id"] in acked, "pushed before its ack"
                 seqs.append(frame["seq"])
     assert seqs == list(range(1, 11))
+
+
+async def test_an_ack_and_its_push_leave_in_one_write(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await start(nursery, tmp_path, concierge="off")
+    assert srv.port
+    writes: list[bytes] = []
+    original = PrefixStream.send_without_blocking
+
+    def recording(stream: PrefixStream, data: bytes) -> bool:
+        writes.append(data)
+        return original(stream, data)
+
+    monkeypatch.setattr(PrefixStream, "send_without_blocking", recording)
+    async with connect(srv.port) as guest:
+        await new_guest(guest)
+        writes.clear()
+        await say(guest, "m1", "one write, please")
+        await guest.expect("message", client_msg_id="m1")
+    assert len(writes) == 1
+    assert b'"type":"ack"' in writes[0] and b'"type":"message"' in writes[0]
 
 
 async def test_several_tabs_all_receive_live_messages(server: ChatServer) -> None:
@@ -696,6 +719,20 @@ async def test_slow_consumer_is_cut_off_and_others_are_unaffected(
             again = await back.hello(welcome["token"])
             recovered = [m["seq"] for m in await back.fetch_history(again["last_seq"])]
     assert recovered == list(range(1, sent + 2))
+    # What the stuck tab was sent, partly written and held back, parses frame by frame.
+    with trio.fail_after(5):
+        events = await stuck.events_until(wsproto.events.CloseConnection)
+    texts: list[dict[str, Any]] = []
+    part = ""
+    for event in events:
+        if isinstance(event, wsproto.events.TextMessage):
+            part += event.data
+            if event.message_finished:
+                texts.append(json.loads(part))
+                part = ""
+    assert [t["seq"] for t in texts] == list(range(1, len(texts) + 1))
+    assert isinstance(events[-1], wsproto.events.CloseConnection)
+    assert events[-1].code == CloseCode.TRY_LATER
     await stuck.stream.aclose()
 
 

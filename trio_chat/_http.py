@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -26,13 +27,51 @@ RECEIVE_BYTES: Final = 16 * 1024
 
 
 class PrefixStream(trio.abc.Stream):
-    """A stream that first yields ``prefix``, then whatever ``stream`` yields."""
+    """A stream that first yields ``prefix``, then whatever ``stream`` yields.
 
-    __slots__ = ("_prefix", "_stream")
+    It can also write without blocking (:meth:`send_without_blocking`) when ``stream``
+    is a socket: the server's pushes mostly fit in the kernel's buffer, and then a task
+    and its trip through the scheduler per write are pure cost.
+    """
+
+    __slots__ = ("_prefix", "_socket", "_stream", "_unsent")
 
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._unsent = b""  # what the socket did not take; goes out first in send_all
+
+    @property
+    def can_send_without_blocking(self) -> bool:
+        return self._socket is not None
+
+    def send_without_blocking(self, data: bytes) -> bool:
+        """Write ``data`` now, as much as the socket takes without waiting.
+
+        Needs that no :meth:`send_all` is running (the caller's send lock is free)
+        and a socket underneath (:attr:`can_send_without_blocking`). Returns True when
+        everything was written; False when some bytes are held back: they go out,
+        before anything else, in the next :meth:`send_all`, which the caller must
+        then make (``send_all(b"")`` will do). Raises ``trio.ClosedResourceError``
+        or ``trio.BrokenResourceError`` like :meth:`send_all`.
+        """
+        assert self._socket is not None and not self._unsent
+        # Looked up just before the write, on the loop's thread: the number of a
+        # closed socket may already belong to another connection.
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+        if written == len(data):
+            return True
+        self._unsent = data[written:]
+        return False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -45,6 +84,8 @@ class PrefixStream(trio.abc.Stream):
         return bytes(await self._stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:

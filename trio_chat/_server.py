@@ -11,7 +11,7 @@ Task tree (every task has an owner that outlives it)::
         └── one nursery per TCP connection
             ├── HTTP front / our reader loop   (one reader per connection)
             ├── trio-websocket's socket reader
-            ├── writer (only while the outbox is non-empty)
+            ├── writer (only while the socket cannot take the outbox at once)
             └── a heartbeat ping (only while one is in flight)
 
 Everything that must follow a commit (the ack, the pushes, scheduling the concierge)
@@ -29,8 +29,8 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -45,7 +45,7 @@ from . import _protocol as proto
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._conversation import ConversationState, apply_event
 from ._errors import ConnectionLost, ProtocolError, StorageError
-from ._http import HttpFront, json_response, static_response, text_response
+from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._protocol import CloseCode, ErrorCode, Message
 from ._ratelimit import TokenBucket
 from ._store import Appended, AppendMessage, ConversationRow, CreateGuest, Database, SetRead, Store
@@ -97,16 +97,21 @@ class ServerConfig:
 WRITE_BATCH: Final = 64
 
 
-async def send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
+def _serialize(ws: WebSocketConnection, frames: Iterable[str]) -> bytes:
+    """The wire bytes of text frames; raises ``ConnectionClosed`` once a close began."""
+    if ws._close_reason is not None:
+        raise ConnectionClosed(ws._close_reason)
+    return b"".join([ws._wsproto.send(wsproto.events.TextMessage(data=f)) for f in frames])
+
+
+async def send_frames(ws: WebSocketConnection, frames: Iterable[str]) -> None:
     """Send text frames with one socket write.
 
     trio-websocket (pinned below 0.13) sends one frame per write and has no batch API;
     this mirrors its ``WebSocketConnection._send`` for several frames at once: same
     lock, same error translation. Raises ``ConnectionClosed``.
     """
-    if ws._close_reason is not None:
-        raise ConnectionClosed(ws._close_reason)
-    data = b"".join(ws._wsproto.send(wsproto.events.TextMessage(data=f)) for f in frames)
+    data = _serialize(ws, frames)
     async with ws._stream_lock:
         try:
             await ws._stream.send_all(data)
@@ -217,14 +222,23 @@ class Connection:
         "role",
         "server",
         "staff_id",
+        "stream",
         "subscriptions",
         "writer_running",
         "ws",
     )
 
-    def __init__(self, server: ChatServer, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        server: ChatServer,
+        ws: WebSocketConnection,
+        nursery: trio.Nursery,
+        stream: PrefixStream | None = None,
+    ) -> None:
         self.server = server
         self.ws = ws
+        # Set when the stream under ``ws`` can write without blocking.
+        self.stream = stream if stream is not None and stream.can_send_without_blocking else None
         self.nursery = nursery
         self.role: str | None = None  # "guest" or "staff" once hello succeeded
         self.staff_id: str | None = None
@@ -259,26 +273,58 @@ class Connection:
         self._outbox.append(frame)
         if not self.writer_running:
             self.writer_running = True
-            self.nursery.start_soon(self._write)
+            corked = self.server.corked
+            if corked is None:
+                self.flush()
+            else:
+                corked.append(self)
+
+    def flush(self) -> None:
+        """Write the outbox now if the socket takes it without waiting (the usual
+        case); otherwise the writer task sends what is left. Needs ``writer_running``
+        set, and leaves it cleared when nothing is left to send."""
+        outbox = self._outbox
+        stream = self.stream
+        # trio-websocket's own sends (pongs, closes) hold its lock while they wait.
+        if stream is not None and outbox and not self.ws._stream_lock.locked():
+            try:
+                data = _serialize(self.ws, outbox)
+                outbox.clear()
+                if stream.send_without_blocking(data):
+                    self._outbox = None
+                    self._writer_done()
+                    return
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._writer_done()
+                self.request_close(CloseCode.ABNORMAL, "connection lost")
+                return
+            # The socket's buffer is full: the stream holds the rest back, and the
+            # writer's first send pushes it out ahead of anything else.
+        self.nursery.start_soon(self._write)
 
     async def _write(self) -> None:
         outbox = self._outbox
         assert outbox is not None
         try:
-            while outbox:
+            while True:
                 # Usually an ack and its message wait together: one write for both.
                 frames = list(itertools.islice(outbox, WRITE_BATCH))
                 await send_frames(self.ws, frames)
                 for _ in frames:
                     outbox.popleft()
+                if not outbox:
+                    break
             # Idle connections are the common case: do not keep an empty deque around.
             self._outbox = None
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_close(CloseCode.ABNORMAL, "connection lost")
         finally:
-            self.writer_running = False
-            if self._drained is not None:
-                self._drained.set()
+            self._writer_done()
+
+    def _writer_done(self) -> None:
+        self.writer_running = False
+        if self._drained is not None:
+            self._drained.set()
 
     async def wait_drained(self) -> None:
         while self.writer_running:
@@ -338,6 +384,8 @@ class ChatServer:
         self.port: int | None = None
         self.started_at = time.monotonic()
         self.connections: set[Connection] = set()
+        # While commit callbacks run: connections with frames to write at the end.
+        self.corked: list[Connection] | None = None
         self.conversations: dict[str, Conversation] = {}
         self.staff_room: set[Connection] = set()
         self.closes: Counter[int] = Counter()  # connections closed, by close code
@@ -360,6 +408,19 @@ class ChatServer:
         assert self._store is not None, "the server is not running"
         return self._store
 
+    @contextmanager
+    def _corked(self) -> Iterator[None]:
+        """Frames delivered inside go out together at the end, one write per
+        connection: a committed batch's acks, messages and summaries."""
+        corked: list[Connection] = []
+        self.corked = corked
+        try:
+            yield
+        finally:
+            self.corked = None
+            for conn in corked:
+                conn.flush()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`shutdown` (graceful) or cancellation.
 
@@ -371,7 +432,7 @@ class ChatServer:
         )
         try:
             self._signer = TokenSigner(db.secret())
-            self._store = Store(db)
+            self._store = Store(db, callbacks_context=self._corked)
             async with trio.open_nursery() as storage:
                 await storage.start(self._store.run)
                 try:
@@ -515,7 +576,9 @@ class ChatServer:
             if ws is None:
                 nursery.cancel_scope.cancel()
                 return
-            conn = Connection(self, ws, nursery)
+            conn = Connection(
+                self, ws, nursery, stream if isinstance(stream, PrefixStream) else None
+            )
             self.connections.add(conn)
             try:
                 with conn.reader_scope:

@@ -19,6 +19,7 @@ acknowledged before its commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sqlite3
@@ -26,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
@@ -596,9 +598,16 @@ class Store:
     """
 
     def __init__(
-        self, db: Database, *, max_queued: int = 10_000, checkpoint_every: int = CHECKPOINT_EVERY
+        self,
+        db: Database,
+        *,
+        max_queued: int = 10_000,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        callbacks_context: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.db = db
+        # Entered around each batch's callbacks (the server collects its writes there).
+        self._callbacks_context = callbacks_context
         # The writer thread takes from this queue directly, batch after batch, with no
         # trip through the event loop between batches: under load every such trip
         # waited for a busy loop, and the next commit with it.
@@ -704,16 +713,17 @@ class Store:
         if not isinstance(outcome, StorageError):
             self.batches += 1
             self.operations += len(batch)
-        for index, pending in enumerate(batch):
-            self._room.release()
-            try:
-                if isinstance(outcome, StorageError):
-                    pending.fail(outcome)
-                else:
-                    pending.succeed(outcome[index])
-            except Exception:
-                # A callback's bug must not take the other writes (or the loop) down.
-                log.exception("a write's callback failed")
+        with self._callbacks_context():
+            for index, pending in enumerate(batch):
+                self._room.release()
+                try:
+                    if isinstance(outcome, StorageError):
+                        pending.fail(outcome)
+                    else:
+                        pending.succeed(outcome[index])
+                except Exception:
+                    # A callback's bug must not take the other writes (or the loop) down.
+                    log.exception("a write's callback failed")
 
     async def submit(self, operation: Operation[T]) -> T:
         """Queue a write and wait until it is committed and its ``on_commit`` has run.
