@@ -103,6 +103,10 @@ def test_timestamps_are_iso_utc_milliseconds() -> None:
     assert proto.format_ts(0) == "1970-01-01T00:00:00.000Z"
     assert proto.format_ts(1_700_000_000.1234) == "2023-11-14T22:13:20.123Z"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", proto.format_ts())
+    # The formatted second is reused only for the same second, backwards too.
+    assert proto.format_ts(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
+    assert proto.format_ts(1_700_000_001.0) == "2023-11-14T22:13:21.000Z"
+    assert proto.format_ts(1_699_999_999.5) == "2023-11-14T22:13:19.500Z"
 
 
 def test_history_frame_stays_under_one_mebibyte() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import secrets
 import sqlite3
 import threading
@@ -612,7 +613,12 @@ class Store:
         # trip through the event loop between batches: under load every such trip
         # waited for a busy loop, and the next commit with it.
         self._queued: deque[_Pending] = deque()
-        self._wakeup = threading.Condition()
+        # Wakes the writer thread when it sleeps on an empty queue. Only the loop's
+        # thread appends and sets the flags below, only the writer pops; deque
+        # operations and attribute writes are atomic, so no lock is needed (a lock and
+        # a Condition.notify per message cost the loop more than the append itself).
+        self._kick: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._writer_waiting = False
         self._stopping = False  # close(): commit what is queued, then stop
         self._aborting = False  # run() cancelled: fail what is queued, then stop
         self._room = trio.Semaphore(max_queued)
@@ -655,29 +661,40 @@ class Store:
                     await finished.wait()
                     nursery.cancel_scope.cancel()  # the checkpointer
                 except BaseException:
-                    with self._wakeup:
-                        self._aborting = True
-                        self._wakeup.notify()
+                    self._aborting = True
+                    self._wake_writer()
                     raise
         finally:
             # Cancelled before the thread even started: fail what it left behind.
-            with self._wakeup:
-                self._aborting = self._aborting or not self._stopping
-                left = list(self._queued)
-                self._queued.clear()
+            self._aborting = self._aborting or not self._stopping
+            left = list(self._queued)
+            self._queued.clear()
             self._complete(left, StorageError("the store stopped before this write"))
+
+    def _wake_writer(self) -> None:
+        if self._writer_waiting:
+            self._writer_waiting = False
+            self._kick.put(None)
 
     def _write_batches(self) -> None:
         """The writer thread's loop."""
         assert self._token is not None
+        queued = self._queued
         while True:
-            with self._wakeup:
-                while not self._queued and not (self._stopping or self._aborting):
-                    self._wakeup.wait()
-                batch = [self._queued.popleft() for _ in range(min(MAX_BATCH, len(self._queued)))]
-                aborting = self._aborting
+            # The flags first: the loop sets them only after its last append.
+            stopping, aborting = self._stopping, self._aborting
+            batch = [queued.popleft() for _ in range(min(MAX_BATCH, len(queued)))]
             if not batch:
-                return
+                if stopping or aborting:
+                    return
+                self._writer_waiting = True
+                # Whatever came between the look at the queue and the flag has not
+                # seen the flag: look again before sleeping. (A wake-up with nothing
+                # to do is harmless; a lost one would not be.)
+                if not (queued or self._stopping or self._aborting):
+                    self._kick.get()
+                self._writer_waiting = False
+                continue
             outcome: list[Any] | StorageError
             if aborting:
                 outcome = StorageError("the store stopped before this write")
@@ -760,11 +777,11 @@ class Store:
             except BaseException:
                 pending.fail(StorageError("cancelled before it was queued"))
                 raise
-        with self._wakeup:
-            closed = self._stopping or self._aborting
-            if not closed:
-                self._queued.append(pending)
-                self._wakeup.notify()
+        closed = self._stopping or self._aborting
+        if not closed:
+            self._queued.append(pending)
+            # A busy writer looks at the queue anyway when its commit is done.
+            self._wake_writer()
         if closed:
             self._room.release()
             pending.fail(StorageError("the store is closed"))
@@ -776,6 +793,5 @@ class Store:
 
     def close(self) -> None:
         """Stop taking writes; :meth:`run` returns after committing what is queued."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
+        self._stopping = True
+        self._wake_writer()
