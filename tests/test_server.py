@@ -12,10 +12,14 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import wsproto
 import wsproto.events
+import wsproto.extensions
+import wsproto.frame_protocol
 
 from trio_chat import ChatServer, CloseCode, Responder, ResponderReply, ResponderRequest
 from trio_chat._http import PrefixStream
+from trio_chat._server import text_frame
 
 from .conftest import make_config
 from .helpers import RawClient, SilentPeer, connect, staff_token
@@ -122,6 +126,32 @@ async def test_an_ack_and_its_push_leave_in_one_write(
         await guest.expect("message", client_msg_id="m1")
     assert len(writes) == 1
     assert b'"type":"ack"' in writes[0] and b'"type":"message"' in writes[0]
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65_535, 65_536, 70_000])
+def test_our_text_frames_are_the_bytes_wsproto_would_send(length: int) -> None:
+    reference = wsproto.frame_protocol.FrameProtocol(client=False, extensions=[])
+    text = ("é" * length)[: length // 2] + "x" * (length - length // 2)
+    assert text_frame(text) == bytes(reference.send_data(text))
+
+
+async def test_the_server_negotiates_no_extension_even_when_offered(server: ChatServer) -> None:
+    # Our frames are written without wsproto: right only while no extension is on.
+    assert server.port
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    offer = wsproto.events.Request(
+        host="x", target="/ws", extensions=[wsproto.extensions.PerMessageDeflate()]
+    )
+    await stream.send_all(client.send(offer))
+    accepted: list[Any] = []
+    with trio.fail_after(5):
+        while not accepted:
+            client.receive_data(await stream.receive_some())
+            events = list(client.events())
+            accepted = [e for e in events if isinstance(e, wsproto.events.AcceptConnection)]
+    assert accepted[0].extensions == []
+    await stream.aclose()
 
 
 async def test_several_tabs_all_receive_live_messages(server: ChatServer) -> None:

@@ -27,6 +27,7 @@ import gc
 import itertools
 import logging
 import random
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -97,11 +98,30 @@ class ServerConfig:
 WRITE_BATCH: Final = 64
 
 
+def text_frame(text: str) -> bytes:
+    """One whole text frame as a server sends it: unmasked, no extension (RFC 6455 5.2).
+
+    The same bytes as ``wsproto``'s ``send(TextMessage(text))`` for a connection that
+    negotiated no extension, which ours never do (``accept()`` offers none), for a
+    fraction of the cost: wsproto's took 6 % of the server's time per message.
+    """
+    payload = text.encode()
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 0x10000:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
 def _serialize(ws: WebSocketConnection, frames: Iterable[str]) -> bytes:
     """The wire bytes of text frames; raises ``ConnectionClosed`` once a close began."""
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
-    return b"".join([ws._wsproto.send(wsproto.events.TextMessage(data=f)) for f in frames])
+    if ws._wsproto.state != ConnectionState.OPEN:
+        # Let wsproto say what may still be sent.
+        return b"".join([ws._wsproto.send(wsproto.events.TextMessage(data=f)) for f in frames])
+    return b"".join([text_frame(f) for f in frames])
 
 
 async def send_frames(ws: WebSocketConnection, frames: Iterable[str]) -> None:
