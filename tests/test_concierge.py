@@ -6,9 +6,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trio_chat import Concierge, ConciergeMemory, KnowledgeBase, ResponderRequest, RulesResponder
-from trio_chat._concierge import default_kb_path
+from trio_chat._concierge import MIN_COVERAGE, SMALLTALK_WEIGHT, default_kb_path
 
 KB_FILE = Path(__file__).resolve().parent.parent / "data" / "hotel.toml"
 
@@ -161,3 +163,45 @@ async def test_rules_responder_remembers_per_conversation() -> None:
     assert accepted.escalate
     not_offered = await responder.respond(ask("c3", "yes"))
     assert not not_offered.escalate
+
+
+_SHIPPED = Concierge()
+_VOCABULARY = sorted({word for topic in _SHIPPED.kb.topics for word in topic.title.lower().split()})
+
+
+def scored_against_every_topic(concierge: Concierge, text: str) -> tuple[str | None, float]:
+    """The scoring rule written plainly: every topic, in the knowledge base's order."""
+    kb = concierge.kb
+    tokens = set(concierge._tokenize(text))
+    unknown = max(kb.idf.values())
+    information = sum(kb.idf.get(t, unknown) for t in tokens)
+    best, best_score = None, 0.0
+    for topic in kb.topics:
+        score = sum(
+            kb.idf[t]
+            * (1.5 if t in topic.keywords else 1.0)
+            * (2.0 if t in concierge._phrase_tokens else 1.0)
+            for t in tokens & topic.tokens
+        )
+        if topic.smalltalk:
+            score *= SMALLTALK_WEIGHT
+        if score > best_score:
+            best, best_score = topic.id, score
+    if best is None or best_score < MIN_COVERAGE * information:
+        return None, 0.0
+    return best, best_score
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(_VOCABULARY), st.text("abcdefghij", min_size=1, max_size=6)),
+        max_size=12,
+    )
+)
+def test_scoring_only_the_topics_that_share_a_word_picks_what_scoring_all_would(
+    words: list[str],
+) -> None:
+    text = " ".join(words)
+    topic, score = _SHIPPED.best_topic(text)
+    assert ((topic.id if topic else None), score) == scored_against_every_topic(_SHIPPED, text)

@@ -295,6 +295,14 @@ class Concierge:
         self.kb = kb if kb is not None else KnowledgeBase.default()
         self._tokenize = _Tokenizer(self.kb.normalize)
         self._phrase_tokens = frozenset(_stem(r) for _, r in self.kb.normalize)
+        # Built once: a message is scored only against the topics sharing a token with
+        # it (scoring every topic took most of a reply's time).
+        self._unknown_weight = max(self.kb.idf.values(), default=1.0)
+        topics_of: dict[str, list[int]] = {}
+        for index, topic in enumerate(self.kb.topics):
+            for token in topic.tokens:
+                topics_of.setdefault(token, []).append(index)
+        self._topics_of = {token: tuple(indices) for token, indices in topics_of.items()}
         self._upset_re = re.compile(
             r"\b(?:" + "|".join(re.escape(w) for w in self.kb.upset_words) + r")\b"
             if self.kb.upset_words
@@ -318,11 +326,13 @@ class Concierge:
         """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
         explains enough of the message (see ``MIN_COVERAGE``)."""
         tokens = set(self._tokenize(text))
-        unknown_weight = max(self.kb.idf.values(), default=1.0)
-        information = sum(self.kb.idf.get(t, unknown_weight) for t in tokens)
+        information = sum(self.kb.idf.get(t, self._unknown_weight) for t in tokens)
         best: Topic | None = None
         best_score = 0.0
-        for topic in self.kb.topics:
+        # In the knowledge base's order, so that ties go to the same topic as ever.
+        candidates = sorted({i for t in tokens for i in self._topics_of.get(t, ())})
+        for index in candidates:
+            topic = self.kb.topics[index]
             score = sum(
                 self.kb.idf[t]
                 * (1.5 if t in topic.keywords else 1.0)
