@@ -102,8 +102,40 @@ def test_huge_attempt_numbers_do_not_overflow() -> None:
         {"factor": 0.5},
         {"jitter": "wild"},
         {"max_attempts": -1},
+        {"spread": -1},
     ],
 )
 def test_nonsense_settings_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Backoff(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["full", "equal", "decorrelated"])
+@given(seed=st.integers(0, 2**32))
+def test_a_spread_replaces_only_the_first_delay_after_a_start_or_reset(
+    mode: str, seed: int
+) -> None:
+    plain = Backoff(initial=0.5, jitter=mode, seed=seed)  # type: ignore[arg-type]
+    spread = Backoff(initial=0.5, jitter=mode, seed=seed, spread=5)  # type: ignore[arg-type]
+    first, *rest = spread.delays(6)
+    assert 0 <= first <= 5
+    # The rest follow the mode from the second retry on, as without a spread.
+    for attempt, delay in enumerate(rest, start=1):
+        if mode == "full":
+            assert 0 <= delay <= plain.ceiling(attempt)
+        elif mode == "equal":
+            assert plain.ceiling(attempt) / 2 <= delay <= plain.ceiling(attempt)
+        else:
+            assert 0.5 <= delay <= 30
+    for _ in range(6):
+        spread.next_delay()
+    spread.reset()
+    assert spread.copy().spread == 5 and 0 <= spread.delays(1)[0] <= 5
+
+
+def test_a_spread_spreads_a_crowd_and_leaves_no_jitter_alone() -> None:
+    firsts = [Backoff(spread=5, seed=seed).delays(1)[0] for seed in range(2000)]
+    assert statistics.mean(firsts) == pytest.approx(2.5, rel=0.06)
+    assert max(firsts) > 4.9
+    # No jitter means the herd, on purpose: the spread does not apply.
+    assert Backoff(jitter="none", spread=5).delays(2) == [0.5, 1.0]

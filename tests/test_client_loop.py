@@ -263,3 +263,22 @@ async def test_a_connect_that_hangs_mid_handshake_times_out(
     ended = [e for e in client.event_log if e.kind == "closed"]
     assert [e.data["reason"] for e in ended] == ["connect timed out"] * 3
     assert len(held) == 3
+
+
+async def test_the_default_policy_spreads_the_first_retry_after_a_crash_over_5_s(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def crashes_after_a_while(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.send_message(welcome())
+        await trio.sleep(30)
+        await ws.aclose(1011)
+
+    port, _ = await serve_script(nursery, [crashes_after_a_while])
+    first_retries: list[float] = []
+    for _ in range(20):
+        async with ChatClient(f"ws://127.0.0.1:{port}/ws", healthy_after=10) as client:
+            await client.wait_for_state("reconnecting")
+        first_retries.append(waits(list(client.event_log))[0])
+    # A crowd dropped at once comes back over 5 s, not within the 0.5 s of full jitter.
+    assert all(0 <= delay <= 5 for delay in first_retries)
+    assert max(first_retries) > 2.5

@@ -312,3 +312,22 @@ def test_becoming_visible_again_reconnects_at_once(tmp_path: Path, browser: Any)
         assert page.evaluate("window.trioChat.attempt") == attempts + 1
         shot(page, "09-visible-again")
     context.close()
+
+
+def test_after_a_crash_the_first_retry_is_spread_over_5_s(tmp_path: Path, browser: Any) -> None:
+    port = free_port()
+    context = browser.new_context()
+    # Every guest's page draws the same 0.9: the spread alone sets the wait.
+    context.add_init_script("Math.random = () => 0.9")
+    page = context.new_page()
+    page.clock.install()
+    with server_process(tmp_path / "chat.db", port) as server:
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_state(page, "connected")
+        page.clock.run_for(11_000)  # the connection is now a healthy one
+        server.kill()
+        server.wait(timeout=10)
+    wait_state(page, "reconnecting")
+    # 0.9 of 5 s, where full jitter alone would give 0.9 of 0.5 s.
+    assert page.evaluate("window.trioChat.retryDelay") == pytest.approx(4_500)
+    context.close()

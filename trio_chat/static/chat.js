@@ -6,7 +6,11 @@
 
   const TOKEN_KEY = "trio-chat.token";
   const OUTBOX_KEY = "trio-chat.outbox";
-  const BACKOFF = { initialMs: 500, factor: 2, maxMs: 30000 };
+  // spreadMs: the first retry after losing a healthy connection is uniform in
+  // [0, spreadMs]. A crash drops every guest at once; without it their first retries
+  // would all fall within half a second (the Python client does the same).
+  const BACKOFF = { initialMs: 500, factor: 2, maxMs: 30000, spreadMs: 5000 };
+  const HINT_JITTER = { fraction: 0.2, maxMs: 500 };
   const CONNECT_TIMEOUT_MS = 10000;
   const HEALTHY_AFTER_MS = 10000;
   const MAX_TEXT = 4000;
@@ -248,14 +252,18 @@
     scheduleRetry(code) {
       const ceiling = Math.min(BACKOFF.maxMs,
         BACKOFF.initialMs * BACKOFF.factor ** Math.max(0, this.attempt - 1));
-      let delay = Math.random() * ceiling; // full jitter
+      const first = this.attempt <= 1;
+      let delay = Math.random() * (first ? BACKOFF.spreadMs : ceiling); // full jitter
       const hint = this.hintMs;
       this.hintMs = null;
       if (hint !== null) {
-        const hinted = hint * (1 + Math.random() * 0.2);
+        // The server already spread its hints; ours only breaks ties.
+        const hinted = hint + Math.random() * Math.min(hint * HINT_JITTER.fraction,
+          HINT_JITTER.maxMs);
         if (code === 1001 || code === 1012) delay = hinted;
         else if (code === 1013 || code === 4429) delay = Math.max(delay, hinted);
       }
+      this.retryDelay = delay;
       this.retryAt = Date.now() + delay;
       this.retryTimer = setTimeout(() => { this.retryTimer = null; this.connect(); }, delay);
       this.countdown = setInterval(() => this.renderStatus(), 250);
