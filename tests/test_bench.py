@@ -53,7 +53,9 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
         == ["ack"] * 3 + ["delivery to staff"] * 3
     )
     storm = [f for f in figures if f["name"].startswith("storm")]
-    assert len(storm) == 6  # no jitter, full jitter, server-spread: time and peak each
+    # No jitter, full jitter, full jitter with the first retry spread, server-spread
+    # hints: time and peak each.
+    assert len(storm) == 8
     assert all(f["unit"] in ("s", "attempts") for f in storm)
     for figure in figures:
         if figure["name"].startswith("idle RSS"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -36,6 +37,8 @@ import trio
 import trio_websocket
 
 from ._admin import create_staff_token
+from ._cli import SERVER_GC_THRESHOLDS
+from ._client import CRASH_SPREAD
 from ._processes import ServerProcess, free_port, python_process, wait_for_marker
 from ._stats import per_interval, percentile
 
@@ -133,7 +136,7 @@ def _source_address(index: int) -> str:
     return f"127.0.0.{2 + index % 250}"
 
 
-async def _storm_worker(url: str, count: int, jitter: str) -> None:
+async def _storm_worker(url: str, count: int, jitter: str, spread: float) -> None:
     """Keep ``count`` reconnecting guests; print ``ready`` once all are connected, then
     ``back`` once every one of them has come back (connected and resynced) after it was
     last dropped; on ``report SINCE`` print their attempts (wall clock) and return
@@ -150,6 +153,7 @@ async def _storm_worker(url: str, count: int, jitter: str) -> None:
                 initial=0.5,
                 max=10,
                 jitter=jitter,  # type: ignore[arg-type]
+                spread=spread,
                 seed=i * 7919 + os.getpid(),
             ),
         )
@@ -171,6 +175,11 @@ async def _storm_worker(url: str, count: int, jitter: str) -> None:
         async with trio.open_nursery() as starting:
             for client in clients:
                 starting.start_soon(nursery.start, run, client)
+        # A load process that pauses to collect garbage acts on its clients' timers late
+        # and all at once: its own burst, not the policy's. The thousands of clients set
+        # up so far are long-lived: out of the collector's way.
+        gc.freeze()
+        gc.set_threshold(*SERVER_GC_THRESHOLDS)
         print("ready", flush=True)
         await _wait_all_back(clients)
         print("back", flush=True)
@@ -556,6 +565,7 @@ async def _storm_once(
     guests: int,
     workers: int,
     jitter: str,
+    spread: float,
     how: signal.Signals,
 ) -> StormRun:
     """One restart with ``guests`` connected, measured by the clients."""
@@ -564,7 +574,7 @@ async def _storm_once(
         procs = [
             await stack.enter_async_context(
                 python_process(
-                    _worker_args("storm", url=server.url, count=n, jitter=jitter),
+                    _worker_args("storm", url=server.url, count=n, jitter=jitter, spread=spread),
                     b"ready",
                 )
             )
@@ -608,12 +618,16 @@ async def scenario_storm(guests: int, workers: int) -> tuple[list[Figure], dict[
         )
         async with trio.open_nursery() as nursery:
             await server.start(nursery)
-            for name, jitter, how in (
-                ("no jitter, kill -9", "none", signal.SIGKILL),
-                ("full jitter, kill -9", "full", signal.SIGKILL),
-                ("server-spread hints, SIGINT", "full", signal.SIGINT),
+            for name, jitter, spread, how in (
+                ("no jitter, kill -9", "none", 0.0, signal.SIGKILL),
+                ("full jitter, kill -9", "full", 0.0, signal.SIGKILL),
+                # ChatClient's default policy.
+                ("full jitter, spread, kill -9", "full", CRASH_SPREAD, signal.SIGKILL),
+                ("server-spread hints, SIGINT", "full", CRASH_SPREAD, signal.SIGINT),
             ):
-                runs[name] = await _storm_once(server, nursery, guests, workers, jitter, how)
+                runs[name] = await _storm_once(
+                    server, nursery, guests, workers, jitter, spread, how
+                )
             await server.aclose()
             nursery.cancel_scope.cancel()
     herd = runs["no jitter, kill -9"]
@@ -1091,6 +1105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     storm.add_argument(
         "--jitter", choices=["none", "full", "equal", "decorrelated"], default="full"
     )
+    storm.add_argument("--spread", type=float, default=0.0)
     hold = commands.add_parser("hold")
     hold.add_argument("--url", required=True)
     hold.add_argument("--protocol", choices=["chat", "echo"], required=True)
@@ -1113,7 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     staff.add_argument("--conversations", required=True, help="file: one id per line")
     args = parser.parse_args(argv)
     if args.command == "storm":
-        trio.run(_storm_worker, args.url, args.count, args.jitter)
+        trio.run(_storm_worker, args.url, args.count, args.jitter, args.spread)
     elif args.command == "bare-server" and args.engine == "websockets":
         _asyncio_echo_server(args.port)
     elif args.command == "bare-server":
