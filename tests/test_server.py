@@ -128,6 +128,29 @@ async def test_an_ack_and_its_push_leave_in_one_write(
     assert b'"type":"ack"' in writes[0] and b'"type":"message"' in writes[0]
 
 
+async def test_the_concierges_answer_and_the_end_of_typing_leave_in_one_write(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await start(nursery, tmp_path, concierge="rules", typing_delay=0)
+    assert srv.port
+    writes: list[bytes] = []
+    original = PrefixStream.send_without_blocking
+
+    def recording(stream: PrefixStream, data: bytes) -> bool:
+        writes.append(data)
+        return original(stream, data)
+
+    monkeypatch.setattr(PrefixStream, "send_without_blocking", recording)
+    async with connect(srv.port) as guest:
+        await new_guest(guest)
+        writes.clear()
+        await say(guest, "m1", "What is the wifi password?")
+        await guest.expect("typing", sender="ai", active=False)
+    answer = [w for w in writes if b'"sender":"ai"' in w and b'"type":"message"' in w]
+    assert len(answer) == 1
+    assert answer[0].index(b'"type":"message"') < answer[0].index(b'"active":false')
+
+
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65_535, 65_536, 70_000])
 def test_our_text_frames_are_the_bytes_wsproto_would_send(length: int) -> None:
     reference = wsproto.frame_protocol.FrameProtocol(client=False, extensions=[])

@@ -1144,15 +1144,26 @@ class ChatServer:
             if conv.status != "ai":
                 return
             self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", True))
+            typing = True
+
+            def stop_typing(_: object = None) -> None:
+                nonlocal typing
+                if typing:
+                    typing = False
+                    self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
+
             try:
                 reply = await self._ask_responder(conv, message)
                 await trio.sleep(self.config.typing_delay)
                 async with conv.transition_lock():
                     if conv.status != "ai":
                         return  # staff took over while the concierge was thinking
-                    await self._append(conv, sender="ai", author="concierge", text=reply.text)
+                    # Typing ends with the answer, in the same write.
+                    await self._append(
+                        conv, sender="ai", author="concierge", text=reply.text, after=stop_typing
+                    )
             finally:
-                self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
+                stop_typing()
             if reply.escalate:
                 await self._transition(conv, "concierge_escalate")
 
