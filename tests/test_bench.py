@@ -47,6 +47,7 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     assert any("concierge off)" in n and "vs" not in n for n in names)
     assert any("concierge on" in n for n in names)
     assert any("vs websockets echo" in n for n in names)
+    assert any("(24 guests, concierge off)" in n for n in names)  # the saturating crowd
     steady = [f for f in figures if "(6 guests, 50 msg/s)" in f["name"]]
     assert (
         sorted(f["name"].split(" latency")[0] for f in steady)
