@@ -106,19 +106,25 @@ async def test_ack_precedes_the_push_and_seq_has_no_gaps(server: ChatServer) -> 
     assert seqs == list(range(1, 11))
 
 
-async def test_an_ack_and_its_push_leave_in_one_write(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    srv = await start(nursery, tmp_path, concierge="off")
-    assert srv.port
-    writes: list[bytes] = []
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write the server makes straight to a socket, in order."""
+    written: list[bytes] = []
     original = PrefixStream.send_without_blocking
 
     def recording(stream: PrefixStream, data: bytes) -> bool:
-        writes.append(data)
+        written.append(data)
         return original(stream, data)
 
     monkeypatch.setattr(PrefixStream, "send_without_blocking", recording)
+    return written
+
+
+async def test_an_ack_and_its_push_leave_in_one_write(
+    nursery: trio.Nursery, tmp_path: Path, writes: list[bytes]
+) -> None:
+    srv = await start(nursery, tmp_path, concierge="off")
+    assert srv.port
     async with connect(srv.port) as guest:
         await new_guest(guest)
         writes.clear()
@@ -129,18 +135,10 @@ async def test_an_ack_and_its_push_leave_in_one_write(
 
 
 async def test_the_concierges_answer_and_the_end_of_typing_leave_in_one_write(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, tmp_path: Path, writes: list[bytes]
 ) -> None:
     srv = await start(nursery, tmp_path, concierge="rules", typing_delay=0)
     assert srv.port
-    writes: list[bytes] = []
-    original = PrefixStream.send_without_blocking
-
-    def recording(stream: PrefixStream, data: bytes) -> bool:
-        writes.append(data)
-        return original(stream, data)
-
-    monkeypatch.setattr(PrefixStream, "send_without_blocking", recording)
     async with connect(srv.port) as guest:
         await new_guest(guest)
         writes.clear()
