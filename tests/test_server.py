@@ -19,7 +19,7 @@ import wsproto.frame_protocol
 
 from trio_chat import ChatServer, CloseCode, Responder, ResponderReply, ResponderRequest
 from trio_chat._http import PrefixStream
-from trio_chat._server import text_frame
+from trio_chat._server import Connection, text_frame
 
 from .conftest import make_config
 from .helpers import RawClient, SilentPeer, connect, staff_token
@@ -132,6 +132,35 @@ async def test_an_ack_and_its_push_leave_in_one_write(
         await guest.expect("message", client_msg_id="m1")
     assert len(writes) == 1
     assert b'"type":"ack"' in writes[0] and b'"type":"message"' in writes[0]
+
+
+async def test_a_write_that_fails_unexpectedly_costs_only_its_connection(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await start(nursery, tmp_path, concierge="off")
+    assert srv.port
+    async with connect(srv.port) as doomed, connect(srv.port) as other:
+        welcome = await new_guest(doomed)
+        await new_guest(other)
+        doomed_conn = next(
+            c
+            for c in srv.connections
+            if c.conversation and c.conversation.conversation_id == welcome["conversation_id"]
+        )
+        original = Connection.flush
+
+        def failing(conn: Connection) -> None:
+            if conn is doomed_conn:
+                raise RuntimeError("a bug in the write path")
+            original(conn)
+
+        monkeypatch.setattr(Connection, "flush", failing)
+        # Both messages can share a batch: the failure must not stop the other's ack.
+        await doomed.send(type="message", client_msg_id="d1", text="I will not hear back")
+        await say(other, "o1", "but I will")
+        closed = await doomed.closed()
+        await say(other, "o2", "and the server is still here")
+    assert closed.code == CloseCode.SERVER_ERROR
 
 
 async def test_the_concierges_answer_and_the_end_of_typing_leave_in_one_write(

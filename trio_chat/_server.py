@@ -39,6 +39,7 @@ from typing import Any, Final, NoReturn
 import trio
 import trio_websocket
 import wsproto.events
+import wsproto.utilities
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 
@@ -314,7 +315,12 @@ class Connection:
                     self._outbox = None
                     self._writer_done()
                     return
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (
+                ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                wsproto.utilities.LocalProtocolError,  # closing, and wsproto knew first
+            ):
                 self._writer_done()
                 self.request_close(CloseCode.ABNORMAL, "connection lost")
                 return
@@ -439,7 +445,14 @@ class ChatServer:
         finally:
             self.corked = None
             for conn in corked:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception:
+                    # This runs on the loop's own callback: a bug here must cost one
+                    # connection, not every other write of the batch (or the server).
+                    log.exception("writing to a connection failed")
+                    conn.writer_running = False
+                    conn.request_close(CloseCode.SERVER_ERROR, "internal error")
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`shutdown` (graceful) or cancellation.
