@@ -116,9 +116,7 @@ class Backoff:
     def delays(self, count: int) -> list[float]:
         """The next ``count`` delays this policy would give, without consuming them
         (fewer if ``max_attempts`` ends sooner)."""
-        clone = Backoff(
-            self.initial, self.factor, self.max, self.jitter, None, self.max_attempts, self.spread
-        )
+        clone = self.copy()
         clone._random.setstate(self._random.getstate())
         clone.attempt = self.attempt
         clone._previous = self._previous

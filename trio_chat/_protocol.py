@@ -175,15 +175,12 @@ _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _loads(raw: str | bytes) -> Any:
+def _loads(raw: str) -> Any:
     try:
-        if isinstance(raw, str):
-            return _DECODER.decode(raw)
-        # Bytes: json.loads also detects UTF-16 and UTF-32.
-        return json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_float)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        # ValueError covers JSONDecodeError, NaN/Infinity, huge ints (int_max_str_digits)
-        # and non-UTF-8 bytes; RecursionError is absurd nesting.
+        return _DECODER.decode(raw)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError, NaN/Infinity and huge ints
+        # (int_max_str_digits); RecursionError is absurd nesting.
         raise ProtocolError(ErrorCode.BAD_JSON, f"frame is not valid JSON: {exc}") from None
 
 

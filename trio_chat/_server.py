@@ -451,7 +451,7 @@ class ChatServer:
                     # This runs on the loop's own callback: a bug here must cost one
                     # connection, not every other write of the batch (or the server).
                     log.exception("writing to a connection failed")
-                    conn.writer_running = False
+                    conn._writer_done()
                     conn.request_close(CloseCode.SERVER_ERROR, "internal error")
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
