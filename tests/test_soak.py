@@ -21,6 +21,12 @@ async def test_a_short_soak_through_every_fault_loses_and_doubles_nothing() -> N
     assert report.sent > 100
     assert report.acknowledged == report.sent
     assert report.lost == 0 and report.duplicated == 0 and report.out_of_order == 0
+    # Live pushes and history repairs are counted apart: faults made guests repair
+    # some, and every message acknowledged on its first send was also pushed live.
+    assert report.arrived_live + report.repaired == report.delivered
+    assert report.arrived_live > report.sent  # their own messages and the concierge's
+    assert report.repaired > 0
+    assert report.acked_but_not_pushed == 0
     assert report.reconnects >= 24 * 3  # every guest lived through several outages
     assert report.recovery_s["max"] > 0
     assert report.peak_attempts_per_100ms >= 1
@@ -67,6 +73,9 @@ def test_the_cli_prints_one_json_object_and_exits_zero_when_healthy() -> None:
         "duplicated",
         "out_of_order",
         "reconnects",
+        "arrived_live",
+        "repaired",
+        "acked_but_not_pushed",
         "recovery_s",
         "peak_attempts_per_100ms",
     ):

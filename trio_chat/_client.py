@@ -599,6 +599,7 @@ class ChatClient:
                         continue
                     for outgoing in self._outbox.due(connection, trio.current_time()):
                         outgoing.sent_on = connection
+                        outgoing.sends += 1
                         await ws.send_message(json.dumps(outgoing.frame()))
         except (
             trio_websocket.ConnectionClosed,
@@ -680,6 +681,7 @@ class ChatClient:
 
     def _on_message(self, message: Message) -> None:
         transcript = self._transcript(message.conversation_id)
+        self._emit("pushed", seq=message.seq, conversation_id=message.conversation_id)
         for added in transcript.add(message):
             self._emit("message", message=added)
         if transcript.gap:
@@ -713,7 +715,9 @@ class ChatClient:
             ts=str(frame["ts"]),
             client_msg_id=cmid,
         )
-        self._emit("ack", client_msg_id=cmid, seq=message.seq)
+        # ``resent``: the ack may answer a retry, whose original push went to a
+        # connection that is gone (the message then comes from history).
+        self._emit("ack", client_msg_id=cmid, seq=message.seq, resent=outgoing.sends > 1)
         waiter = self._waiters.pop(cmid, None)
         if waiter is not None:
             waiter.finish(message)

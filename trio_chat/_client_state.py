@@ -71,6 +71,7 @@ class OutgoingMessage:
     client_msg_id: str = field(default_factory=new_client_msg_id)
     conversation_id: str | None = None  # staff messages name their conversation
     sent_on: int | None = None  # the connection number it was last sent on
+    sends: int = 0  # how many times it was written to a connection
     not_before: float = 0.0  # retry time after rate_limited (client clock)
 
     def frame(self) -> dict[str, Any]:

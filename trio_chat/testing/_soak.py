@@ -73,6 +73,13 @@ class SoakReport:
     duplicated: int = 0
     out_of_order: int = 0
     reconnects: int = 0
+    # Of the messages each guest holds: pushed to it live, or repaired from history
+    # (missed while it was away, or lost on the way).
+    arrived_live: int = 0
+    repaired: int = 0
+    # Acknowledged on their first send, yet never pushed live: the ack and the push
+    # leave in one write, so each of these is a push the server failed to send.
+    acked_but_not_pushed: int = 0
     recovery_s: dict[str, float] = field(default_factory=dict)
     peak_attempts_per_100ms: int = 0
     guests: int = 0
@@ -82,7 +89,12 @@ class SoakReport:
 
     @property
     def healthy(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.out_of_order == 0
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.out_of_order == 0
+            and self.acked_but_not_pushed == 0
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +105,9 @@ class SoakReport:
             "duplicated": self.duplicated,
             "out_of_order": self.out_of_order,
             "reconnects": self.reconnects,
+            "arrived_live": self.arrived_live,
+            "repaired": self.repaired,
+            "acked_but_not_pushed": self.acked_but_not_pushed,
             "recovery_s": self.recovery_s,
             "peak_attempts_per_100ms": self.peak_attempts_per_100ms,
             "guests": self.guests,
@@ -108,9 +123,18 @@ class _Guest:
     sent: list[str] = field(default_factory=list)  # texts, in the order written
     acked: dict[str, int] = field(default_factory=dict)  # text -> seq
     outages: list[float] = field(default_factory=list)  # recovery times, seconds
+    pushed: set[int] = field(default_factory=set)  # seqs that arrived live
+    acked_first_time: set[int] = field(default_factory=set)  # seqs acked on their first send
     _down_since: float | None = None
 
     def on_event(self, event: ClientEvent) -> None:
+        if event.kind == "pushed":
+            self.pushed.add(event.data["seq"])
+            return
+        if event.kind == "ack":
+            if not event.data["resent"]:
+                self.acked_first_time.add(event.data["seq"])
+            return
         if event.kind != "state":
             return
         state = event.data["state"]
@@ -307,6 +331,12 @@ async def _account(report: SoakReport, population: list[_Guest], server_url: str
         if inversions:
             report.out_of_order += inversions
             report.notes.append(f"guest {index}: {inversions} messages out of order")
+        report.arrived_live += sum(1 for m in client.transcript if m.seq in guest.pushed)
+        report.repaired += sum(1 for m in client.transcript if m.seq not in guest.pushed)
+        never_pushed = guest.acked_first_time - guest.pushed
+        if never_pushed:
+            report.acked_but_not_pushed += len(never_pushed)
+            report.notes.append(f"guest {index}: seqs {sorted(never_pushed)} acked, never pushed")
         held = [(m.seq, m.text) for m in client.transcript]
         expected = [(m.seq, m.text) for m in stored]
         if held == expected[: len(held)]:
