@@ -42,7 +42,7 @@ def bench(session: nox.Session) -> None:
     args = session.posargs or [
         "all",
         "--duration",
-        "8",
+        "5",
         "--out",
         "docs/benchmarks.json",
         "--plots",

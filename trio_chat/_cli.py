@@ -8,18 +8,18 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import trio
 from rich.console import Console
 
 from ._admin import add_guest, add_staff, opened, staff_token
 from ._errors import StorageError
+from ._processes import GC_THRESHOLDS
 from ._server import ChatServer, ServerConfig
 from ._version import __version__
 
 DEFAULT_DB = "trio-chat.db"
-SERVER_GC_THRESHOLDS: Final = (50_000, 50, 1_000)  # see _serve
 
 err_console = Console(stderr=True)
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("name")
     token.add_argument("--db", default=DEFAULT_DB)
 
-    from ._bench import build_parser as build_bench_parser
+    from .bench import build_parser as build_bench_parser
 
     build_bench_parser(
         commands.add_parser("bench", help="benchmarks, each beside a bare trio-websocket baseline")
@@ -211,7 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
     # the steady-load benchmark). Young collections every 50,000 allocations and older
     # ones far more rarely keep the pauses short; reference counting still frees all
     # garbage that is not a cycle at once.
-    gc.set_threshold(*SERVER_GC_THRESHOLDS)
+    gc.set_threshold(*GC_THRESHOLDS)
     trio.run(_run_server, config, Path(config.db_path).resolve())
     return 0
 
@@ -362,7 +362,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ._bench import bench_command
+    from .bench import bench_command
 
     return bench_command(args)
 

@@ -10,10 +10,16 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Final
 
 import trio
 
-__all__ = ["ServerProcess", "free_port", "python_process", "wait_for_marker"]
+__all__ = ["GC_THRESHOLDS", "ServerProcess", "free_port", "python_process", "wait_for_marker"]
+
+# The collector thresholds of processes that hold thousands of long-lived objects: the
+# server (``trio-chat serve``) and the load generators. CPython's defaults rescan them
+# all again and again, in pauses of 60-200 ms (see docs/benchmarks.md).
+GC_THRESHOLDS: Final = (50_000, 50, 1_000)
 
 
 def free_port() -> int:

@@ -1,0 +1,381 @@
+"""A load generator cheap enough to measure servers faster than itself.
+
+Every connection is an ``asyncio.Protocol`` on a raw socket: the upgrade request and
+the frames are built by hand (client frames masked with one key per connection, by a
+single integer XOR), server frames are split by their headers, and answers are matched
+by bytes, never parsed as JSON. One process drives many connections. How much the
+generator can do is not assumed but measured in the same run, against
+:class:`NullServer`, which answers every frame with a pre-built frame of the shape the
+real server sends (see ``_scenarios.scenario_throughput``).
+
+Three dialects, one per kind of server measured:
+
+* ``chat``: trio-chat's protocol v1 (``hello``, then ``message`` frames, answered by an
+  ``ack`` and the message pushed back);
+* ``echo``: a bare WebSocket echo server, answered by the same frame;
+* ``socketio``: Socket.IO 5 over Engine.IO 4 (an event with an ack id, answered by the
+  ack and an emit to the guest's room).
+
+No Trio here: this module runs only in the load-generator processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Final, cast
+
+__all__ = [
+    "DIALECTS",
+    "NullServer",
+    "WsClient",
+    "client_frame",
+    "field",
+    "open_client",
+    "server_frame",
+    "split_frames",
+]
+
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TEXT: Final = 0x1
+CLOSE: Final = 0x8
+PING: Final = 0x9
+PONG: Final = 0xA
+
+DIALECTS: Final = ("chat", "echo", "socketio")
+
+
+def _header(opcode: int, length: int, mask_bit: int) -> bytes:
+    first = 0x80 | opcode
+    if length < 126:
+        return bytes((first, mask_bit | length))
+    if length < 1 << 16:
+        return bytes((first, mask_bit | 126)) + length.to_bytes(2, "big")
+    return bytes((first, mask_bit | 127)) + length.to_bytes(8, "big")
+
+
+def client_frame(payload: bytes, mask: bytes, opcode: int = TEXT) -> bytes:
+    """A masked client frame (RFC 6455 5.3): the payload XORed with ``mask`` as one
+    big integer, which costs about a microsecond for a chat message."""
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return _header(opcode, n, 0x80) + mask + masked
+
+
+def server_frame(payload: bytes, opcode: int = TEXT) -> bytes:
+    """An unmasked (server) frame."""
+    return _header(opcode, len(payload), 0) + payload
+
+
+def split_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """Take every complete frame off the front of ``buffer``: (opcode, payload) pairs.
+    Masked payloads are returned still masked; nothing here needs to read them."""
+    frames: list[tuple[int, bytes]] = []
+    pos = 0
+    size = len(buffer)
+    while size - pos >= 2:
+        second = buffer[pos + 1]
+        length = second & 0x7F
+        head = 2
+        if length == 126:
+            if size - pos < 4:
+                break
+            length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
+            head = 4
+        elif length == 127:
+            if size - pos < 10:
+                break
+            length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
+            head = 10
+        if second & 0x80:
+            head += 4
+        end = pos + head + length
+        if end > size:
+            break
+        frames.append((buffer[pos] & 0x0F, bytes(buffer[pos + head : end])))
+        pos = end
+    del buffer[:pos]
+    return frames
+
+
+def field(payload: bytes, name: bytes) -> bytes | None:
+    """The string value of JSON field ``name`` in ``payload``, found by bytes (the
+    servers measured write no space after the colon and no escapes in these values)."""
+    key = b'"' + name + b'":"'
+    start = payload.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    return payload[start : payload.index(b'"', start)]
+
+
+def _accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+# ------------------------------------------------------------------------- client
+
+
+class WsClient(asyncio.Protocol):
+    """One WebSocket client connection speaking ``dialect``.
+
+    ``ready`` resolves once the session is open (after ``welcome`` for chat, the
+    namespace connect for Socket.IO, the handshake for echo). Afterwards each text
+    frame that answers a message calls ``on_answer(payload, now)``, and every other
+    text frame ``on_other(payload, now)``; ``now`` is ``time.monotonic()``.
+    """
+
+    def __init__(
+        self,
+        dialect: str,
+        host: str,
+        path: str,
+        token: str | None = None,
+        on_answer: Callable[[WsClient, bytes, float], None] | None = None,
+        on_other: Callable[[WsClient, bytes, float], None] | None = None,
+    ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.dialect = dialect
+        self.host = host
+        self.path = path
+        self.token = token
+        self.on_answer = on_answer
+        self.on_other = on_other
+        self.mask = os.urandom(4)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.upgraded = False
+        self.buffer = bytearray()
+        self.sent_at = 0.0  # the closed loop's one message in flight
+        self.ack_ids = 0  # Socket.IO ack ids, per connection
+        self.index = 0  # free for the driver
+        self.welcome = b""  # chat: the welcome frame
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        key = base64.b64encode(os.urandom(16))
+        self.transport.write(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (self.path.encode(), self.host.encode(), key)
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionError(f"connection lost: {exc}")
+        if not self.ready.done():
+            self.ready.set_exception(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[: self.buffer.find(b"\r\n")])
+            if b" 101 " not in status + b" ":
+                self._fail(f"upgrade refused: {status.decode(errors='replace')}")
+                return
+            del self.buffer[: end + 4]
+            self.upgraded = True
+            self._opened()
+        now = time.monotonic()
+        for opcode, payload in split_frames(self.buffer):
+            if opcode == TEXT:
+                self._text(payload, now)
+            elif opcode == PING:
+                self._send(payload, PONG)
+            elif opcode == CLOSE:
+                assert self.transport is not None
+                self.transport.close()
+
+    # the dialects
+    def _opened(self) -> None:
+        if self.dialect == "chat":
+            token = b"null" if self.token is None else b'"%s"' % self.token.encode()
+            self._send(b'{"type":"hello","token":%s}' % token)
+        elif self.dialect == "echo":
+            self.ready.set_result(None)
+        # Socket.IO: the server speaks first (Engine.IO's open packet).
+
+    def _text(self, payload: bytes, now: float) -> None:
+        if self.ready.done():
+            if self.dialect == "chat":
+                answer = b'"type":"ack"' in payload
+            elif self.dialect == "echo":
+                answer = True
+            else:
+                answer = payload[:2] == b"43"
+                if payload == b"2":  # Engine.IO ping
+                    self._send(b"3")
+                    return
+            if answer:
+                if self.on_answer is not None:
+                    self.on_answer(self, payload, now)
+            elif self.on_other is not None:
+                self.on_other(self, payload, now)
+            return
+        if self.dialect == "chat":
+            if b'"type":"welcome"' in payload:
+                self.welcome = payload
+                self.ready.set_result(None)
+            elif b'"type":"error"' in payload:
+                self._fail(f"hello refused: {payload[:200]!r}")
+        elif payload[:1] == b"0":  # Engine.IO open: join the default namespace
+            self._send(b"40")
+        elif payload[:2] == b"40":
+            self.ready.set_result(None)
+
+    def _fail(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def _send(self, payload: bytes, opcode: int = TEXT) -> None:
+        assert self.transport is not None
+        self.transport.write(client_frame(payload, self.mask, opcode))
+
+    def send_message(self, client_msg_id: str, text: str) -> None:
+        """Send one chat message (an event with an ack id for Socket.IO)."""
+        body = b'{"client_msg_id":"%s","text":"%s"}' % (client_msg_id.encode(), text.encode())
+        if self.dialect == "socketio":
+            self.ack_ids += 1
+            self._send(b'42%d["message",%s]' % (self.ack_ids, body))
+        else:
+            self._send(b'{"type":"message",' + body[1:])
+
+    def send_json(self, payload: bytes) -> None:
+        self._send(payload)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_client(
+    url: str,
+    dialect: str,
+    *,
+    token: str | None = None,
+    source: str | None = None,
+    on_answer: Callable[[WsClient, bytes, float], None] | None = None,
+    on_other: Callable[[WsClient, bytes, float], None] | None = None,
+    within: float = 30.0,
+) -> WsClient:
+    """Connect to ``url`` (``ws://host:port/path``) from local address ``source`` and
+    wait until the session is open (each step within ``within`` seconds)."""
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    if dialect == "socketio":
+        path = "socket.io/?EIO=4&transport=websocket"
+    loop = asyncio.get_running_loop()
+    _, client = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: WsClient(dialect, hostport, "/" + path, token, on_answer, on_other),
+            host,
+            int(port),
+            local_addr=(source, 0) if source else None,
+        ),
+        within,
+    )
+    try:
+        await asyncio.wait_for(client.ready, within)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+# -------------------------------------------------------------------- null server
+
+
+def _null_answers(dialect: str) -> tuple[bytes, bytes]:
+    """(the answer to the session's first frame, the answer to every later one), each
+    shaped and sized as the real server's."""
+    if dialect == "chat":
+        welcome = (
+            b'{"type":"welcome","role":"guest","token":"g_0000000000000000.xxxxxxxxxxxxxxxxxxxxxx",'
+            b'"guest_id":"g_0000000000000000","conversation_id":"c_0000000000000000",'
+            b'"status":"ai","last_seq":0,"read_seq":0,"heartbeat_s":0,"server":"null"}'
+        )
+        ack = (
+            b'{"type":"ack","client_msg_id":"b0-0000","seq":1,'
+            b'"conversation_id":"c_0000000000000000","ts":"2026-01-01T00:00:00.000Z"}'
+        )
+        push = (
+            b'{"type":"message","seq":1,"conversation_id":"c_0000000000000000",'
+            b'"sender":"guest","author":"g_0000000000000000","text":"msg 0000",'
+            b'"ts":"2026-01-01T00:00:00.000Z","client_msg_id":"b0-0000"}'
+        )
+        return server_frame(welcome), server_frame(ack) + server_frame(push)
+    if dialect == "echo":
+        echo = b'{"type":"message","client_msg_id":"b0-0000","text":"msg 0000"}'
+        return server_frame(echo), server_frame(echo)
+    connected = b'40{"sid":"AAAAAAAAAAAAAAAAAAAA"}'
+    ack = b"431[{}]"
+    emit = b'42["message",{"client_msg_id":"b0-0000","text":"msg 0000"}]'
+    return server_frame(connected), server_frame(ack) + server_frame(emit)
+
+
+class NullServer(asyncio.Protocol):
+    """A server that does no work: it answers the WebSocket upgrade, then every frame
+    with a pre-built frame (or two) of the shape ``dialect``'s real server sends. The
+    load generator's ceiling is its rate against this."""
+
+    def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
+        self.first, self.answer = _null_answers(dialect)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.frames = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end])
+            start = head.lower().find(b"sec-websocket-key:")
+            key = head[start + 18 :].split(b"\r\n", 1)[0].strip() if start >= 0 else b""
+            del self.buffer[: end + 4]
+            self.upgraded = True
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % _accept_key(key)
+            )
+            if self.dialect == "socketio":
+                self.transport.write(
+                    server_frame(b'0{"sid":"AAAAAAAAAAAAAAAAAAAA","pingInterval":25000}')
+                )
+        out = []
+        for opcode, payload in split_frames(self.buffer):
+            if opcode != TEXT or (self.dialect == "socketio" and len(payload) == 1):
+                continue  # control frames, and Engine.IO pongs, need no answer
+            out.append(self.first if self.frames == 0 and self.dialect != "echo" else self.answer)
+            self.frames += 1
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def serve_null(dialect: str, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: NullServer(dialect), host, port, backlog=4096)

@@ -1,0 +1,147 @@
+"""Every server the bench measures, started the same way: trio-chat, the null server,
+and the peers a user would pick instead (a bare trio-websocket echo, a ``websockets``
+echo, python-socketio under uvicorn).
+
+python-socketio and uvicorn are not trio-chat's dependencies: the bench installs them
+into a virtual environment of their own, once (``peer_python``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from .._processes import free_port
+from ._workers import worker_args
+
+__all__ = ["PEER_REQUIREMENTS", "Target", "peer_python", "serving"]
+
+# What a Python user would install for a Socket.IO server today.
+PEER_REQUIREMENTS: Final = ("python-socketio>=5,<6", "uvicorn[standard]>=0.30")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to measure: ``kind`` is ``chat`` (with ``concierge``), ``null``,
+    ``trio-websocket``, ``websockets`` or ``socketio``; ``dialect`` is how the load
+    generator speaks to it."""
+
+    kind: str
+    dialect: str
+    concierge: str = "off"
+
+    @property
+    def label(self) -> str:
+        return {
+            "chat": f"trio-chat, concierge {'off' if self.concierge == 'off' else 'on'}",
+            "null": f"null server ({self.dialect})",
+            "trio-websocket": "bare trio-websocket echo",
+            "websockets": "websockets (asyncio) echo",
+            "socketio": "python-socketio 5 + uvicorn",
+        }[self.kind]
+
+
+def peer_venv() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "trio-chat" / f"bench-peers-py{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+async def peer_python(venv: Path | None = None) -> Path:
+    """The interpreter of the peers' virtual environment, created and filled with
+    ``PEER_REQUIREMENTS`` the first time (from the package index: about 20 s)."""
+    venv = venv or peer_venv()
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import socketio, uvicorn, uvloop"]
+    if python.exists():
+        done = await trio.run_process(check, check=False, capture_stderr=True)
+        if done.returncode == 0:
+            return python
+    await trio.run_process([sys.executable, "-m", "venv", "--clear", str(venv)])
+    await trio.run_process(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            *PEER_REQUIREMENTS,
+        ],
+        capture_stdout=True,
+    )
+    await trio.run_process(check)
+    return python
+
+
+async def _wait_listening(port: int, proc: trio.Process, within: float = 30) -> None:
+    """Until ``port`` on loopback accepts a connection (a server's own "ready" line can
+    come before its socket listens)."""
+    with trio.fail_after(within):
+        while True:
+            if proc.returncode is not None or proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before listening")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def _process(argv: Sequence[str], port: int) -> AsyncIterator[trio.Process]:
+    proc = await trio.lowlevel.open_process(
+        list(argv),
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        await _wait_listening(port, proc)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+def chat_server_args(port: int, db: Path, concierge: str = "off") -> list[str]:
+    """``trio-chat serve`` as benchmarks run it: no rate limit, no heartbeat, the
+    concierge answering at once."""
+    return [
+        "-m", "trio_chat", "serve", "--port", str(port), "--db", str(db),
+        "--concierge", concierge, "--typing-delay", "0", "--rate-limit", "0",
+        "--heartbeat", "0",
+    ]  # fmt: skip
+
+
+@asynccontextmanager
+async def serving(
+    target: Target, workdir: Path, peer: Path | None = None
+) -> AsyncIterator[tuple[str, trio.Process]]:
+    """Start ``target``; yields the URL to load it at and its process. ``workdir`` holds
+    trio-chat's database; ``peer`` is the peers' interpreter (for ``socketio``)."""
+    port = free_port()
+    if target.kind == "chat":
+        argv = [sys.executable, *chat_server_args(port, workdir / "bench.db", target.concierge)]
+        path = "/ws"
+    elif target.kind == "null":
+        argv = [sys.executable, *worker_args("null-server", dialect=target.dialect, port=port)]
+        path = "/"
+    elif target.kind == "socketio":
+        if peer is None:
+            raise ValueError("the socketio peer needs the peers' interpreter")
+        argv = [str(peer), str(Path(__file__).with_name("socketio_peer.py")), str(port)]
+        path = "/"
+    else:
+        argv = [sys.executable, *worker_args("echo-server", engine=target.kind, port=port)]
+        path = "/"
+    async with _process(argv, port) as proc:
+        yield f"ws://127.0.0.1:{port}{path}", proc

@@ -1,0 +1,261 @@
+"""``trio-chat bench``: the command line, the run, the table, the JSON and the plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from ._peers import peer_python
+from ._profile import STAGES, WRITER, scenario_profile
+from ._scenarios import (
+    Figure,
+    Steps,
+    scenario_idle,
+    scenario_steady,
+    scenario_storm,
+    scenario_throughput,
+)
+
+__all__ = ["bench_command", "build_parser", "report", "write_plots"]
+
+SCENARIOS: Final = ("throughput", "profile", "idle", "steady", "storm")
+DEFAULT_GUESTS: Final = {
+    "throughput": 50,
+    "profile": 200,
+    "idle": 18_000,
+    "steady": 10_000,
+    "storm": 10_000,
+}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="trio-chat bench")
+    parser.add_argument("scenario", nargs="?", default="all", choices=["all", *SCENARIOS])
+    parser.add_argument(
+        "--guests",
+        type=int,
+        default=None,
+        help="connections (throughput: 50 and 4 times as many, profile: 200, idle: 18000, "
+        "steady: 10000, storm: 10000)",
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load")
+    parser.add_argument(
+        "--rate", type=float, default=2000.0, help="steady: messages per second in total"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="load-generator processes for throughput and profile (idle, steady and "
+        "storm use at least 4, each from its own source address)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput: measure each setup this many times"
+    )
+    parser.add_argument(
+        "--no-socketio",
+        dest="socketio",
+        action="store_false",
+        help="throughput: leave out python-socketio (otherwise installed on first use "
+        "into a virtual environment of its own under ~/.cache/trio-chat)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
+    parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
+    parser.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="PATH",
+        help="run nothing: report (and draw) the results saved by an earlier --out",
+    )
+    return parser
+
+
+async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[str, Any]]:
+    """Run the chosen scenarios; returns their figures and the series for plots."""
+    figures: list[Figure] = []
+    series: dict[str, Any] = {}
+    wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    many = max(args.workers, 4)
+    with Steps(show=not args.json) as steps:
+        for name in wanted:
+            guests = args.guests or DEFAULT_GUESTS[name]
+            if name == "throughput":
+                peer = await peer_python() if args.socketio else None
+                result = await scenario_throughput(
+                    guests, args.duration, args.workers, args.rounds, steps, peer
+                )
+            elif name == "profile":
+                result = await scenario_profile(guests, args.duration, args.workers, steps)
+            elif name == "idle":
+                result = await scenario_idle(guests, many, steps)
+            elif name == "steady":
+                result = await scenario_steady(guests, args.rate, args.duration, many, steps)
+            else:
+                result = await scenario_storm(guests, many, steps)
+            figures += result[0]
+            series.update(result[1])
+    return figures, series
+
+
+def _results(figures: list[Figure], series: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "figures": [{**asdict(f), "ratio": f.ratio, "verdict": f.verdict} for f in figures],
+        "series": series,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _figure_from(saved: dict[str, Any]) -> Figure:
+    known = {f.name for f in fields(Figure)}
+    return Figure(**{k: v for k, v in saved.items() if k in known})
+
+
+def report(
+    figures: list[Figure],
+    series: dict[str, Any],
+    as_json: bool,
+    out: str | None = None,
+    plots: str | None = None,
+) -> None:
+    """Print the figures (a table, or JSON), and write the JSON and the plots if asked."""
+    results = _results(figures, series)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    if plots:
+        write_plots(results, Path(plots))
+    if as_json:
+        print(json.dumps(results))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    table = Table(title="trio-chat benchmarks (each beside its baseline, same run)")
+    for column in ("figure", "value", "baseline", "ratio", "target", "verdict"):
+        table.add_column(column)
+    for f in figures:
+        verdict = f.verdict or ("bounded by the generator" if f.bounded else "")
+        table.add_row(
+            Text(f.name),
+            f"{f.value:,.1f} {f.unit}",
+            Text(f"{f.baseline:,.1f} {f.unit} ({f.baseline_name})"),
+            f"{f.ratio:.2f} x",
+            f.target,
+            verdict,
+        )
+    console.print(table)
+    profile = series.get("profile")
+    if profile:
+        stages = [*STAGES, WRITER, "other threads"]
+        costs = Table(title=f"microseconds per message by stage ({profile['guests']} guests)")
+        for column in ("stage", "trio-chat", "bare trio-websocket echo"):
+            costs.add_column(column)
+        ours = profile["trio-chat"]["us_per_message"]
+        echo = profile["bare trio-websocket echo"]["us_per_message"]
+        for stage in stages:
+            costs.add_row(stage, f"{ours.get(stage, 0):.1f}", f"{echo.get(stage, 0):.1f}")
+        console.print(costs)
+
+
+def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
+    """Draw each series of ``results`` (as written by ``--out``) as a PNG in
+    ``directory``; returns the files written. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    series = results.get("series", {})
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        path = directory / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    if "idle_rss" in series:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for name, points in series["idle_rss"].items():
+            ax.plot([n for n, _ in points], [b / 2**20 for _, b in points], "o-", label=name)
+        ax.set_xlabel("idle guests connected")
+        ax.set_ylabel("server RSS growth (MiB)")
+        ax.set_title("Idle capacity: memory held per connection")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "bench-idle.png")
+    for key, title, name in (
+        ("throughput_latency_ms", "Closed loop, as fast as answers allow", "bench-throughput.png"),
+        ("steady_latency_ms", "Steady open-loop load", "bench-steady.png"),
+    ):
+        if key not in series:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for label, points in series[key].items():
+            # x: how many messages were slower, on a log scale: the tail is the story.
+            tail = [(1 - q, ms) for q, ms in points if q < 1 and ms > 0]
+            if not tail:
+                continue
+            ax.plot([ms for _, ms in tail], [t for t, _ in tail], label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of messages slower")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+        save(fig, name)
+    if "storm" in series:
+        runs = series["storm"]
+        fig, axes = plt.subplots(len(runs), 1, figsize=(6.4, 1.6 + 1.4 * len(runs)), sharex=True)
+        for ax, (label, run) in zip(list(axes), runs.items(), strict=True):
+            histogram = run["attempts"]
+            ax.bar([i / 10 for i in range(len(histogram))], histogram, width=0.1, align="edge")
+            ax.axvspan(run["old_gone"], run["new_listening"], color="red", alpha=0.12)
+            ax.axvline(run["all_back"], color="green", linestyle="--", linewidth=1)
+            ax.set_title(
+                f"{label}: all back after {run['all_back']:.1f} s, peak {run['peak']}", fontsize=9
+            )
+            ax.set_ylabel("attempts\n/100 ms", fontsize=8)
+        axes[-1].set_xlabel("seconds since the signal (red: no server listening)")
+        fig.suptitle("Reconnect storm: connection attempts", fontsize=10)
+        save(fig, "bench-storm.png")
+    if "profile" in series:
+        profile = series["profile"]
+        stages = [*STAGES, WRITER]
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        left = [0.0, 0.0]
+        names = ["trio-chat", "bare trio-websocket echo"]
+        for stage in stages:
+            widths = [profile[n]["us_per_message"].get(stage, 0.0) for n in names]
+            ax.barh(names, widths, left=left, label=stage)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.set_xlabel("microseconds per message (server CPU, sampled)")
+        ax.set_title(f"Where a message's time goes ({profile['guests']} guests, closed loop)")
+        ax.legend(fontsize=7, ncol=3, loc="lower right")
+        save(fig, "bench-profile.png")
+    return written
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if getattr(args, "from_json", None):
+        saved = json.loads(Path(args.from_json).read_text())
+        figures = [_figure_from(f) for f in saved["figures"]]
+        report(figures, saved.get("series", {}), args.json, None, args.plots)
+        return 0
+    figures, series = trio.run(run_benchmarks, args)
+    report(figures, series, args.json, getattr(args, "out", None), getattr(args, "plots", None))
+    return 0

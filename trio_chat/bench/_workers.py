@@ -1,0 +1,436 @@
+"""The benchmark's child processes: load generators, baselines and the null server.
+
+Each is ``python -m trio_chat.bench COMMAND --option value ...``; the orchestrator
+(``_scenarios``) talks to them through stdin and stdout, one JSON object or marker a
+line. The load generators (``load``, ``hold``, ``steady``, ``staff``) and the null
+server run on asyncio with the raw connections of ``_loadgen``; the storm's guests are
+real ``ChatClient``s, since the storm measures their reconnection policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from .._processes import GC_THRESHOLDS
+from .._stats import percentile
+from ._loadgen import DIALECTS, WsClient, field, open_client, serve_null
+
+__all__ = ["main", "worker_args"]
+
+CONNECT_CONCURRENCY: Final = 64
+
+
+def worker_args(command: str, **options: object) -> list[str]:
+    """The arguments of ``python -m trio_chat.bench COMMAND --option value ...``."""
+    args = ["-m", "trio_chat.bench", command]
+    for name, value in options.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj) if not isinstance(obj, str) else obj, flush=True)
+
+
+async def _stdin_line() -> str:
+    loop = asyncio.get_running_loop()
+    line: str = await loop.run_in_executor(None, sys.stdin.readline)
+    return line
+
+
+async def _connect_many(
+    count: int, url: str, dialect: str, source: str | None, **kwargs: Any
+) -> list[WsClient]:
+    """``count`` sessions, at most ``CONNECT_CONCURRENCY`` handshakes at a time."""
+    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def one(index: int) -> WsClient:
+        async with limit:
+            client = await open_client(url, dialect, source=source, **kwargs)
+            client.index = index
+            return client
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+# -------------------------------------------------------------------------- load
+
+
+async def closed_loop(
+    url: str, dialect: str, count: int, duration: float, source: str | None, *, freeze: bool = False
+) -> dict[str, Any]:
+    """``count`` guests each keep one message in flight and send the next as soon as
+    its answer arrives, for ``duration`` seconds; answers after that are not counted.
+    ``freeze``: move the connections out of the collector's way once open (a load
+    process's own; never in a process that has other work)."""
+    latencies: list[float] = []
+    done = 0
+    deadline = float("inf")
+    sent = [0] * count
+
+    def answered(client: WsClient, payload: bytes, now: float) -> None:
+        nonlocal done
+        if now > deadline:
+            return
+        latencies.append(now - client.sent_at)
+        done += 1
+        sent[client.index] += 1
+        client.sent_at = now
+        number = sent[client.index]
+        client.send_message(f"m{number}", f"msg {number % 10000:04d}")
+
+    clients = await _connect_many(count, url, dialect, source, on_answer=answered)
+    if freeze:
+        gc.freeze()
+    started = time.monotonic()
+    deadline = started + duration
+    for client in clients:
+        client.sent_at = started
+        client.send_message("m0", "msg 0000")
+    await asyncio.sleep(duration)
+    for client in clients:
+        client.close()
+    return {
+        "done": done,
+        "elapsed": duration,
+        "p50": percentile(sorted(latencies), 0.5),
+        "latencies": latencies,
+    }
+
+
+async def hold(url: str, dialect: str, source: str | None) -> None:
+    """Hold sessions open, adding ``N`` more on each ``add N`` line on stdin and
+    reporting the total; ``stop`` (or end of input) closes them all."""
+    clients: list[WsClient] = []
+    while True:
+        words = (await _stdin_line()).split()
+        if len(words) != 2 or words[0] != "add":
+            break
+        try:
+            clients += await _connect_many(int(words[1]), url, dialect, source)
+        except (TimeoutError, OSError) as exc:
+            _print({"connected": len(clients), "error": repr(exc)})
+            continue
+        gc.freeze()
+        _print({"connected": len(clients)})
+    for client in clients:
+        client.close()
+
+
+async def steady(
+    url: str, dialect: str, count: int, rate: float, duration: float, source: str | None
+) -> None:
+    """Open loop: ``count`` guests connect and print their conversations; on ``go``
+    they send ``rate`` messages per second in total, round robin, for ``duration``
+    seconds, each stamped with its send time (``time.monotonic``, shared by every
+    process on the machine), then report each message's ack (or echo) latency."""
+    sent_at: dict[bytes, float] = {}
+    samples: list[tuple[float, float]] = []
+    drained = asyncio.Event()
+    all_sent = False
+
+    def answered(client: WsClient, payload: bytes, now: float) -> None:
+        cmid = field(payload, b"client_msg_id")
+        sent = sent_at.pop(cmid, None) if cmid is not None else None
+        if sent is not None:
+            samples.append((sent, now - sent))
+        if all_sent and not sent_at:
+            drained.set()
+
+    clients = await _connect_many(count, url, dialect, source, on_answer=answered)
+    conversations = [
+        (field(c.welcome, b"conversation_id") or b"").decode() for c in clients if c.welcome
+    ]
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    _print({"connected": len(clients), "conversations": conversations})
+    await _stdin_line()  # "go"
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    t0 = loop.time()
+    total = int(rate * duration)
+    for k in range(total):
+        # Open loop: each message leaves on its schedule, whatever happened to the ones
+        # before it (a closed loop would hide queueing delay).
+        delay = t0 + k / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.monotonic()
+        cmid = f"s{k}"
+        sent_at[cmid.encode()] = now
+        clients[k % len(clients)].send_message(cmid, f"steady t={now:.6f}")
+    all_sent = True
+    if sent_at:
+        # What is still unanswered after ten seconds counts as lost.
+        with_timeout = asyncio.wait_for(drained.wait(), 10)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await with_timeout
+    for client in clients:
+        client.close()
+    _print({"started": started, "sent": total, "lost": len(sent_at), "samples": samples})
+
+
+async def staff(url: str, token: str, conversations: list[str]) -> None:
+    """One staff connection watching every conversation in ``conversations``; prints
+    ``ready`` once all are watched, then records, for every guest message pushed to it,
+    the time since the guest sent it; a line on stdin reports them."""
+    samples: list[tuple[float, float]] = []
+    subscribed = asyncio.Semaphore(0)
+    marker = b"steady t="
+
+    def other(client: WsClient, payload: bytes, now: float) -> None:
+        if b'"type":"subscribed"' in payload:
+            subscribed.release()
+        elif b'"type":"message"' in payload:
+            at = payload.find(marker)
+            if at >= 0:
+                start = at + len(marker)
+                sent = float(payload[start : payload.index(b'"', start)])
+                samples.append((sent, now - sent))
+
+    console = await open_client(url, "chat", token=token, on_other=other)
+    # A bounded number of watches in flight: the server cuts off a connection that
+    # lets its replies pile up, and a real console would not flood either.
+    in_flight = CONNECT_CONCURRENCY
+    for conversation_id in conversations:
+        if in_flight == 0:
+            await subscribed.acquire()
+            in_flight += 1
+        console.send_json(b'{"type":"watch","conversation_id":"%s"}' % conversation_id.encode())
+        in_flight -= 1
+    for _ in range(CONNECT_CONCURRENCY - in_flight):
+        await subscribed.acquire()
+    _print("ready")
+    await _stdin_line()
+    console.close()
+    _print({"samples": samples})
+
+
+async def null_server(dialect: str, port: int) -> None:
+    server = await serve_null(dialect, "127.0.0.1", port)
+    _print("listening")
+    async with server:
+        await server.serve_forever()
+
+
+# ---------------------------------------------------------------- the baselines
+
+
+async def _trio_websocket_echo(port: int) -> None:
+    import trio
+    import trio_websocket
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: trio_websocket.serve_websocket(
+                handler, "127.0.0.1", port, ssl_context=None, task_status=task_status
+            )
+        )
+        _print("listening")
+
+
+async def _websockets_echo(port: int) -> None:
+    """The second baseline: an echo server on the ``websockets`` library (asyncio)."""
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
+
+    async def echo(ws: ServerConnection) -> None:
+        try:
+            async for message in ws:
+                await ws.send(message)
+        except ConnectionClosed:
+            pass  # the load generator goes without a closing handshake
+
+    async with serve(echo, "127.0.0.1", port, backlog=4096):
+        _print("listening")
+        await asyncio.Future()
+
+
+# --------------------------------------------------------------------- the storm
+
+
+async def _storm(url: str, count: int, jitter: str, spread: float) -> None:
+    """Keep ``count`` reconnecting guests; print ``ready`` once all are connected, then
+    ``back`` once every one of them has come back (connected and resynced) after it was
+    last dropped; on ``report SINCE`` print their attempts (wall clock) and return
+    times after SINCE."""
+    import trio
+
+    from .._backoff import Backoff
+    from .._client import ChatClient
+
+    clients = [
+        ChatClient(
+            url,
+            heartbeat=0,
+            connect_timeout=10,
+            backoff=Backoff(
+                initial=0.5,
+                max=10,
+                jitter=jitter,  # type: ignore[arg-type]
+                spread=spread,
+                seed=i * 7919 + os.getpid(),
+            ),
+        )
+        for i in range(count)
+    ]
+    connecting = trio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def run(client: ChatClient, task_status: trio.TaskStatus[None]) -> None:
+        await connecting.acquire()
+        async with client:
+            try:
+                await client.wait_for_state("connected")
+            finally:
+                connecting.release()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as starting:
+            for client in clients:
+                starting.start_soon(nursery.start, run, client)
+        # A load process that pauses to collect garbage acts on its clients' timers late
+        # and all at once: its own burst, not the policy's. The thousands of clients set
+        # up so far are long-lived: out of the collector's way.
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        _print("ready")
+        for client in clients:
+            await client.wait_until(functools.partial(_back, client))
+        _print("back")
+        line = await trio.to_thread.run_sync(sys.stdin.readline)
+        since = float(line.split()[1])
+        attempts = [
+            e.wall
+            for c in clients
+            for e in c.event_log
+            if e.kind == "state"
+            and e.data["state"] in ("connecting", "reconnecting")
+            and "delay" not in e.data
+            and e.wall >= since
+        ]
+        back = [
+            min(
+                (
+                    e.wall
+                    for e in c.event_log
+                    if e.kind == "state" and e.data["state"] == "connected" and e.wall >= since
+                ),
+                default=0.0,
+            )
+            for c in clients
+        ]
+        _print({"attempts": attempts, "back": back})
+        nursery.cancel_scope.cancel()
+
+
+def _back(client: Any) -> bool:
+    """A storm's guest is back once it reconnected and caught up."""
+    return bool(client.reconnects >= 1 and client.synced)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _run_asyncio(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop (libuv's loop: about half the generator's cost per frame
+    of asyncio's own, measured in docs/benchmarks.md) where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+async def _print_result(coro: Coroutine[Any, Any, dict[str, Any]]) -> None:
+    _print(await coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trio_chat.bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, *, url: bool = True, dialect: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name)
+        if url:
+            sub.add_argument("--url", required=True)
+        if dialect:
+            sub.add_argument("--dialect", choices=DIALECTS, required=True)
+        return sub
+
+    load = command("load")
+    load.add_argument("--count", type=int, required=True)
+    load.add_argument("--duration", type=float, required=True)
+    load.add_argument("--source", default=None, help="local address to connect from")
+    held = command("hold")
+    held.add_argument("--source", default=None)
+    stead = command("steady")
+    stead.add_argument("--count", type=int, required=True)
+    stead.add_argument("--rate", type=float, required=True)
+    stead.add_argument("--duration", type=float, required=True)
+    stead.add_argument("--source", default=None)
+    console = command("staff", dialect=False)
+    console.add_argument("--token", required=True)
+    console.add_argument("--conversations", required=True, help="file: one id per line")
+    null = command("null-server", url=False)
+    null.add_argument("--port", type=int, required=True)
+    echo = command("echo-server", url=False, dialect=False)
+    echo.add_argument("--port", type=int, required=True)
+    echo.add_argument("--engine", choices=["trio-websocket", "websockets"], required=True)
+    storm = command("storm", dialect=False)
+    storm.add_argument("--count", type=int, required=True)
+    storm.add_argument("--jitter", choices=["none", "full", "equal", "decorrelated"])
+    storm.add_argument("--spread", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    if args.command == "load":
+        _run_asyncio(
+            _print_result(
+                closed_loop(
+                    args.url, args.dialect, args.count, args.duration, args.source, freeze=True
+                )
+            )
+        )
+    elif args.command == "hold":
+        _run_asyncio(hold(args.url, args.dialect, args.source))
+    elif args.command == "steady":
+        _run_asyncio(
+            steady(args.url, args.dialect, args.count, args.rate, args.duration, args.source)
+        )
+    elif args.command == "staff":
+        _run_asyncio(staff(args.url, args.token, Path(args.conversations).read_text().split()))
+    elif args.command == "null-server":
+        _run_asyncio(null_server(args.dialect, args.port))
+    elif args.command == "echo-server" and args.engine == "websockets":
+        _run_asyncio(_websockets_echo(args.port))
+    elif args.command == "echo-server":
+        import trio
+
+        trio.run(_trio_websocket_echo, args.port)
+    else:
+        import trio
+
+        trio.run(_storm, args.url, args.count, args.jitter, args.spread)
+    return 0
