@@ -404,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     storm.add_argument("--jitter", choices=["none", "full", "equal", "decorrelated"])
     storm.add_argument("--spread", type=float, default=0.0)
     args = parser.parse_args(argv)
-
+    if args.command in ("null-server", "echo-server"):
+        # The baselines run under trio-chat serve's collector policy: with thousands of
+        # connections, CPython's defaults pause for up to a second (seen: the echo's
+        # p99 at 1 s under the steady load), which would flatter every ratio.
+        gc.set_threshold(*GC_THRESHOLDS)
     if args.command == "load":
         _run_asyncio(
             _print_result(
