@@ -20,6 +20,7 @@ from trio_chat._store import (
     SetRead,
     Store,
 )
+from trio_chat.core.storage import StorageBackend
 
 
 def guest_message(cid: str, cmid: str | None, text: str = "hi") -> AppendMessage:
@@ -34,7 +35,8 @@ def guest_message(cid: str, cmid: str | None, text: str = "hi") -> AppendMessage
 
 
 class Explode(Operation[None]):
-    def apply(self, db: Database) -> None:
+    def apply(self, db: StorageBackend) -> None:
+        assert isinstance(db, Database)
         db.writer.execute("INSERT INTO no_such_table VALUES (1)")
 
 

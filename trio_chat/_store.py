@@ -29,17 +29,36 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 import trio
 
 from ._errors import StorageError
 from ._protocol import Message, format_ts
 from ._tokens import new_id
+from .core.storage import (
+    Appended,
+    AppendMessage,
+    ConversationRow,
+    CreateGuest,
+    Operation,
+    SetRead,
+    StaffMember,
+    StaffSignIn,
+)
 
-__all__ = ["Database", "Store"]
+__all__ = [
+    "AppendMessage",
+    "Appended",
+    "ConversationRow",
+    "CreateGuest",
+    "Database",
+    "Operation",
+    "SetRead",
+    "StaffMember",
+    "Store",
+]
 
 log = logging.getLogger("trio_chat.store")
 
@@ -116,95 +135,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
 """
 
 
-@dataclass(frozen=True, slots=True)
-class StaffMember:
-    staff_id: str
-    name: str
-
-
-@dataclass(slots=True)
-class ConversationRow:
-    """A conversation as stored (the server keeps a live copy of loaded ones)."""
-
-    conversation_id: str
-    guest_id: str
-    guest_name: str | None
-    status: str
-    assigned_staff_id: str | None
-    assigned_name: str | None
-    last_seq: int
-    read_seq: int
-    updated_ts: float
-    preview: str
-
-
 _CONVERSATION_COLUMNS: Final = (
     "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
     "c.last_seq, c.read_seq, c.updated_ts, c.preview"
 )
-
-
-# ---------------------------------------------------------------------- operations
-
-
-@dataclass(eq=False)
-class Operation(Generic[T]):
-    """A write. ``apply`` runs in the writer thread inside the batch's transaction."""
-
-    on_commit: Callable[[T], None] | None = field(default=None, kw_only=True)
-    # For writes nobody waits for (see Store.enqueue): told why the write failed.
-    on_error: Callable[[StorageError], None] | None = field(default=None, kw_only=True)
-
-    def apply(self, db: Database) -> T:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True, slots=True)
-class Appended:
-    message: Message
-    duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
-
-
-@dataclass(eq=False)
-class AppendMessage(Operation[Appended]):
-    """Store one message; optionally change the conversation's status in the same commit.
-
-    ``status`` is ``(status, assigned_staff_id, assigned_name)`` for the system message
-    of a transition.
-    """
-
-    conversation_id: str = ""
-    sender: str = "guest"
-    author: str | None = None
-    author_key: str | None = None
-    text: str = ""
-    client_msg_id: str | None = None
-    status: tuple[str, str | None, str | None] | None = None
-
-    def apply(self, db: Database) -> Appended:
-        return db.append(self)
-
-
-@dataclass(eq=False)
-class SetRead(Operation[None]):
-    conversation_id: str = ""
-    reader: str = "guest"
-    seq: int = 0
-
-    def apply(self, db: Database) -> None:
-        column = "read_seq" if self.reader == "staff" else "guest_read_seq"
-        db.writer.execute(
-            f"UPDATE conversations SET {column} = MAX({column}, ?) WHERE conversation_id = ?",
-            (self.seq, self.conversation_id),
-        )
-
-
-@dataclass(eq=False)
-class CreateGuest(Operation[ConversationRow]):
-    name: str | None = None
-
-    def apply(self, db: Database) -> ConversationRow:
-        return db.create_guest(self.name)
 
 
 # ------------------------------------------------------------------------ database
@@ -405,7 +339,14 @@ class Database:
         touched = self._touched.get(op.conversation_id)
         status = op.status if op.status is not None else (touched[3] if touched else None)
         self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
-        return Appended(message, duplicate=False)
+        return Appended(message, duplicate=False, at=now)
+
+    def set_read(self, op: SetRead) -> None:
+        column = "read_seq" if op.reader == "staff" else "guest_read_seq"
+        self.writer.execute(
+            f"UPDATE conversations SET {column} = MAX({column}, ?) WHERE conversation_id = ?",
+            (op.seq, op.conversation_id),
+        )
 
     def _write_conversations(self) -> None:
         plain = []
@@ -528,6 +469,18 @@ class Database:
             )
         return found
 
+    def staff_sign_in(self, staff_id: str) -> StaffSignIn:
+        """Who the staff member is (``None`` once removed), the queue and what they hold."""
+        member = self.staff_member(staff_id)
+        if member is None:
+            return StaffSignIn(None, [], [])
+        held = [
+            row
+            for conversation_id in self.held_by(staff_id)
+            if (row := self.conversation(conversation_id)) is not None
+        ]
+        return StaffSignIn(member, self.queue(time.time()), held)
+
     def staff_member(self, staff_id: str) -> StaffMember | None:
         rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = ?", (staff_id,))
         return StaffMember(*rows[0]) if rows else None
@@ -569,10 +522,11 @@ class Database:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "operation", "result")
+    __slots__ = ("counted", "done", "error", "operation", "result")
 
     def __init__(self, operation: Operation[Any], *, waited: bool = True) -> None:
         self.operation = operation
+        self.counted = True  # holds a place in the queue's bound
         self.done = trio.Event() if waited else None
         self.result: Any = None
         self.error: StorageError | None = None
@@ -593,20 +547,28 @@ class _Pending:
 
 
 class Store:
-    """The Trio face of :class:`Database`: group-committed writes, threaded reads.
+    """The Trio face of a storage backend: group-committed writes, and reads.
+
+    With ``threaded`` (SQLite, whose calls block), batches are applied in a writer
+    thread and reads in a worker thread; without (the memory backend, whose calls
+    return at once), both run on the event loop, which also keeps Trio's ``MockClock``
+    from jumping while a write is under way.
 
     Run :meth:`run` in a nursery (``await nursery.start(store.run)``) before writing.
     """
 
     def __init__(
         self,
-        db: Database,
+        db: Any,
         *,
+        threaded: bool = True,
         max_queued: int = 10_000,
         checkpoint_every: int = CHECKPOINT_EVERY,
         callbacks_context: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.db = db
+        self._threaded = threaded
+        self._in_loop_kick: trio.Event | None = None
         # Entered around each batch's callbacks (the server collects its writes there).
         self._callbacks_context = callbacks_context
         # The writer thread takes from this queue directly, batch after batch, with no
@@ -630,6 +592,8 @@ class Store:
         self.batches = 0
         self.operations = 0
         self.checkpoints = 0
+        self.pending = 0  # writes queued or being committed
+        self._settled: trio.Event | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer. Returns once :meth:`close` was called and the queue is empty.
@@ -648,7 +612,10 @@ class Store:
 
         async def writer() -> None:
             try:
-                await trio.to_thread.run_sync(self._write_batches)
+                if self._threaded:
+                    await trio.to_thread.run_sync(self._write_batches)
+                else:
+                    await self._write_in_loop()
             finally:
                 finished.set()
 
@@ -656,7 +623,8 @@ class Store:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer)
-                nursery.start_soon(self._checkpoint_when_wanted)
+                if self._threaded:
+                    nursery.start_soon(self._checkpoint_when_wanted)
                 try:
                     await finished.wait()
                     nursery.cancel_scope.cancel()  # the checkpointer
@@ -672,6 +640,10 @@ class Store:
             self._complete(left, StorageError("the store stopped before this write"))
 
     def _wake_writer(self) -> None:
+        if not self._threaded:
+            if self._in_loop_kick is not None:
+                self._in_loop_kick.set()
+            return
         if self._writer_waiting:
             self._writer_waiting = False
             self._kick.put(None)
@@ -711,6 +683,31 @@ class Store:
             # FIFO: callbacks run in commit order, and all before run() returns.
             self._token.run_sync_soon(self._complete, batch, outcome)
 
+    async def _write_in_loop(self) -> None:
+        """The writer of a backend that does not block: batch after batch on the loop,
+        each batch's callbacks right after it."""
+        queued = self._queued
+        while True:
+            stopping, aborting = self._stopping, self._aborting
+            batch = [queued.popleft() for _ in range(min(MAX_BATCH, len(queued)))]
+            if not batch:
+                if stopping or aborting:
+                    return
+                self._in_loop_kick = trio.Event()
+                await self._in_loop_kick.wait()
+                continue
+            outcome: list[Any] | StorageError
+            if aborting:
+                outcome = StorageError("the store stopped before this write")
+            else:
+                try:
+                    outcome = self.db.apply_batch([p.operation for p in batch])
+                except StorageError as exc:
+                    outcome = exc
+            self._complete(batch, outcome)
+            # Let the loop run between batches, as it does while a thread commits.
+            await trio.lowlevel.checkpoint()
+
     async def _checkpoint_when_wanted(self) -> None:
         """Checkpoint the WAL in a thread of its own whenever it has grown, so that no
         commit has to (a failed checkpoint is logged; the next one tries again)."""
@@ -730,9 +727,13 @@ class Store:
         if not isinstance(outcome, StorageError):
             self.batches += 1
             self.operations += len(batch)
+        self.pending -= len(batch)
+        if self.pending == 0 and self._settled is not None:
+            self._settled.set()
         with self._callbacks_context():
             for index, pending in enumerate(batch):
-                self._room.release()
+                if pending.counted:
+                    self._room.release()
                 try:
                     if isinstance(outcome, StorageError):
                         pending.fail(outcome)
@@ -741,6 +742,12 @@ class Store:
                 except Exception:
                     # A callback's bug must not take the other writes (or the loop) down.
                     log.exception("a write's callback failed")
+
+    async def wait_settled(self) -> None:
+        """Until no write is queued or being committed."""
+        while self.pending:
+            self._settled = trio.Event()
+            await self._settled.wait()
 
     async def submit(self, operation: Operation[T]) -> T:
         """Queue a write and wait until it is committed and its ``on_commit`` has run.
@@ -764,6 +771,19 @@ class Store:
         the queue is full. Raises :class:`StorageError` if the store is closed."""
         await self._queue(_Pending(operation, waited=False))
 
+    def put(self, operation: Operation[Any]) -> None:
+        """Queue a write now, from a commit's callback (which cannot wait): the writes
+        a commit sets off (a reopening, the concierge handing over). Not bounded by the
+        queue's limit, which holds back clients, not the server's own follow-ups."""
+        pending = _Pending(operation, waited=False)
+        pending.counted = False
+        if self._stopping or self._aborting:
+            pending.fail(StorageError("the store is closed"))
+            return
+        self._queued.append(pending)
+        self.pending += 1
+        self._wake_writer()
+
     async def _queue(self, pending: _Pending) -> None:
         # Every operation ends in exactly one callback: on_commit, or on_error, here
         # too when it never made it into the queue.
@@ -780,6 +800,7 @@ class Store:
         closed = self._stopping or self._aborting
         if not closed:
             self._queued.append(pending)
+            self.pending += 1
             # A busy writer looks at the queue anyway when its commit is done.
             self._wake_writer()
         if closed:
@@ -788,7 +809,10 @@ class Store:
             raise StorageError("the store is closed")
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a :class:`Database` read in a worker thread."""
+        """Run a backend read (in a worker thread when ``threaded``)."""
+        if not self._threaded:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._read_thread)
 
     def close(self) -> None:

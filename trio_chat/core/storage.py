@@ -1,0 +1,164 @@
+"""The storage seam: what the session core asks of a store, as plain data.
+
+The hub (``hub.py``) decides *what* to write and read; a backend (SQLite in
+``_store.py``, memory in ``testing``, PostgreSQL next) decides *how*. Writes are
+:class:`Operation` objects applied in batches, one transaction per batch, by the
+backend's :meth:`StorageBackend.apply_batch`; reads are named queries
+(:class:`StorageBackend` lists them) that any backend answers with the same rows.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from .._errors import StorageError
+from .._protocol import Message
+
+__all__ = [
+    "AppendMessage",
+    "Appended",
+    "ConversationRow",
+    "CreateGuest",
+    "Operation",
+    "SetRead",
+    "StaffMember",
+    "StaffSignIn",
+    "StorageBackend",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StaffMember:
+    staff_id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ConversationRow:
+    """A conversation as stored (the hub keeps a live copy of loaded ones)."""
+
+    conversation_id: str
+    guest_id: str
+    guest_name: str | None
+    status: str
+    assigned_staff_id: str | None
+    assigned_name: str | None
+    last_seq: int
+    read_seq: int
+    updated_ts: float
+    preview: str
+
+
+@dataclass(frozen=True, slots=True)
+class StaffSignIn:
+    """What a staff member's hello needs, read in one go: who they are (``None`` once
+    removed), the queue, and the conversations they hold."""
+
+    member: StaffMember | None
+    queue: list[ConversationRow]
+    held: list[ConversationRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    message: Message
+    duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
+    at: float = 0.0  # when it was committed (POSIX time); 0 for a duplicate
+
+
+# ---------------------------------------------------------------------- operations
+
+
+@dataclass(eq=False)
+class Operation(Generic[T]):
+    """A write. ``apply`` runs inside the batch's transaction, in the backend's writer;
+    exactly one of ``on_commit`` and ``on_error`` runs afterwards (set by the shell)."""
+
+    on_commit: Callable[[T], None] | None = field(default=None, kw_only=True)
+    on_error: Callable[[StorageError], None] | None = field(default=None, kw_only=True)
+
+    def apply(self, db: StorageBackend) -> T:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class AppendMessage(Operation[Appended]):
+    """Store one message with the next ``seq``; optionally change the conversation's
+    status in the same commit (``status`` is ``(status, assigned_staff_id,
+    assigned_name)``, for a transition's system message). A ``client_msg_id`` the same
+    ``author_key`` already used in the conversation stores nothing: the result is the
+    original, marked ``duplicate``."""
+
+    conversation_id: str = ""
+    sender: str = "guest"
+    author: str | None = None
+    author_key: str | None = None
+    text: str = ""
+    client_msg_id: str | None = None
+    status: tuple[str, str | None, str | None] | None = None
+
+    def apply(self, db: StorageBackend) -> Appended:
+        return db.append(self)
+
+
+@dataclass(eq=False)
+class SetRead(Operation[None]):
+    """Raise a read mark (``reader``: ``guest`` or ``staff``); never lowers it."""
+
+    conversation_id: str = ""
+    reader: str = "guest"
+    seq: int = 0
+
+    def apply(self, db: StorageBackend) -> None:
+        db.set_read(self)
+
+
+@dataclass(eq=False)
+class CreateGuest(Operation[ConversationRow]):
+    name: str | None = None
+
+    def apply(self, db: StorageBackend) -> ConversationRow:
+        return db.create_guest(self.name)
+
+
+class StorageBackend(Protocol):
+    """What every store implements. Writes run in one writer, in batches; reads may run
+    beside it. Every method raises :class:`StorageError` when the storage fails."""
+
+    # -- writes (inside a batch) ------------------------------------------------------
+    def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
+        """Apply every operation in one transaction; one result per operation. On
+        failure nothing of the batch is stored."""
+        ...
+
+    def append(self, op: AppendMessage) -> Appended: ...
+
+    def set_read(self, op: SetRead) -> None: ...
+
+    def create_guest(self, name: str | None) -> ConversationRow: ...
+
+    # -- reads --------------------------------------------------------------------------
+    def secret(self) -> bytes: ...
+
+    def conversation_of_guest(self, guest_id: str) -> ConversationRow | None: ...
+
+    def conversation(self, conversation_id: str) -> ConversationRow | None: ...
+
+    def staff_sign_in(self, staff_id: str) -> StaffSignIn: ...
+
+    def history(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]: ...
+
+    def recent(self, conversation_id: str, count: int) -> list[Message]: ...
+
+    def message_by_client_id(
+        self, conversation_id: str, author_key: str, client_msg_id: str
+    ) -> Message | None: ...
+
+    def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]: ...
+
+    def close(self) -> None: ...
