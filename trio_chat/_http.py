@@ -1,10 +1,9 @@
 """The plain-HTTP front of the server's single port.
 
-trio-websocket cannot answer an ordinary HTTP request, and has no API for a request
-that was already parsed. So every TCP connection starts here: h11 reads the request
-head; plain requests (``/``, ``/healthz``, static files) are answered by h11, with
-keep-alive; a WebSocket upgrade on ``/ws`` is handed over by replaying every byte read
-so far through a :class:`PrefixStream` into ``trio_websocket.wrap_server_stream``.
+Every TCP connection starts here: h11 reads the request head; plain requests (``/``,
+``/healthz``, static files) are answered by h11, with keep-alive; a WebSocket upgrade
+on ``/ws`` is handed to the WebSocket layer (``_wire``) with the parsed request and a
+:class:`PrefixStream` that first yields whatever the client sent after it.
 """
 
 from __future__ import annotations
@@ -146,14 +145,14 @@ class HttpFront:
     """Answers plain HTTP on a stream until it sees a WebSocket upgrade on ``/ws``.
 
     ``routes`` maps exact paths to handlers producing a :class:`Response`; paths under
-    ``/static/`` are served from the package. ``on_websocket`` receives a stream that
-    replays the upgrade request and then continues with the socket.
+    ``/static/`` are served from the package. ``on_websocket`` receives the stream
+    (yielding first any bytes that came after the request head) and the request.
     """
 
     def __init__(
         self,
         routes: dict[str, Route],
-        on_websocket: Callable[[trio.abc.Stream], Awaitable[None]],
+        on_websocket: Callable[[PrefixStream, h11.Request], Awaitable[None]],
         *,
         idle_timeout: float,
         server_header: str,
@@ -166,22 +165,22 @@ class HttpFront:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection. Never raises for anything the peer does."""
         upgrade = await self._serve_plain(stream)
-        # The h11 state, the parsed request and their buffers are gone by now: this
-        # frame stays suspended for the whole WebSocket session, so it keeps nothing.
+        # The h11 state and its buffers are gone by now: this frame stays suspended for
+        # the whole WebSocket session, so it keeps nothing.
         if upgrade is not None:
-            await self.on_websocket(PrefixStream(stream, upgrade))
+            request, after = upgrade
+            del upgrade
+            await self.on_websocket(PrefixStream(stream, after), request)
 
-    async def _serve_plain(self, stream: trio.abc.Stream) -> bytes | None:
-        """Answer plain requests; return the bytes to replay when a WebSocket upgrade
-        arrives, or None when the connection is done."""
+    async def _serve_plain(self, stream: trio.abc.Stream) -> tuple[h11.Request, bytes] | None:
+        """Answer plain requests; return a WebSocket upgrade request with the bytes
+        that followed it, or None when the connection is done."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         while True:
-            # The bytes of this request, kept so a WebSocket upgrade can be replayed.
-            raw = bytearray(conn.trailing_data[0])
             request: h11.Request | None = None
             with trio.move_on_after(self.idle_timeout):
                 try:
-                    request = await self._read_request(stream, conn, raw)
+                    request = await self._read_request(stream, conn)
                 except h11.RemoteProtocolError as exc:
                     await self._send_error(stream, conn, exc.error_status_hint, str(exc))
                     return None
@@ -191,7 +190,7 @@ class HttpFront:
                 return None  # idle, or the peer closed between requests
             target = request.target.split(b"?", 1)[0]
             if target == b"/ws" and request.method == b"GET" and _is_websocket_upgrade(request):
-                return bytes(raw)
+                return request, bytes(conn.trailing_data[0])
             response = self._route(request, target)
             try:
                 await self._respond(stream, conn, request, response)
@@ -205,14 +204,12 @@ class HttpFront:
                 return None
 
     async def _read_request(
-        self, stream: trio.abc.Stream, conn: h11.Connection, raw: bytearray
+        self, stream: trio.abc.Stream, conn: h11.Connection
     ) -> h11.Request | None:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = bytes(await stream.receive_some(RECEIVE_BYTES))
-                raw += data
-                conn.receive_data(data)
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
                 continue
             if isinstance(event, h11.Request):
                 return event

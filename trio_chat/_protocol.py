@@ -441,8 +441,9 @@ def read_frame(conversation_id: str, reader: str, seq: int) -> str:
     )
 
 
-def pong_frame(ping_id: Any) -> str:
-    return encode({"type": "pong", "id": ping_id, "ts": format_ts()})
+def pong_frame(ping_id: Any, at: float | None = None) -> str:
+    """The answer to a ``ping``; ``at`` is the POSIX time (default: now)."""
+    return encode({"type": "pong", "id": ping_id, "ts": format_ts(at)})
 
 
 def reconnect_frame(after_ms: int, reason: str) -> str:

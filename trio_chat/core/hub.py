@@ -1,0 +1,1086 @@
+"""The session core: protocol v1's rules as pure code, events in, actions out.
+
+Modelled on h11's ``Connection``: the :class:`Hub` owns every session, every live
+conversation, the subscriptions and the staff room; it is told what happened (a frame
+from a session, a write committed, a read answered, a concierge reply ready, a session
+gone) and the time, and answers with what to do (:class:`Send` a frame, :class:`Close`
+a session, :class:`Write` or :class:`Read` storage, :class:`StartReply` for the
+concierge). It never awaits, never touches a socket, a thread or a database, and never
+reads a clock. The Trio server (``_server.py``) is one shell around it; tests are
+another: feed events, assert on actions.
+
+Ordering guarantees the shell must keep (the hub relies on them):
+
+* a session's events come in order, and a :class:`Read` or a waited :class:`Write`
+  that a session's frame caused is answered (:meth:`Hub.loaded`, :meth:`Hub.stored`)
+  before that session's next frame is given;
+* :meth:`Hub.stored` is called for writes in commit order, which is the order the hub
+  issued them (one writer, batches committed whole);
+* actions are carried out in the order returned.
+
+Given those, ``seq`` order, exactly-once delivery and atomic subscription follow: the
+hub pushes a message only when told it is committed, and subscribes a session and reads
+``last_seq`` in one step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .. import _protocol as proto
+from .._conversation import ConversationState, Event, apply_event
+from .._errors import ProtocolError, StorageError
+from .._protocol import CloseCode, ErrorCode, Message
+from .._ratelimit import TokenBucket
+from .._tokens import TokenSigner
+from .storage import (
+    Appended,
+    AppendMessage,
+    ConversationRow,
+    CreateGuest,
+    Operation,
+    SetRead,
+    StaffSignIn,
+)
+
+__all__ = [
+    "Action",
+    "Close",
+    "Hub",
+    "HubConfig",
+    "LiveConversation",
+    "Read",
+    "Send",
+    "StartReply",
+    "Write",
+]
+
+BAD_FRAME_LIMIT: Final = 20
+FLOOD_CLOSE_AFTER: Final = 10.0
+FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
+QUEUE_LIMIT: Final = 500
+PREVIEW_CHARS: Final = 120
+
+
+# ------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Queue ``frame`` on ``session``'s connection (never wait for it)."""
+
+    session: int
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``session`` with ``code`` once what is queued for it has gone."""
+
+    session: int
+    code: int
+    reason: str
+
+
+@dataclass(eq=False, slots=True)
+class Write:
+    """Apply ``operation``; then call :meth:`Hub.stored` (or :meth:`Hub.failed`). With
+    ``wait``, ``session``'s next frame waits until then."""
+
+    operation: Operation[Any]
+    session: int | None = None
+    wait: bool = False
+    ref: str | None = None  # named by an ``internal`` error if the write fails
+    then: Callable[[Any], None] | None = field(default=None, repr=False)
+    conversation: LiveConversation | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False, slots=True)
+class Read:
+    """Call the backend's read ``method`` with ``args``; then :meth:`Hub.loaded` with
+    its result (or :meth:`Hub.read_failed`) before ``session``'s next frame."""
+
+    method: str
+    args: tuple[Any, ...]
+    session: int | None = None
+    ref: str | None = None
+    then: Callable[[Any], None] | None = field(default=None, repr=False)
+    conversation: LiveConversation | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StartReply:
+    """Ask the concierge to answer ``message``; report with :meth:`Hub.replied`."""
+
+    conversation_id: str
+    guest_id: str
+    guest_name: str | None
+    message: Message
+
+
+Action = Send | Close | Write | Read | StartReply
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    heartbeat_s: float = 20.0
+    server_name: str = "trio-chat"
+    open_registration: bool = True
+    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    rate_burst: int = 20
+
+
+# ------------------------------------------------------------------------ state
+
+
+class LiveConversation:
+    """One conversation while anyone is subscribed to it or anything is in flight for
+    it. ``status``, ``assigned_*`` and ``last_seq`` are the committed state; decisions
+    (the status table) use :attr:`decided`, which includes transitions still being
+    written, so two staff members racing to claim are decided by the first one's
+    write, not by its commit."""
+
+    __slots__ = (
+        "assigned_name",
+        "assigned_to",
+        "busy",
+        "conversation_id",
+        "guest_id",
+        "guest_name",
+        "guest_sessions",
+        "last_seq",
+        "preview",
+        "read_seq",
+        "replies",
+        "replying",
+        "status",
+        "subscribers",
+        "transitions",
+        "upcoming",
+        "updated_ts",
+    )
+
+    def __init__(self, row: ConversationRow) -> None:
+        self.conversation_id = row.conversation_id
+        self.guest_id = row.guest_id
+        self.guest_name = row.guest_name
+        self.status = row.status
+        self.assigned_to = row.assigned_staff_id
+        self.assigned_name = row.assigned_name
+        self.last_seq = row.last_seq
+        self.read_seq = row.read_seq
+        self.updated_ts = row.updated_ts
+        self.preview = row.preview
+        self.subscribers: set[int] = set()
+        self.guest_sessions = 0
+        self.busy = 0  # writes, reads and replies in flight that still need this object
+        self.upcoming: ConversationState | None = None  # after the transitions in flight
+        self.transitions = 0  # transitions written, not yet committed
+        self.replying = False  # the concierge is answering
+        self.replies: deque[Message] | None = None  # guest messages waiting for an answer
+
+    @property
+    def state(self) -> ConversationState:
+        return ConversationState(self.status, self.assigned_to, self.assigned_name)
+
+    @property
+    def decided(self) -> ConversationState:
+        return self.upcoming if self.upcoming is not None else self.state
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "conversation_id": self.conversation_id,
+            "guest_id": self.guest_id,
+            "guest_name": self.guest_name,
+            "status": self.status,
+            "assigned_to": self.assigned_name,
+            "last_seq": self.last_seq,
+            "read_seq": self.read_seq,
+            "updated_ts": proto.format_ts(self.updated_ts),
+            "guest_online": self.guest_sessions > 0,
+            "preview": self.preview,
+        }
+
+
+class Session:
+    """One connection's identity and counters."""
+
+    __slots__ = (
+        "bad_frames",
+        "bucket",
+        "conversation",
+        "flood_since",
+        "id",
+        "last_limited",
+        "name",
+        "role",
+        "staff_id",
+        "subscriptions",
+    )
+
+    def __init__(self, session_id: int) -> None:
+        self.id = session_id
+        self.role: str | None = None  # "guest" or "staff" once hello succeeded
+        self.staff_id: str | None = None
+        self.name: str | None = None
+        self.conversation: LiveConversation | None = None  # a guest's own
+        self.subscriptions: set[LiveConversation] | None = None  # a staff member's
+        self.bucket: TokenBucket | None = None
+        self.bad_frames = 0
+        self.flood_since: float | None = None
+        self.last_limited = 0.0
+
+
+class _Deferred(Exception):
+    """Internal: the frame's handling continues when a read or write comes back."""
+
+
+# --------------------------------------------------------------------------- hub
+
+
+class Hub:
+    """Every session and live conversation of one server; see the module docstring.
+
+    Each event method returns the actions it calls for, in order. ``now`` is the
+    shell's monotonic clock (rate limits), ``wall`` the POSIX time (timestamps).
+    ``concierge`` says whether guest messages in ``ai`` get a :class:`StartReply`.
+    """
+
+    def __init__(self, signer: TokenSigner, config: HubConfig, *, concierge: bool) -> None:
+        self.signer = signer
+        self.config = config
+        self.concierge = concierge
+        self.sessions: dict[int, Session] = {}
+        self.conversations: dict[str, LiveConversation] = {}
+        self.staff_room: set[int] = set()
+        self._out: list[Action] = []
+        self._now = 0.0
+        self._wall = 0.0
+
+    # -- events ------------------------------------------------------------------------
+
+    def opened(self, session_id: int) -> None:
+        """A connection was accepted (its first frame must be ``hello``)."""
+        self.sessions[session_id] = Session(session_id)
+
+    def signed_in(self, session_id: int) -> bool:
+        session = self.sessions.get(session_id)
+        return session is not None and session.role is not None
+
+    def role(self, session_id: int) -> str | None:
+        session = self.sessions.get(session_id)
+        return None if session is None else session.role
+
+    def frame(self, session_id: int, raw: str | bytes, now: float, wall: float) -> list[Action]:
+        """A WebSocket message from a session."""
+        self._begin(now, wall)
+        session = self.sessions.get(session_id)
+        if session is not None:
+            if session.role is None:
+                self._hello_phase(session, raw)
+            else:
+                self._signed_in_frame(session, raw)
+        return self._end()
+
+    def stored(self, write: Write, result: Any, now: float, wall: float) -> list[Action]:
+        """``write`` committed with ``result`` (called in commit order). What a commit
+        sets off happens whether or not the session that asked is still there."""
+        self._begin(now, wall)
+        try:
+            if write.then is not None:
+                write.then(result)
+        finally:
+            self._unpin(write.conversation)
+        return self._end()
+
+    def failed(self, write: Write, error: StorageError, now: float, wall: float) -> list[Action]:
+        """``write`` was not stored (nothing of it was: no ack, no push)."""
+        self._begin(now, wall)
+        conv = write.conversation
+        op = write.operation
+        if isinstance(op, AppendMessage) and conv is not None:
+            if op.status is not None:
+                self._transition_done(conv)
+            if op.sender == "ai":
+                self._reply_done(conv, typing_off=True)
+        self._internal(write.session, write.ref)
+        self._unpin(conv)
+        return self._end()
+
+    def loaded(self, read: Read, result: Any, now: float, wall: float) -> list[Action]:
+        """``read`` answered with ``result``."""
+        self._begin(now, wall)
+        try:
+            if read.then is not None:
+                self._continue(read.session, read.then, result)
+        finally:
+            self._unpin(read.conversation)
+        return self._end()
+
+    def read_failed(self, read: Read, error: StorageError, now: float, wall: float) -> list[Action]:
+        self._begin(now, wall)
+        self._internal(read.session, read.ref)
+        self._unpin(read.conversation)
+        return self._end()
+
+    def replied(
+        self, conversation_id: str, text: str, escalate: bool, now: float, wall: float
+    ) -> list[Action]:
+        """The concierge's answer to the :class:`StartReply` of ``conversation_id``."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            self._concierge_answer(conv, text, escalate)
+        return self._end()
+
+    def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
+        """At start-up: ``message`` never got the concierge's answer (the server stopped
+        first)."""
+        self._begin(now, wall)
+        conv = self._live(row)
+        self._after_guest_message(conv, message)
+        self._release(conv)  # unless an answer (or a reopening) now holds it
+        return self._end()
+
+    def closed(self, session_id: int, now: float, wall: float) -> list[Action]:
+        """The connection is gone (for whatever reason)."""
+        self._begin(now, wall)
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self._detach(session)
+        return self._end()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _begin(self, now: float, wall: float) -> None:
+        self._out = []
+        self._now = now
+        self._wall = wall
+
+    def _end(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _send(self, session_id: int, frame: str) -> None:
+        self._out.append(Send(session_id, frame))
+
+    def _close(self, session_id: int, code: int, reason: str) -> None:
+        self._out.append(Close(session_id, code, reason))
+
+    def _continue(self, session_id: int | None, then: Callable[[Any], None], result: Any) -> None:
+        session = self.sessions.get(session_id) if session_id is not None else None
+        if session_id is not None and session is None:
+            return  # the session is gone: nothing to answer
+        if session is None:
+            then(result)
+            return
+        self._guarded(session, lambda: then(result))
+
+    def _guarded(self, session: Session, handle: Callable[[], None]) -> None:
+        """Run a frame's handling: a protocol error is a bad frame; success resets the
+        count (once the handling is complete, not while it waits for storage)."""
+        try:
+            handle()
+        except _Deferred:
+            return
+        except ProtocolError as exc:
+            self._bad_frame(session, exc)
+            return
+        session.bad_frames = 0
+
+    def _read(
+        self,
+        session: Session | None,
+        method: str,
+        args: tuple[Any, ...],
+        then: Callable[[Any], None],
+        *,
+        ref: str | None = None,
+        conv: LiveConversation | None = None,
+    ) -> None:
+        self._pin(conv)
+        self._out.append(Read(method, args, session.id if session else None, ref, then, conv))
+
+    def _write(
+        self,
+        operation: Operation[Any],
+        then: Callable[[Any], None] | None,
+        *,
+        session: Session | None = None,
+        wait: bool = False,
+        ref: str | None = None,
+        conv: LiveConversation | None = None,
+    ) -> None:
+        self._pin(conv)
+        self._out.append(Write(operation, session.id if session else None, wait, ref, then, conv))
+
+    def _internal(self, session_id: int | None, ref: str | None) -> None:
+        if session_id is not None and session_id in self.sessions:
+            self._send(
+                session_id,
+                proto.error_frame(
+                    ErrorCode.INTERNAL, "the server could not store that; please retry", ref
+                ),
+            )
+
+    def _error(
+        self, session: Session, exc: ProtocolError, retry_after_ms: int | None = None
+    ) -> None:
+        self._send(session.id, proto.error_frame(exc.code, exc.message, exc.ref, retry_after_ms))
+
+    def _bad_frame(self, session: Session, exc: ProtocolError) -> None:
+        self._error(session, exc)
+        session.bad_frames += 1
+        if session.bad_frames >= BAD_FRAME_LIMIT:
+            self._close(session.id, CloseCode.POLICY, f"{BAD_FRAME_LIMIT} bad frames in a row")
+
+    # -- conversations in memory -----------------------------------------------------------
+
+    def _live(self, row: ConversationRow) -> LiveConversation:
+        """The live conversation for ``row``; a loaded one wins over a fresh read."""
+        conv = self.conversations.get(row.conversation_id)
+        if conv is None:
+            conv = self.conversations[row.conversation_id] = LiveConversation(row)
+        return conv
+
+    def _pin(self, conv: LiveConversation | None) -> None:
+        if conv is not None:
+            conv.busy += 1
+
+    def _unpin(self, conv: LiveConversation | None) -> None:
+        if conv is not None:
+            conv.busy -= 1
+            self._release(conv)
+
+    def _release(self, conv: LiveConversation) -> None:
+        if not conv.subscribers and conv.busy == 0:
+            self.conversations.pop(conv.conversation_id, None)
+
+    def _broadcast(self, conv: LiveConversation, frame: str, skip: int | None = None) -> None:
+        for session_id in conv.subscribers:
+            if session_id != skip:
+                self._send(session_id, frame)
+
+    def _summary_changed(self, conv: LiveConversation) -> None:
+        if self.staff_room:
+            frame = proto.encode({"type": "conversation", **conv.summary()})
+            for session_id in self.staff_room:
+                self._send(session_id, frame)
+
+    def _subscribe(self, session: Session, conv: LiveConversation) -> None:
+        assert session.subscriptions is not None
+        conv.subscribers.add(session.id)
+        session.subscriptions.add(conv)
+        self._send(
+            session.id,
+            proto.encode(
+                {
+                    "type": "subscribed",
+                    "conversation_id": conv.conversation_id,
+                    "last_seq": conv.last_seq,
+                    "status": conv.status,
+                    "assigned_to": conv.assigned_name,
+                }
+            ),
+        )
+
+    def _detach(self, session: Session) -> None:
+        if session.role == "guest" and session.conversation is not None:
+            conv = session.conversation
+            conv.subscribers.discard(session.id)
+            conv.guest_sessions -= 1
+            if conv.guest_sessions == 0:
+                self._summary_changed(conv)
+            self._release(conv)
+        elif session.role == "staff" and session.subscriptions is not None:
+            self.staff_room.discard(session.id)
+            for conv in session.subscriptions:
+                conv.subscribers.discard(session.id)
+                self._release(conv)
+            session.subscriptions.clear()
+
+    # -- hello -----------------------------------------------------------------------
+
+    def _hello_phase(self, session: Session, raw: str | bytes) -> None:
+        try:
+            frame = proto.parse_client_frame(raw)
+        except ProtocolError as exc:
+            # A malformed hello is a bad hello; anything else is "not yet".
+            if exc.code != ErrorCode.BAD_JSON and exc.ref != "hello":
+                exc = ProtocolError(ErrorCode.AUTH_REQUIRED, "send hello first", exc.ref)
+            self._bad_frame(session, exc)
+            return
+        if not isinstance(frame, proto.Hello):
+            self._bad_frame(
+                session, ProtocolError(ErrorCode.AUTH_REQUIRED, "send hello first", _ref(frame))
+            )
+            return
+        self._hello(session, frame)
+
+    def _hello(self, session: Session, hello: proto.Hello) -> None:
+        if hello.token is None:
+            if not self.config.open_registration:
+                self._auth_failed(
+                    session, "this server issues guest tokens at the desk; registration is closed"
+                )
+                return
+
+            def created(row: ConversationRow) -> None:
+                if session.id in self.sessions:
+                    self._attach_guest(session, row, self.signer.issue("g", row.guest_id))
+
+            self._write(CreateGuest(name=hello.name), created, session=session, wait=True,
+                        ref="hello")  # fmt: skip
+            return
+        verified = self.signer.verify(hello.token)
+        if verified is None:
+            self._auth_failed(session, "unknown or invalid token")
+            return
+        kind, ident = verified
+        token = hello.token
+        if kind == "g":
+
+            def found_guest(row: ConversationRow | None) -> None:
+                if row is None:
+                    self._auth_failed(session, "unknown guest")
+                else:
+                    self._attach_guest(session, row, token)
+
+            self._read(session, "conversation_of_guest", (ident,), found_guest, ref="hello")
+        else:
+
+            def found_staff(found: StaffSignIn) -> None:
+                if found.member is None:
+                    self._auth_failed(session, "this staff member was removed")
+                else:
+                    self._attach_staff(session, found, token)
+
+            self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
+
+    def _auth_failed(self, session: Session, why: str) -> None:
+        self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))
+        self._close(session.id, CloseCode.AUTH_FAILED, "authentication failed")
+
+    def _attach_guest(self, session: Session, row: ConversationRow, token: str) -> None:
+        conv = self._live(row)
+        session.role = "guest"
+        session.conversation = conv
+        session.name = conv.guest_name
+        if self.config.rate_limit > 0:
+            session.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst, self._now)
+        # Subscribing and reading last_seq happen in one step: every later commit
+        # reaches this session live.
+        conv.subscribers.add(session.id)
+        conv.guest_sessions += 1
+        self._send(
+            session.id,
+            proto.encode(
+                {
+                    "type": "welcome",
+                    "role": "guest",
+                    "token": token,
+                    "guest_id": conv.guest_id,
+                    "conversation_id": conv.conversation_id,
+                    "status": conv.status,
+                    "last_seq": conv.last_seq,
+                    "read_seq": conv.read_seq,
+                    "heartbeat_s": self.config.heartbeat_s,
+                    "server": self.config.server_name,
+                }
+            ),
+        )
+        if conv.status != "ai":
+            self._send(
+                session.id,
+                proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name),
+            )
+        if conv.guest_sessions == 1:
+            self._summary_changed(conv)
+
+    def _attach_staff(self, session: Session, found: StaffSignIn, token: str) -> None:
+        member = found.member
+        assert member is not None
+        session.role = "staff"
+        session.staff_id = member.staff_id
+        session.name = member.name
+        session.subscriptions = set()
+        self._send(
+            session.id,
+            proto.encode(
+                {
+                    "type": "welcome",
+                    "role": "staff",
+                    "token": token,
+                    "staff_id": member.staff_id,
+                    "name": member.name,
+                    "heartbeat_s": self.config.heartbeat_s,
+                    "server": self.config.server_name,
+                }
+            ),
+        )
+        # One step: the queue, the staff room and re-subscription, so no summary change
+        # falls between the queue and the live pushes.
+        held = [self._live(row) for row in found.held]
+        summaries = {r.conversation_id: LiveConversation(r).summary() for r in found.queue}
+        for conv in self.conversations.values():
+            # A guest online right now counts as active, even before writing.
+            if (
+                conv.status in ("waiting", "staff")
+                or conv.guest_sessions
+                or conv.conversation_id in summaries
+            ):
+                summaries[conv.conversation_id] = conv.summary()
+        ordered = sorted(summaries.values(), key=lambda s: s["updated_ts"], reverse=True)
+        self._send(
+            session.id, proto.encode({"type": "queue", "conversations": ordered[:QUEUE_LIMIT]})
+        )
+        self.staff_room.add(session.id)
+        for conv in held:
+            if conv.status == "staff" and conv.assigned_to == member.staff_id:
+                self._subscribe(session, conv)
+            else:
+                self._release(conv)
+
+    # -- frames after hello ------------------------------------------------------------
+
+    def _signed_in_frame(self, session: Session, raw: str | bytes) -> None:
+        try:
+            frame = proto.parse_client_frame(raw)
+        except ProtocolError as exc:
+            self._bad_frame(session, exc)
+            return
+        if session.role == "guest":
+            self._guarded(session, lambda: self._guest_frame(session, frame))
+        else:
+            self._guarded(session, lambda: self._staff_frame(session, frame))
+
+    def _common_frame(self, session: Session, frame: proto.ClientFrame) -> bool:
+        if isinstance(frame, proto.Ping):
+            self._send(session.id, proto.pong_frame(frame.id, self._wall))
+            return True
+        if isinstance(frame, proto.Hello):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already received", "hello")
+        return False
+
+    def _guest_frame(self, session: Session, frame: proto.ClientFrame) -> None:
+        conv = session.conversation
+        assert conv is not None
+        if self._common_frame(session, frame):
+            return
+        if isinstance(frame, proto.SendMessage):
+            self._guest_message(session, conv, frame)
+        elif isinstance(frame, proto.HistoryRequest):
+            self._history(session, conv, frame)
+        elif isinstance(frame, proto.Escalate):
+            if not self._transition(conv, "escalate", session=session, ref="escalate"):
+                self._send(
+                    session.id,
+                    proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name),
+                )
+        elif isinstance(frame, proto.Typing):
+            self._broadcast(
+                conv, proto.typing_frame(conv.conversation_id, "guest", frame.active), session.id
+            )
+        elif isinstance(frame, proto.Read):
+            self._read_mark(session, conv, "guest", frame.seq)
+        elif isinstance(frame, proto.StaffAction):
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, f"{frame.action} is for staff only", frame.action
+            )
+
+    def _guest_message(
+        self, session: Session, conv: LiveConversation, frame: proto.SendMessage
+    ) -> None:
+        author_key = "g:" + conv.guest_id
+        if session.bucket is not None:
+            wait_ms = session.bucket.try_take(self._now)
+            if wait_ms:
+                self._rate_limited(session, conv, frame, author_key, wait_ms)
+                return
+        self._post(
+            session,
+            conv,
+            AppendMessage(
+                conversation_id=conv.conversation_id,
+                sender="guest",
+                author=conv.guest_id,
+                author_key=author_key,
+                text=frame.text,
+                client_msg_id=frame.client_msg_id,
+            ),
+            after=lambda message: self._after_guest_message(conv, message),
+        )
+
+    def _rate_limited(
+        self,
+        session: Session,
+        conv: LiveConversation,
+        frame: proto.SendMessage,
+        author_key: str,
+        wait_ms: int,
+    ) -> None:
+        now = self._now
+
+        def looked_up(stored: Message | None) -> None:
+            # A retry of a stored message is answered before the limit applies.
+            if stored is not None:
+                self._send(session.id, proto.ack_frame(stored))
+                return
+            # A flood ends only after a quiet spell; messages that squeeze through at
+            # the refill rate do not end it.
+            if session.flood_since is None or now - session.last_limited > FLOOD_QUIET:
+                session.flood_since = now
+            session.last_limited = now
+            if now - session.flood_since >= FLOOD_CLOSE_AFTER:
+                self._close(session.id, CloseCode.RATE_LIMITED, "still flooding after being told")
+            self._error(
+                session,
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED, "slow down: too many messages", frame.client_msg_id
+                ),
+                retry_after_ms=wait_ms,
+            )
+
+        self._read(
+            session,
+            "message_by_client_id",
+            (conv.conversation_id, author_key, frame.client_msg_id),
+            looked_up,
+            ref=frame.client_msg_id,
+            conv=conv,
+        )
+        raise _Deferred
+
+    def _post(
+        self,
+        session: Session,
+        conv: LiveConversation,
+        op: AppendMessage,
+        after: Callable[[Message], None] | None = None,
+    ) -> None:
+        """Store a client's message without holding up its next frame: the ack (or an
+        ``internal`` error) follows the commit."""
+
+        def committed(result: Appended) -> None:
+            message = result.message
+            if session.id in self.sessions:
+                self._send(session.id, proto.ack_frame(message))
+            if not result.duplicate:
+                self._committed(conv, result)
+                if after is not None:
+                    after(message)
+                self._summary_changed(conv)
+
+        self._write(op, committed, session=session, ref=op.client_msg_id, conv=conv)
+
+    def _committed(self, conv: LiveConversation, result: Appended) -> None:
+        """A new message is stored: the live state follows, then every subscriber."""
+        message = result.message
+        conv.last_seq = message.seq
+        conv.preview = message.text[:PREVIEW_CHARS]
+        conv.updated_ts = result.at or self._wall
+        self._broadcast(conv, proto.message_frame(message))
+
+    def _append(
+        self,
+        conv: LiveConversation,
+        op: AppendMessage,
+        after: Callable[[Appended], None] | None = None,
+        *,
+        session: Session | None = None,
+        ref: str | None = None,
+    ) -> None:
+        """Store a message nobody acknowledges (system, ai), pushing it on commit. With
+        ``session``, that session's next frame waits for the commit."""
+
+        def committed(result: Appended) -> None:
+            if result.duplicate:  # pragma: no cover - these carry no client_msg_id
+                return
+            self._committed(conv, result)
+            if op.status is not None:
+                conv.status, conv.assigned_to, conv.assigned_name = op.status
+                self._broadcast(
+                    conv, proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name)
+                )
+                self._transition_done(conv)
+            if after is not None:
+                after(result)
+            self._summary_changed(conv)
+
+        self._write(op, committed, session=session, wait=session is not None, ref=ref, conv=conv)
+
+    # -- the status table ---------------------------------------------------------------
+
+    def _transition(
+        self,
+        conv: LiveConversation,
+        event: Event,
+        *,
+        session: Session | None = None,
+        ref: str | None = None,
+        staff_id: str | None = None,
+        staff_name: str | None = None,
+        after: Callable[[Appended], None] | None = None,
+    ) -> bool:
+        """Apply a status-table event to the state as decided so far; store its system
+        message and new status in one write. False when nothing changes. Raises
+        ProtocolError (conflict, forbidden) from the table."""
+        transition = apply_event(conv.decided, event, staff_id=staff_id, staff_name=staff_name)
+        if transition is None:
+            return False
+        new = transition.state
+        conv.upcoming = new
+        conv.transitions += 1
+        self._append(
+            conv,
+            AppendMessage(
+                conversation_id=conv.conversation_id,
+                sender="system",
+                author=None,
+                text=transition.system_text,
+                status=(new.status, new.assigned_to, new.assigned_name),
+            ),
+            after,
+            session=session,
+            ref=ref,
+        )
+        return True
+
+    def _transition_done(self, conv: LiveConversation) -> None:
+        conv.transitions -= 1
+        if conv.transitions == 0:
+            conv.upcoming = None
+
+    # -- the concierge ----------------------------------------------------------------
+
+    def _after_guest_message(self, conv: LiveConversation, message: Message) -> None:
+        """A guest message is stored: reopen a resolved conversation, then let the
+        concierge answer (only when there is work: most messages in a busy hotel go to
+        conversations with staff, or to a server without a concierge)."""
+        status = conv.decided.status
+        if status == "resolved":
+            self._transition(
+                conv, "guest_message", after=lambda _: self._ask_concierge(conv, message)
+            )
+        elif status == "ai":
+            self._ask_concierge(conv, message)
+
+    def _ask_concierge(self, conv: LiveConversation, message: Message) -> None:
+        if not self.concierge:
+            return
+        if conv.replying:
+            # One answer at a time per conversation, in the order asked.
+            if conv.replies is None:
+                conv.replies = deque()
+            conv.replies.append(message)
+            return
+        if conv.decided.status != "ai":
+            return
+        conv.replying = True
+        self._pin(conv)
+        self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", True))
+        self._out.append(StartReply(conv.conversation_id, conv.guest_id, conv.guest_name, message))
+
+    def _concierge_answer(self, conv: LiveConversation, text: str, escalate: bool) -> None:
+        if not conv.replying:
+            return
+        if conv.decided.status != "ai":
+            # Staff took over while the concierge was thinking.
+            self._reply_done(conv, typing_off=True)
+            return
+
+        def answered(_: Appended) -> None:
+            # Typing ends with the answer, in the same write.
+            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
+            if escalate:
+                self._transition(conv, "concierge_escalate")
+            self._reply_done(conv, typing_off=False)
+
+        self._append(
+            conv,
+            AppendMessage(
+                conversation_id=conv.conversation_id, sender="ai", author="concierge", text=text
+            ),
+            answered,
+        )
+
+    def _reply_done(self, conv: LiveConversation, *, typing_off: bool) -> None:
+        if not conv.replying:
+            return
+        if typing_off:
+            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
+        conv.replying = False
+        self._unpin(conv)
+        while conv.replies:
+            self._ask_concierge(conv, conv.replies.popleft())
+            if conv.replying:
+                break
+
+    # -- history and read marks --------------------------------------------------------
+
+    def _history(
+        self, session: Session, conv: LiveConversation, frame: proto.HistoryRequest
+    ) -> None:
+        def found(messages: list[Message]) -> None:
+            last_seq = max(conv.last_seq, messages[-1].seq if messages else 0)
+            self._send(session.id, proto.history_frame(conv.conversation_id, messages, last_seq))
+
+        self._read(
+            session,
+            "history",
+            (conv.conversation_id, frame.after_seq, frame.limit),
+            found,
+            ref="history",
+            conv=conv,
+        )
+        raise _Deferred
+
+    def _read_mark(self, session: Session, conv: LiveConversation, reader: str, seq: int) -> None:
+        seq = min(seq, conv.last_seq)
+        if reader == "staff" and seq > conv.read_seq:
+            conv.read_seq = seq
+            self._summary_changed(conv)
+        self._broadcast(conv, proto.read_frame(conv.conversation_id, reader, seq), session.id)
+        self._write(
+            SetRead(conversation_id=conv.conversation_id, reader=reader, seq=seq),
+            None,
+            session=session,
+            wait=True,
+            ref="read",
+            conv=conv,
+        )
+
+    # -- staff -------------------------------------------------------------------------
+
+    def _staff_frame(self, session: Session, frame: proto.ClientFrame) -> None:
+        if self._common_frame(session, frame):
+            return
+        if isinstance(frame, proto.Escalate):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "escalate is for guests", "escalate")
+        conversation_id = getattr(frame, "conversation_id", None)
+        if conversation_id is None:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"staff must name the conversation_id in {_ref(frame)}",
+                _ref(frame),
+            )
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            self._pin(conv)
+            try:
+                self._staff_conversation_frame(session, conv, frame)
+            finally:
+                self._unpin(conv)
+            return
+
+        def found(row: ConversationRow | None) -> None:
+            if row is None:
+                raise ProtocolError(
+                    ErrorCode.NOT_FOUND, f"no conversation {conversation_id}", conversation_id
+                )
+            live = self._live(row)
+            self._pin(live)
+            try:
+                self._staff_conversation_frame(session, live, frame)
+            finally:
+                self._unpin(live)
+
+        self._read(session, "conversation", (conversation_id,), found, ref=_ref(frame))
+        raise _Deferred
+
+    def _staff_conversation_frame(
+        self, session: Session, conv: LiveConversation, frame: proto.ClientFrame
+    ) -> None:
+        assert session.staff_id is not None and session.name is not None
+        assert session.subscriptions is not None
+        holds = conv.status == "staff" and conv.assigned_to == session.staff_id
+        if isinstance(frame, proto.StaffAction):
+            self._staff_action(session, conv, frame.action)
+        elif isinstance(frame, proto.SendMessage):
+            if not holds:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    "claim the conversation before writing",
+                    frame.client_msg_id,
+                )
+            self._post(
+                session,
+                conv,
+                AppendMessage(
+                    conversation_id=conv.conversation_id,
+                    sender="staff",
+                    author=session.name,
+                    author_key="s:" + session.staff_id,
+                    text=frame.text,
+                    client_msg_id=frame.client_msg_id,
+                ),
+            )
+        elif isinstance(frame, proto.HistoryRequest):
+            self._history(session, conv, frame)
+        elif isinstance(frame, proto.Typing):
+            if not holds:
+                raise ProtocolError(ErrorCode.FORBIDDEN, "only the holder may type", "typing")
+            self._broadcast(
+                conv, proto.typing_frame(conv.conversation_id, "staff", frame.active), session.id
+            )
+        elif isinstance(frame, proto.Read):
+            if not holds and conv not in session.subscriptions:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN, "claim or watch the conversation first", "read"
+                )
+            self._read_mark(session, conv, "staff", frame.seq)
+
+    def _staff_action(self, session: Session, conv: LiveConversation, action: str) -> None:
+        assert session.staff_id is not None and session.subscriptions is not None
+        if action == "watch":
+            self._subscribe(session, conv)
+        elif action == "unwatch":
+            conv.subscribers.discard(session.id)
+            session.subscriptions.discard(conv)
+            self._release(conv)
+        elif action == "claim":
+
+            def subscribe_claimer(_: Appended) -> None:
+                # Runs right after the system message and status reached the existing
+                # subscribers, so the claimer's last_seq includes that message.
+                if session.id in self.sessions:
+                    self._subscribe(session, conv)
+
+            changed = self._transition(
+                conv,
+                "claim",
+                session=session,
+                ref="claim",
+                staff_id=session.staff_id,
+                staff_name=session.name,
+                after=subscribe_claimer,
+            )
+            if not changed:
+                self._subscribe(session, conv)
+        else:
+            self._transition(
+                conv,
+                action,  # type: ignore[arg-type]
+                session=session,
+                ref=action,
+                staff_id=session.staff_id,
+                staff_name=session.name,
+            )
+
+
+def _ref(frame: proto.ClientFrame) -> str:
+    if isinstance(frame, proto.SendMessage):
+        return frame.client_msg_id
+    if isinstance(frame, proto.StaffAction):
+        return frame.action
+    return {
+        proto.Hello: "hello",
+        proto.HistoryRequest: "history",
+        proto.Escalate: "escalate",
+        proto.Typing: "typing",
+        proto.Read: "read",
+        proto.Ping: "ping",
+    }.get(type(frame), "unknown")
