@@ -6,18 +6,21 @@ import argparse
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 from rich.console import Console
 
 from ._admin import add_guest, add_staff, opened, staff_token
+from ._concierge import RulesResponder
 from ._errors import StorageError
 from ._processes import GC_THRESHOLDS
 from ._server import ChatServer, ServerConfig
 from ._version import __version__
+from ._wire import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_DB = "trio-chat.db"
 
@@ -79,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="FULL",
         help="SQLite durability: FULL survives power loss, NORMAL a crash",
     )
+    serve.add_argument(
+        "--frame-engine",
+        choices=sorted(ENGINES),
+        default=DEFAULT_ENGINE,
+        help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
@@ -134,6 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--name", help="your name, shown to staff")
     chat.add_argument("--staff", metavar="TOKEN", help="chat as staff, with this staff token")
 
+    mock = commands.add_parser(
+        "mock",
+        help="the guest page against the mock server: memory only, a scripted staff member, "
+        "faults typed at its prompt",
+    )
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument(
+        "--concierge",
+        choices=["rules", "script"],
+        default="rules",
+        help="the rules concierge (as trio-chat serve), or the mock's few canned replies",
+    )
+    mock.add_argument(
+        "--staff-delay",
+        type=_non_negative,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long the scripted staff member takes to claim a hand-off",
+    )
+    mock.add_argument("--staff-name", default="Sam")
+
     guest = commands.add_parser("guest", help="issue guest tokens")
     guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
@@ -152,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chat": _chat,
         "soak": _soak,
         "proxy": _proxy,
+        "mock": _mock,
     }
     try:
         try:
@@ -191,8 +223,6 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        logging.getLogger("trio-websocket").setLevel(logging.ERROR)
     config = ServerConfig(
         db_path=args.db,
         host=args.host,
@@ -204,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         open_registration=not args.no_open_registration,
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
+        frame_engine=args.frame_engine,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -214,6 +245,83 @@ def _serve(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     trio.run(_run_server, config, Path(config.db_path).resolve())
     return 0
+
+
+MOCK_FAULTS: Final = {
+    "drop": "drop every connection without a close frame",
+    "close": "close every connection (1001)",
+    "restart": "send every client a reconnect hint of 3 s, then close (1012)",
+    "refuse": "refuse new connections (1013)",
+    "accept": "accept new connections again",
+    "slow-acks": "hold every ack for 5 s",
+    "no-acks": "store messages but withhold their acks",
+    "acks": "acknowledge at once again",
+}
+
+
+def _mock(args: argparse.Namespace) -> int:
+    trio.run(_run_mock, args)
+    return 0
+
+
+async def _run_mock(args: argparse.Namespace) -> None:
+    from .testing import MockServer
+
+    console = Console()
+    mock = MockServer(
+        concierge=RulesResponder() if args.concierge == "rules" else None,
+        staff_name=args.staff_name,
+        staff_delay=args.staff_delay,
+        staff_greeting=f"Hi, {args.staff_name} from the front desk here. How can I help?",
+        host=args.host,
+        port=args.port,
+        typing_delay=0.3,
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.run)
+        host = args.host if ":" not in args.host else f"[{args.host}]"
+        console.print(f"[bold yellow]trio-chat mock[/bold yellow] {__version__}: memory only")
+        console.print(f"  chat page   http://{host}:{port}/")
+        console.print(f"  websocket   ws://{host}:{port}/ws")
+        console.print(
+            f"  {args.staff_name} claims every hand-off after {args.staff_delay:g} s. "
+            "Faults, typed here: " + ", ".join(MOCK_FAULTS) + ". Ctrl-C stops.",
+            style="dim",
+        )
+        nursery.start_soon(_mock_faults, mock, console)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _mock_faults(mock: Any, console: Console) -> None:
+    """Faults on demand: one word a line on standard input."""
+
+    def acks_at_once() -> None:
+        mock.delay_acks(0)
+        mock.withhold_acks(False)
+
+    actions: dict[str, Callable[[], None]] = {
+        "drop": mock.drop_all,
+        "close": mock.close_all,
+        "restart": lambda: mock.send_reconnect(3000),
+        "refuse": lambda: mock.refuse(True),
+        "accept": lambda: mock.refuse(False),
+        "slow-acks": lambda: mock.delay_acks(5),
+        "no-acks": lambda: mock.withhold_acks(True),
+        "acks": acks_at_once,
+    }
+    while True:
+        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if not line:
+            return  # no terminal: faults only from Python
+        word = line.strip()
+        if word in actions:
+            actions[word]()
+            console.print(f"  {word}: {MOCK_FAULTS[word]}", style="yellow")
+        elif word:
+            console.print("  faults: " + ", ".join(MOCK_FAULTS), style="dim")
 
 
 async def _run_server(config: ServerConfig, data_path: Path) -> None:

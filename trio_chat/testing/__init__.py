@@ -2,8 +2,9 @@
 
 * :class:`FaultProxy`: a TCP proxy that adds latency, caps bandwidth, resets
   connections, refuses new ones, or blackholes traffic, at runtime or on a schedule.
-* :class:`MockServer`: an in-process protocol-v1 server with canned replies, a scripted
-  escalation to a mock staff member, and faults on demand.
+* :class:`MockServer`: the real server's session core in memory, in-process, with
+  canned replies (:class:`ScriptedResponder`), a scripted staff member who answers
+  hand-offs, and faults on demand.
 * :func:`run_scenario`: scripted guests and staff from ``data/scenarios/*.toml``,
   every event recorded with its time; :func:`summarize` charts what happened.
 * :func:`soak`: many guests through scheduled faults (drops, blackholes, latency, a
@@ -12,7 +13,7 @@
 """
 
 from ._experiments import OutageResult, outage_experiment, simulate_outage
-from ._mock import CannedReply, MockServer
+from ._mock import CannedReply, MockServer, ScriptedResponder
 from ._proxy import FaultProxy
 from ._scenarios import (
     Scenario,
@@ -32,6 +33,7 @@ __all__ = [
     "OutageResult",
     "Scenario",
     "ScenarioResult",
+    "ScriptedResponder",
     "SoakReport",
     "load_scenario",
     "outage_experiment",
