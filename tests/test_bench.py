@@ -69,6 +69,11 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
         ("trio-chat, concierge off", "python-socketio 5 + uvicorn"),
         ("trio-chat, concierge on", "trio-chat, concierge off"),
         ("python-socketio 5 + uvicorn", "bare trio-websocket echo"),
+        # The frame engines, A/B.
+        (
+            "trio-chat, concierge off, frames decoded by websockets",
+            "trio-chat, concierge off, frames decoded by wsproto",
+        ),
     }
     assert any(n.startswith("answered messages/s, 24 guests") for n in names)  # 4 x crowd
     assert any(n.startswith("event-loop CPU per message (6 guests") for n in names)

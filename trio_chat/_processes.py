@@ -43,12 +43,12 @@ async def wait_for_marker(proc: trio.Process, marker: bytes, within: float = 60)
             seen += chunk
 
 
-async def _spawn(args: Sequence[str]) -> trio.Process:
+async def _spawn(args: Sequence[str], env: dict[str, str] | None = None) -> trio.Process:
     return await trio.lowlevel.open_process(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})},
         # No PR_SET_PDEATHSIG: it fires when the *thread* that forked exits, and Trio
         # spawns from worker threads that retire after a few idle seconds. Children
         # are killed in the `finally` of whoever started them instead.
@@ -76,7 +76,10 @@ class ServerProcess:
     """``trio-chat serve`` in a child process that can be stopped and started again
     on the same port and database (a graceful restart, or a ``kill -9``)."""
 
-    def __init__(self, db_path: str | Path, port: int, *extra: str) -> None:
+    def __init__(
+        self, db_path: str | Path, port: int, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.env = env  # added to the child's environment (PYTHONPATH: other code)
         self.db_path = Path(db_path)
         self.port = port
         self.extra = extra
@@ -98,7 +101,8 @@ class ServerProcess:
                 "--db",
                 str(self.db_path),
                 *self.extra,
-            ]
+            ],
+            self.env,
         )
         await wait_for_marker(self.proc, f":{self.port}/ws".encode())
         nursery.start_soon(_drain, self.proc)

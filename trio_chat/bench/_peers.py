@@ -38,11 +38,16 @@ class Target:
     kind: str
     dialect: str
     concierge: str = "off"
+    engine: str = ""  # trio-chat's frame engine; "" for its default
+    code: str = ""  # another trio-chat source tree to run (its PYTHONPATH); "" for this one
 
     @property
     def label(self) -> str:
+        engine = f", frames decoded by {self.engine}" if self.engine else ""
+        old = " (old code)" if self.code else ""
+        concierge = "off" if self.concierge == "off" else "on"
         return {
-            "chat": f"trio-chat, concierge {'off' if self.concierge == 'off' else 'on'}",
+            "chat": f"trio-chat{old}, concierge {concierge}{engine}",
             "null": f"null server ({self.dialect})",
             "trio-websocket": "bare trio-websocket echo",
             "websockets": "websockets (asyncio) echo",
@@ -95,13 +100,20 @@ async def _wait_listening(port: int, proc: trio.Process, within: float = 30) -> 
             await trio.sleep(0.05)
 
 
+def code_env(code: str) -> dict[str, str] | None:
+    """The environment that runs the trio-chat source tree at ``code`` ("": this one)."""
+    return {"PYTHONPATH": str(Path(code).resolve())} if code else None
+
+
 @asynccontextmanager
-async def _process(argv: Sequence[str], port: int) -> AsyncIterator[trio.Process]:
+async def _process(
+    argv: Sequence[str], port: int, env: dict[str, str] | None = None
+) -> AsyncIterator[trio.Process]:
     proc = await trio.lowlevel.open_process(
         list(argv),
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
         await _wait_listening(port, proc)
@@ -112,13 +124,13 @@ async def _process(argv: Sequence[str], port: int) -> AsyncIterator[trio.Process
         await proc.wait()
 
 
-def chat_server_args(port: int, db: Path, concierge: str = "off") -> list[str]:
+def chat_server_args(port: int, db: Path, concierge: str = "off", engine: str = "") -> list[str]:
     """``trio-chat serve`` as benchmarks run it: no rate limit, no heartbeat, the
     concierge answering at once."""
     return [
         "-m", "trio_chat", "serve", "--port", str(port), "--db", str(db),
         "--concierge", concierge, "--typing-delay", "0", "--rate-limit", "0",
-        "--heartbeat", "0",
+        "--heartbeat", "0", *(["--frame-engine", engine] if engine else []),
     ]  # fmt: skip
 
 
@@ -130,7 +142,10 @@ async def serving(
     trio-chat's database; ``peer`` is the peers' interpreter (for ``socketio``)."""
     port = free_port()
     if target.kind == "chat":
-        argv = [sys.executable, *chat_server_args(port, workdir / "bench.db", target.concierge)]
+        argv = [
+            sys.executable,
+            *chat_server_args(port, workdir / "bench.db", target.concierge, target.engine),
+        ]
         path = "/ws"
     elif target.kind == "null":
         argv = [sys.executable, *worker_args("null-server", dialect=target.dialect, port=port)]
@@ -143,5 +158,5 @@ async def serving(
     else:
         argv = [sys.executable, *worker_args("echo-server", engine=target.kind, port=port)]
         path = "/"
-    async with _process(argv, port) as proc:
+    async with _process(argv, port, code_env(target.code)) as proc:
         yield f"ws://127.0.0.1:{port}{path}", proc

@@ -145,34 +145,47 @@ async def _profiled(
 
 
 async def scenario_profile(
-    guests: int, duration: float, workers: int, steps: Steps
+    guests: int, duration: float, workers: int, steps: Steps, old_code: str = ""
 ) -> tuple[list[Figure], dict[str, Any]]:
     """The cost of a message in each stage, trio-chat (concierge off) beside the bare
-    trio-websocket echo, both under ``guests`` closed-loop connections."""
-    steps.start("profile", 2)
+    trio-websocket echo (and the server from ``old_code``), all under ``guests``
+    closed-loop connections."""
+    targets = {
+        "trio-chat": Target("chat", "chat"),
+        "bare trio-websocket echo": Target("trio-websocket", "echo"),
+    }
+    if old_code:
+        targets["trio-chat (old code)"] = Target("chat", "chat", code=old_code)
+    steps.start("profile", len(targets))
     duration = max(1.0, duration)
-    ours, our_rate = await _profiled(Target("chat", "chat"), guests, duration, workers)
-    steps.advance("bare trio-websocket echo")
-    echo, echo_rate = await _profiled(Target("trio-websocket", "echo"), guests, duration, workers)
-    steps.advance()
-    loop_ours = sum(v for k, v in ours.items() if k in STAGES)
-    loop_echo = sum(v for k, v in echo.items() if k in STAGES)
+    profiles: dict[str, Any] = {"guests": guests}
+    loop: dict[str, float] = {}
+    for name, target in targets.items():
+        costs, rate = await _profiled(target, guests, duration, workers)
+        profiles[name] = {"rate": rate, "us_per_message": costs}
+        loop[name] = sum(v for k, v in costs.items() if k in STAGES)
+        steps.advance(name)
     figures = [
         Figure(
             f"event-loop CPU per message ({guests} guests, sampled by py-spy)",
-            loop_ours,
-            loop_echo,
+            loop["trio-chat"],
+            loop["bare trio-websocket echo"],
             "µs",
             "lower",
             "",
             "bare trio-websocket echo, per round trip",
         )
     ]
-    series = {
-        "profile": {
-            "guests": guests,
-            "trio-chat": {"rate": our_rate, "us_per_message": ours},
-            "bare trio-websocket echo": {"rate": echo_rate, "us_per_message": echo},
-        }
-    }
-    return figures, series
+    if old_code:
+        figures.append(
+            Figure(
+                f"event-loop CPU per message ({guests} guests, sampled by py-spy): new code",
+                loop["trio-chat"],
+                loop["trio-chat (old code)"],
+                "µs",
+                "lower",
+                "",
+                "old code, same run",
+            )
+        )
+    return figures, {"profile": profiles}

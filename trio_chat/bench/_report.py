@@ -13,11 +13,14 @@ from typing import Any, Final
 
 import trio
 
-from ._peers import peer_python
+from ._peers import Target, peer_python
 from ._profile import STAGES, WRITER, scenario_profile
 from ._scenarios import (
+    ENGINE_TARGETS,
+    THROUGHPUT_TARGETS,
     Figure,
     Steps,
+    engine_figures,
     scenario_idle,
     scenario_steady,
     scenario_storm,
@@ -26,9 +29,10 @@ from ._scenarios import (
 
 __all__ = ["bench_command", "build_parser", "report", "write_plots"]
 
-SCENARIOS: Final = ("throughput", "profile", "idle", "steady", "storm")
+SCENARIOS: Final = ("throughput", "profile", "idle", "steady", "storm", "engines")
 DEFAULT_GUESTS: Final = {
     "throughput": 50,
+    "engines": 50,
     "profile": 200,
     "idle": 18_000,
     "steady": 10_000,
@@ -67,6 +71,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="throughput: leave out python-socketio (otherwise installed on first use "
         "into a virtual environment of its own under ~/.cache/trio-chat)",
     )
+    parser.add_argument(
+        "--compare-with",
+        metavar="SOURCE_TREE",
+        default="",
+        help="also run the trio-chat server from this source tree (a checkout of an "
+        "earlier commit, say), beside this one in the same run",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
@@ -85,22 +96,38 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
     series: dict[str, Any] = {}
     wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
     many = max(args.workers, 4)
+    old = args.compare_with
     with Steps(show=not args.json) as steps:
         for name in wanted:
             guests = args.guests or DEFAULT_GUESTS[name]
             if name == "throughput":
                 peer = await peer_python() if args.socketio else None
+                targets = list(THROUGHPUT_TARGETS)
+                if old:
+                    targets += [Target("chat", "chat", c, code=old) for c in ("off", "rules")]
                 result = await scenario_throughput(
-                    guests, args.duration, args.workers, args.rounds, steps, peer
+                    guests, args.duration, args.workers, args.rounds, steps, peer, targets
+                )
+            elif name == "engines":
+                result = await scenario_throughput(
+                    guests,
+                    args.duration,
+                    args.workers,
+                    args.rounds,
+                    steps,
+                    None,
+                    ENGINE_TARGETS,
+                    name="engines",
+                    figures_of=engine_figures,
                 )
             elif name == "profile":
-                result = await scenario_profile(guests, args.duration, args.workers, steps)
+                result = await scenario_profile(guests, args.duration, args.workers, steps, old)
             elif name == "idle":
-                result = await scenario_idle(guests, many, steps)
+                result = await scenario_idle(guests, many, steps, old)
             elif name == "steady":
-                result = await scenario_steady(guests, args.rate, args.duration, many, steps)
+                result = await scenario_steady(guests, args.rate, args.duration, many, steps, old)
             else:
-                result = await scenario_storm(guests, many, steps)
+                result = await scenario_storm(guests, many, steps, old)
             figures += result[0]
             series.update(result[1])
     return figures, series
@@ -159,12 +186,13 @@ def report(
     if profile:
         stages = [*STAGES, WRITER, "other threads"]
         costs = Table(title=f"microseconds per message by stage ({profile['guests']} guests)")
-        for column in ("stage", "trio-chat", "bare trio-websocket echo"):
+        names = [n for n in profile if n != "guests"]
+        for column in ("stage", *names):
             costs.add_column(column)
-        ours = profile["trio-chat"]["us_per_message"]
-        echo = profile["bare trio-websocket echo"]["us_per_message"]
         for stage in stages:
-            costs.add_row(stage, f"{ours.get(stage, 0):.1f}", f"{echo.get(stage, 0):.1f}")
+            costs.add_row(
+                stage, *(f"{profile[n]['us_per_message'].get(stage, 0):.1f}" for n in names)
+            )
         console.print(costs)
 
 
@@ -237,8 +265,8 @@ def write_plots(results: dict[str, Any], directory: Path) -> list[Path]:
         profile = series["profile"]
         stages = [*STAGES, WRITER]
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        left = [0.0, 0.0]
-        names = ["trio-chat", "bare trio-websocket echo"]
+        names = [n for n in profile if n != "guests"]
+        left = [0.0] * len(names)
         for stage in stages:
             widths = [profile[n]["us_per_message"].get(stage, 0.0) for n in names]
             ax.barh(names, widths, left=left, label=stage)

@@ -37,7 +37,7 @@ from .._admin import create_staff_token
 from .._client import CRASH_SPREAD
 from .._processes import ServerProcess, free_port, python_process, wait_for_marker
 from .._stats import per_interval, percentile
-from ._peers import Target, serving
+from ._peers import Target, code_env, serving
 from ._workers import worker_args
 
 __all__ = ["Figure", "Steps", "scenario_idle", "scenario_steady", "scenario_storm",
@@ -189,9 +189,13 @@ async def closed_loop(
 
     async def run(index: int, count: int) -> None:
         argv = worker_args(
-            "load", url=url, dialect=dialect, count=count, duration=duration,
+            "load",
+            url=url,
+            dialect=dialect,
+            count=count,
+            duration=duration,
             source=source_address(index),
-        )  # fmt: skip
+        )
         async with python_process(argv) as proc:
             results.append(await read_json_line(proc))
 
@@ -234,10 +238,16 @@ def throughput_figures(
     either side came within ``HEADROOM`` of its dialect's ceiling is marked bounded."""
     targets = list(dict.fromkeys(t for t, _ in rates))
     figures: list[Figure] = []
-    by_kind = {(t.kind, t.concierge, crowd): t for t, crowd in rates}
+    by_kind = {(t.kind, t.concierge, t.code, crowd): t for t, crowd in rates if not t.engine}
 
-    def rate_of(kind: str, crowd: int, concierge: str = "off") -> tuple[Target, float] | None:
-        target = by_kind.get((kind, concierge, crowd))
+    def rate_of(
+        kind: str, crowd: int, concierge: str = "off", *, old: bool = False
+    ) -> tuple[Target, float] | None:
+        codes = {t.code for t, _ in rates if t.code} if old else {""}
+        target = next(
+            (by_kind[key] for code in codes if (key := (kind, concierge, code, crowd)) in by_kind),
+            None,
+        )
         if target is None:
             return None
         return target, rates[(target, crowd)]
@@ -276,6 +286,9 @@ def throughput_figures(
             (chat_off, rate_of("socketio", crowd), ">= 1.0 x"),
             (rate_of("chat", crowd, "rules"), chat_off, ">= 0.6 x"),
             (rate_of("socketio", crowd), rate_of("trio-websocket", crowd), ""),
+            # The same server before this change, in the same rounds.
+            (chat_off, rate_of("chat", crowd, old=True), ""),
+            (rate_of("chat", crowd, "rules"), rate_of("chat", crowd, "rules", old=True), ""),
         ]
         for ours, theirs, target_text in comparisons:
             if ours is None or theirs is None:
@@ -307,6 +320,38 @@ def throughput_figures(
                         bounded(chat_off, echo),
                     )
                 )
+    return figures
+
+
+ENGINE_TARGETS: Final = (
+    Target("null", "chat"),
+    Target("chat", "chat", "off", "wsproto"),
+    Target("chat", "chat", "off", "websockets"),
+)
+
+
+def engine_figures(
+    rates: dict[tuple[Target, int], float],
+    latencies: dict[tuple[Target, int], list[float]],
+    crowds: Sequence[int],
+) -> list[Figure]:
+    """The server with each frame engine, websockets' beside wsproto's (A/B)."""
+    null, wsproto, websockets = ENGINE_TARGETS
+    figures = []
+    for crowd in crowds:
+        a, b = rates[(wsproto, crowd)], rates[(websockets, crowd)]
+        figures.append(
+            Figure(
+                f"answered messages/s, {crowd} guests: {websockets.label}",
+                b,
+                a,
+                "msg/s",
+                "higher",
+                "",
+                wsproto.label,
+                _bounded({"chat": rates[(null, crowd)]}, (wsproto, a), (websockets, b)),
+            )
+        )
     return figures
 
 
@@ -432,23 +477,51 @@ IDLE_STEPS: Final = 4  # memory is read at 1/4, 2/4, 3/4 and all of the guests
 
 
 async def scenario_idle(
-    guests: int, workers: int, steps: Steps
+    guests: int, workers: int, steps: Steps, old_code: str = ""
 ) -> tuple[list[Figure], dict[str, Any]]:
     """``guests`` idle authenticated guests; server RSS per guest above its own
-    baseline, beside a bare trio-websocket server holding as many connections."""
+    baseline, beside a bare trio-websocket server holding as many connections (and
+    beside the server from ``old_code``, a source tree, when given)."""
     points = [max(1, guests * (i + 1) // IDLE_STEPS) + 1 for i in range(IDLE_STEPS)]
-    steps.start("idle", 2 * IDLE_STEPS)
+    targets = [Target("chat", "chat"), Target("trio-websocket", "echo")]
+    if old_code:
+        targets.append(Target("chat", "chat", code=old_code))
+    steps.start("idle", len(targets) * IDLE_STEPS)
+    held: dict[Target, list[tuple[int, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        async with serving(Target("chat", "chat"), Path(tmp)) as (url, server):
-            ours = await _held_rss(server, url, points, "chat", workers, steps.advance)
-        async with serving(Target("trio-websocket", "echo"), Path(tmp)) as (url, bare):
-            base = await _held_rss(bare, url, points, "echo", workers, steps.advance)
-    figure = Figure(
-        f"idle RSS per connected guest ({guests:,} guests)",
-        ours[-1][1] / guests, base[-1][1] / guests, "bytes", "lower", "<= 1.15 x",
-        "bare trio-websocket",
-    )  # fmt: skip
-    return [figure], {"idle_rss": {"trio-chat": ours, "bare trio-websocket": base}}
+        for target in targets:
+            async with serving(target, Path(tmp)) as (url, server):
+                held[target] = await _held_rss(
+                    server, url, points, target.dialect, workers, steps.advance
+                )
+    ours, base = held[targets[0]], held[targets[1]]
+    figures = [
+        Figure(
+            f"idle RSS per connected guest ({guests:,} guests)",
+            ours[-1][1] / guests,
+            base[-1][1] / guests,
+            "bytes",
+            "lower",
+            "<= 1.15 x",
+            "bare trio-websocket",
+        )
+    ]
+    series = {"trio-chat": ours, "bare trio-websocket": base}
+    if old_code:
+        old = held[targets[2]]
+        series["trio-chat (old code)"] = old
+        figures.append(
+            Figure(
+                f"idle RSS per connected guest ({guests:,} guests): new code",
+                ours[-1][1] / guests,
+                old[-1][1] / guests,
+                "bytes",
+                "lower",
+                "",
+                "old code, same run",
+            )
+        )
+    return figures, {"idle_rss": series}
 
 
 # ------------------------------------------------------------------------ steady
@@ -469,9 +542,14 @@ async def _steady_run(
         guest_procs = []
         for i, n in enumerate(shares(guests, workers)):
             argv = worker_args(
-                "steady", url=url, dialect=dialect, count=n, rate=rate * n / guests,
-                duration=duration, source=source_address(i),
-            )  # fmt: skip
+                "steady",
+                url=url,
+                dialect=dialect,
+                count=n,
+                rate=rate * n / guests,
+                duration=duration,
+                source=source_address(i),
+            )
             guest_procs.append(await stack.enter_async_context(python_process(argv)))
         conversations = [c for p in guest_procs for c in (await read_json_line(p))["conversations"]]
         staff_procs = []
@@ -499,28 +577,44 @@ async def _steady_run(
     return acks, delivered, sum(r["lost"] for r in reports)
 
 
+async def _steady_chat(
+    tmp: Path, guests: int, rate: float, duration: float, workers: int, code: str = ""
+) -> tuple[list[float], list[float], int]:
+    db_path = tmp / f"steady{'-old' if code else ''}.db"
+    token = create_staff_token(db_path, "night shift")
+    server = ServerProcess(
+        db_path,
+        free_port(),
+        "--concierge",
+        "off",
+        "--rate-limit",
+        "0",
+        "--heartbeat",
+        "0",
+        env=code_env(code),
+    )
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        try:
+            return await _steady_run(server.url, "chat", guests, rate, duration, workers, token)
+        finally:
+            await server.stop()
+
+
 async def scenario_steady(
-    guests: int, rate: float, duration: float, workers: int, steps: Steps
+    guests: int, rate: float, duration: float, workers: int, steps: Steps, old_code: str = ""
 ) -> tuple[list[Figure], dict[str, Any]]:
     """``guests`` connected guests sending ``rate`` messages per second in total (open
     loop) while two staff consoles watch every conversation: ack latency and
     delivery-to-staff latency, beside the round-trip latency of a bare trio-websocket
-    echo server under the same load."""
-    steps.start("steady", 2)
+    echo server under the same load (and beside the server from ``old_code``)."""
+    steps.start("steady", 3 if old_code else 2)
+    old: tuple[list[float], list[float], int] | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        db_path = Path(tmp) / "steady.db"
-        token = create_staff_token(db_path, "night shift")
-        server = ServerProcess(
-            db_path, free_port(), "--concierge", "off", "--rate-limit", "0", "--heartbeat", "0"
-        )
-        async with trio.open_nursery() as nursery:
-            await server.start(nursery)
-            try:
-                acks, delivered, lost = await _steady_run(
-                    server.url, "chat", guests, rate, duration, workers, token
-                )
-            finally:
-                await server.stop()
+        acks, delivered, lost = await _steady_chat(Path(tmp), guests, rate, duration, workers)
+        if old_code:
+            steps.advance("old code")
+            old = await _steady_chat(Path(tmp), guests, rate, duration, workers, old_code)
         steps.advance("bare trio-websocket echo")
         async with serving(Target("trio-websocket", "echo"), Path(tmp)) as (url, _):
             echo, _, _ = await _steady_run(url, "echo", guests, rate, duration, workers)
@@ -543,17 +637,30 @@ async def scenario_steady(
                     "bare trio-websocket echo, same load",
                 )
             )
-    series = {
-        "steady_latency_ms": {
-            name: quantiles(values)
-            for name, values in (
-                ("trio-chat ack", acks),
-                ("trio-chat delivery to staff", delivered),
-                ("bare trio-websocket echo", echo),
-            )
-        }
-    }
-    return figures, series
+    curves = [
+        ("trio-chat ack", acks),
+        ("trio-chat delivery to staff", delivered),
+        ("bare trio-websocket echo", echo),
+    ]
+    if old is not None:
+        curves.append(("trio-chat ack (old code)", old[0]))
+        for q in (0.5, 0.99, 0.999):
+            for what, new, before in (
+                ("ack", acks, old[0]),
+                ("delivery to staff", delivered, old[1]),
+            ):
+                figures.append(
+                    Figure(
+                        f"{what} latency p{q * 100:g} ({load}): new code",
+                        percentile(new, q) * 1000,
+                        percentile(before, q) * 1000,
+                        "ms",
+                        "lower",
+                        "",
+                        "old code, same run",
+                    )
+                )
+    return figures, {"steady_latency_ms": {name: quantiles(v) for name, v in curves}}
 
 
 # ------------------------------------------------------------------------- storm
@@ -617,29 +724,46 @@ STORMS: Final = (
 )
 
 
+async def _storms(
+    guests: int, workers: int, steps: Steps, storms: Sequence[Any], code: str = ""
+) -> dict[str, StormRun]:
+    runs: dict[str, StormRun] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(
+            Path(tmp) / "storm.db",
+            free_port(),
+            "--concierge",
+            "off",
+            "--rate-limit",
+            "0",
+            "--heartbeat",
+            "0",
+            env=code_env(code),
+        )
+        async with trio.open_nursery() as nursery:
+            await server.start(nursery)
+            for name, jitter, spread, how, _ in storms:
+                runs[name] = await _storm_once(
+                    server, nursery, guests, workers, jitter, spread, how
+                )
+                steps.advance(name + (" (old code)" if code else ""))
+            await server.aclose()
+            nursery.cancel_scope.cancel()
+    return runs
+
+
 async def scenario_storm(
-    guests: int, workers: int, steps: Steps
+    guests: int, workers: int, steps: Steps, old_code: str = ""
 ) -> tuple[list[Figure], dict[str, Any]]:
     """A reconnect storm: ``guests`` connected, the server killed (SIGKILL) or restarted
     gracefully (SIGINT: it spreads its ``reconnect.after_ms`` hints); how long until
     all are back and resynced, and the peak attempts per 100 ms the clients made,
-    beside the same storm with no jitter."""
-    runs: dict[str, StormRun] = {}
-    steps.start("storm", len(STORMS))
-    with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(
-            Path(tmp) / "storm.db", free_port(), "--concierge", "off", "--rate-limit", "0",
-            "--heartbeat", "0",
-        )  # fmt: skip
-        async with trio.open_nursery() as nursery:
-            await server.start(nursery)
-            for name, jitter, spread, how, _ in STORMS:
-                runs[name] = await _storm_once(
-                    server, nursery, guests, workers, jitter, spread, how
-                )
-                steps.advance(name)
-            await server.aclose()
-            nursery.cancel_scope.cancel()
+    beside the same storm with no jitter (and the judged storms beside the server
+    from ``old_code``)."""
+    judged_storms = [s for s in STORMS if s[-1]]
+    steps.start("storm", len(STORMS) + (len(judged_storms) if old_code else 0))
+    runs = await _storms(guests, workers, steps, STORMS)
+    old = await _storms(guests, workers, steps, judged_storms, old_code) if old_code else {}
     herd = runs["no jitter, kill -9"]
     figures = []
     for name, *_, judged in STORMS:
@@ -666,4 +790,22 @@ async def scenario_storm(
                 "no jitter, kill -9",
             )
         )
-    return figures, {"storm": {name: asdict(run) for name, run in runs.items()}}
+    for name, before in old.items():
+        for what, unit, value, baseline in (
+            ("all back after", "s", runs[name].all_back, before.all_back),
+            ("peak attempts per 100 ms", "attempts", runs[name].peak, before.peak),
+        ):
+            figures.append(
+                Figure(
+                    f"storm ({guests:,} guests), {name}: {what}: new code",
+                    value,
+                    baseline,
+                    unit,
+                    "lower",
+                    "",
+                    "old code, same run",
+                )
+            )
+    series = {name: asdict(run) for name, run in runs.items()}
+    series.update({f"{name} (old code)": asdict(run) for name, run in old.items()})
+    return figures, {"storm": series}
