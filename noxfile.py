@@ -22,10 +22,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff: style and common bugs."""
-    session.install("ruff>=0.6")
+    """ruff: style and common bugs; import-linter: the layers (pyproject.toml)."""
+    session.install("ruff>=0.6", "import-linter>=2.1")
     session.run("ruff", "check", "trio_chat", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "trio_chat", "tests", "noxfile.py")
+    session.run("lint-imports")
 
 
 @nox.session(python=PYTHON)
