@@ -105,26 +105,40 @@ LOOP = (
 )
 
 
+HUB = f"{SITE}/trio_chat/core/hub.py"
+OLD = f"{SITE}/trio_chat/_server.py"  # before the session core: the rules lived here
+
+
 @pytest.mark.parametrize(
     ("leaf", "stage"),
     [
-        (f"_dispatch ({SITE}/trio_chat/_server.py:1030);_loads ({SITE}/trio_chat/_protocol.py:180);"
-         f"decode ({PY}/json/decoder.py:337)", "parse"),
-        (f"_dispatch ({SITE}/trio_chat/_server.py:1030);"
-         f"parse_client_frame ({SITE}/trio_chat/_protocol.py:240)", "validate"),
-        (f"_guest_message ({SITE}/trio_chat/_server.py:1090)", "hub"),
-        (f"_guest_message ({SITE}/trio_chat/_server.py:1090);"
+        (f"_frame ({SITE}/trio_chat/_server.py:600);frame ({HUB}:200);"
+         f"parse_client_frame ({SITE}/trio_chat/core/protocol.py:240);"
+         f"_loads ({SITE}/trio_chat/core/protocol.py:180);decode ({PY}/json/decoder.py:337)",
+         "parse"),
+        (f"frame ({HUB}:200);parse_client_frame ({SITE}/trio_chat/core/protocol.py:240)",
+         "validate"),
+        (f"receive ({SITE}/trio_chat/_wire.py:260);receive ({SITE}/wsproto/connection.py:1)",
+         "parse"),
+        (f"_guest_message ({HUB}:600)", "hub"),
+        (f"_guest_message ({HUB}:600);try_take ({SITE}/trio_chat/core/ratelimit.py:30)", "hub"),
+        (f"_perform ({SITE}/trio_chat/_server.py:640);"
          f"enqueue ({SITE}/trio_chat/_store.py:762)", "store (loop side)"),
-        (f"_complete ({SITE}/trio_chat/_store.py:730);"
-         f"ack_frame ({SITE}/trio_chat/_protocol.py:401);encode ({PY}/json/encoder.py:200)",
+        (f"_complete ({SITE}/trio_chat/_store.py:730);stored ({HUB}:300);"
+         f"ack_frame ({SITE}/trio_chat/core/protocol.py:401);encode ({PY}/json/encoder.py:200)",
          "encode"),
-        (f"_complete ({SITE}/trio_chat/_store.py:730);flush ({SITE}/trio_chat/_server.py:310);"
+        (f"flush ({SITE}/trio_chat/_server.py:310);text_frame ({SITE}/trio_chat/_wire.py:70)",
+         "encode"),
+        (f"flush ({SITE}/trio_chat/_server.py:310);write_now ({SITE}/trio_chat/_wire.py:320);"
          f"send_without_blocking ({SITE}/trio_chat/_http.py:60)", "write"),
-        (f"_guest_message ({SITE}/trio_chat/_server.py:1090);"
-         f"checkpoint ({SITE}/trio/_core/_run.py:2900)", "scheduler"),
+        (f"_guest_message ({HUB}:600);checkpoint ({SITE}/trio/_core/_run.py:2900)", "scheduler"),
         ("", "scheduler"),
-        (f"_guest_message ({SITE}/trio_chat/_server.py:1090);debug ({PY}/logging/__init__.py:1)",
-         "hub"),
+        (f"_guest_message ({HUB}:600);debug ({PY}/logging/__init__.py:1)", "hub"),
+        # The layout before the session core, for --compare-with.
+        (f"_dispatch ({OLD}:1030);_loads ({SITE}/trio_chat/_protocol.py:180)", "parse"),
+        (f"_guest_message ({OLD}:1090)", "hub"),
+        (f"_complete ({SITE}/trio_chat/_store.py:730);flush ({OLD}:310);"
+         f"send_without_blocking ({SITE}/trio_chat/_http.py:60)", "write"),
     ],
 )  # fmt: skip
 def test_a_sample_is_charged_to_the_innermost_stage_it_names(leaf: str, stage: str) -> None:
@@ -135,7 +149,7 @@ def test_a_sample_is_charged_to_the_innermost_stage_it_names(leaf: str, stage: s
 def test_breakdown_is_microseconds_per_message_by_thread() -> None:
     raw = "\n".join(
         [
-            f"thread (1): {LOOP};_guest_message ({SITE}/trio_chat/_server.py:1090) 50",
+            f"thread (1): {LOOP};_guest_message ({HUB}:600) 50",
             f"thread (1): {LOOP} 25",
             f"thread (2): Trio thread 0;_write_batches ({SITE}/trio_chat/_store.py:690) 100",
             "thread (3): Thread-9;run (x.py:1) 5",

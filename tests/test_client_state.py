@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_chat import Message
-from trio_chat._client_state import Outbox, OutgoingMessage, Transcript, check_text
+from trio_chat.core.client_state import Outbox, OutgoingMessage, Transcript, check_text
 
 
 def msg(seq: int) -> Message:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trio_chat import ProtocolError
-from trio_chat._conversation import TRANSITIONS, ConversationState, apply_event
+from trio_chat.core.conversation import TRANSITIONS, ConversationState, apply_event
 
 AI = ConversationState("ai")
 WAITING = ConversationState("waiting")

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_chat import ProtocolError
-from trio_chat import _protocol as proto
+from trio_chat.core import protocol as proto
 
 
 def code_of(raw: str | bytes) -> str:

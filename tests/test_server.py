@@ -584,7 +584,7 @@ async def test_removed_staff_token_stops_working(server: ChatServer) -> None:
 
 async def test_closed_registration_needs_a_token(nursery: trio.Nursery, tmp_path: Path) -> None:
     from trio_chat._store import Database
-    from trio_chat._tokens import TokenSigner
+    from trio_chat.core.tokens import TokenSigner
 
     srv = await start(nursery, tmp_path, open_registration=False)
     assert srv.port

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trio_chat._ratelimit import TokenBucket
-from trio_chat._tokens import TokenSigner, new_id
+from trio_chat.core.ratelimit import TokenBucket
+from trio_chat.core.tokens import TokenSigner, new_id
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 

@@ -4,7 +4,6 @@ The public surface. Everything else lives in private modules and may change.
 """
 
 from ._admin import create_guest_token, create_staff_token
-from ._backoff import JITTER_MODES, Backoff
 from ._client import ChatClient, ClientEvent, StaffClient
 from ._concierge import (
     Concierge,
@@ -16,7 +15,11 @@ from ._concierge import (
     ResponderRequest,
     RulesResponder,
 )
-from ._errors import (
+from ._jupyter import TrioInJupyter
+from ._server import ChatServer, ServerConfig
+from ._version import __version__
+from .core.backoff import JITTER_MODES, Backoff
+from .core.errors import (
     AuthenticationFailed,
     ClientClosed,
     ConnectionLost,
@@ -25,10 +28,7 @@ from ._errors import (
     StorageError,
     TrioChatError,
 )
-from ._jupyter import TrioInJupyter
-from ._protocol import CloseCode, ErrorCode, Message
-from ._server import ChatServer, ServerConfig
-from ._version import __version__
+from .core.protocol import CloseCode, ErrorCode, Message
 
 __all__ = [
     "JITTER_MODES",

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._store import ConversationRow, Database, StaffMember
-from ._tokens import TokenSigner
+from .core.tokens import TokenSigner
 
 __all__ = ["create_guest_token", "create_staff_token"]
 

@@ -16,11 +16,11 @@ from rich.console import Console
 
 from ._admin import add_guest, add_staff, opened, staff_token
 from ._concierge import RulesResponder
-from ._errors import StorageError
 from ._processes import GC_THRESHOLDS
 from ._server import ChatServer, ServerConfig
 from ._version import __version__
 from ._wire import DEFAULT_ENGINE, ENGINES
+from .core.errors import StorageError
 
 DEFAULT_DB = "trio-chat.db"
 

@@ -25,10 +25,10 @@ from typing import Any, Final, Literal, Self
 import trio
 import trio_websocket
 
-from ._backoff import Backoff
-from ._client_state import Outbox, OutgoingMessage, Transcript, check_text
-from ._errors import AuthenticationFailed, ClientClosed, MessageRejected, ProtocolError
-from ._protocol import CloseCode, ErrorCode, Message
+from .core.backoff import Backoff
+from .core.client_state import Outbox, OutgoingMessage, Transcript, check_text
+from .core.errors import AuthenticationFailed, ClientClosed, MessageRejected, ProtocolError
+from .core.protocol import CloseCode, ErrorCode, Message
 
 __all__ = ["ChatClient", "ClientEvent", "StaffClient"]
 

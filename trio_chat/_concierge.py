@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
-from ._protocol import Message
+from .core.protocol import Message
 
 __all__ = [
     "Concierge",

@@ -41,13 +41,9 @@ from typing import Any, Final
 import h11
 import trio
 
-from . import _protocol as proto
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
-from ._errors import ConnectionLost, ProtocolError, StorageError
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
-from ._protocol import CloseCode, ErrorCode
 from ._store import Database, Store
-from ._tokens import TokenSigner
 from ._version import __version__
 from ._wire import (
     DEFAULT_ENGINE,
@@ -58,8 +54,12 @@ from ._wire import (
     handshake_response,
     text_frame,
 )
+from .core import protocol as proto
+from .core.errors import ConnectionLost, ProtocolError, StorageError
 from .core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from .core.protocol import CloseCode, ErrorCode
 from .core.storage import StorageBackend
+from .core.tokens import TokenSigner
 
 __all__ = ["ChatServer", "ServerConfig"]
 

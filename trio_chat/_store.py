@@ -34,9 +34,8 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from ._errors import StorageError
-from ._protocol import Message, format_ts
-from ._tokens import new_id
+from .core.errors import StorageError
+from .core.protocol import Message, format_ts
 from .core.storage import (
     Appended,
     AppendMessage,
@@ -47,6 +46,7 @@ from .core.storage import (
     StaffMember,
     StaffSignIn,
 )
+from .core.tokens import new_id
 
 __all__ = [
     "AppendMessage",

@@ -13,9 +13,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from ._errors import StorageError
-from ._protocol import Message, format_ts
-from ._tokens import new_id
+from .core.errors import StorageError
+from .core.protocol import Message, format_ts
 from .core.storage import (
     Appended,
     AppendMessage,
@@ -25,6 +24,7 @@ from .core.storage import (
     StaffMember,
     StaffSignIn,
 )
+from .core.tokens import new_id
 
 __all__ = ["MemoryBackend"]
 

@@ -12,8 +12,8 @@ from rich.live import Live
 from rich.text import Text
 
 from ._client import ChatClient, ClientEvent, StaffClient
-from ._errors import TrioChatError
-from ._protocol import Message
+from .core.errors import TrioChatError
+from .core.protocol import Message
 
 STYLES = {
     "guest": ("You", "bold cyan"),

@@ -24,8 +24,8 @@ from typing import Final, Protocol
 import h11
 import trio
 
-from ._errors import ConnectionLost
 from ._http import PrefixStream
+from .core.errors import ConnectionLost
 
 __all__ = [
     "DEFAULT_ENGINE",

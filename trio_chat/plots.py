@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-from ._backoff import JITTER_MODES, Backoff
+from .core.backoff import JITTER_MODES, Backoff
 from .testing._experiments import OutageResult
 
 __all__ = [

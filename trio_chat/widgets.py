@@ -18,8 +18,8 @@ import ipywidgets as w
 import trio
 
 from ._client import ChatClient, ClientEvent, StaffClient
-from ._errors import TrioChatError
-from ._protocol import Message
+from .core.errors import TrioChatError
+from .core.protocol import Message
 
 __all__ = ["GuestChatWidget", "StaffConsoleWidget", "status_html"]
 

@@ -27,35 +27,45 @@ __all__ = ["STAGES", "classify", "py_spy", "scenario_profile"]
 
 # (where the frame's file lies, which functions (None: all), the stage). Matched
 # against each sample's frames from the innermost outwards; the first hit decides.
+# Both the current tree and earlier ones (``--compare-with``) are covered: before the
+# session core, the codec was ``trio_chat/_protocol.py`` and the rules ``_server.py``.
+_PARSING: Final = frozenset({"_loads", "_parse_float", "_reject_constant"})
+_VALIDATING: Final = frozenset(
+    {"parse_client_frame", "__init__", "bad", "string", "integer", "boolean", "identifier"}
+)
+_SERVER_WRITES: Final = frozenset(
+    {"deliver", "flush", "_write", "send_frames", "_writer_done", "close_without_reply"}
+)
 _RULES: Final[tuple[tuple[str, frozenset[str] | None, str], ...]] = (
-    ("trio_chat/_protocol.py", frozenset({"_loads", "_parse_float", "_reject_constant"}), "parse"),
-    (
-        "trio_chat/_protocol.py",
-        frozenset(
-            {"parse_client_frame", "__init__", "bad", "string", "integer", "boolean", "identifier"}
-        ),
-        "validate",
+    *(
+        rule
+        for codec in ("trio_chat/core/protocol.py", "trio_chat/_protocol.py")
+        for rule in (
+            (codec, _PARSING, "parse"),
+            (codec, _VALIDATING, "validate"),
+            (codec, None, "encode"),  # encode, *_frame, to_wire, format_ts
+        )
     ),
-    ("trio_chat/_protocol.py", None, "encode"),  # encode, *_frame, to_wire, format_ts
     ("json/decoder.py", None, "parse"),
     ("json/encoder.py", None, "encode"),
     ("wsproto/", None, "parse"),
+    ("websockets/", None, "parse"),
     ("trio_websocket/", None, "parse"),
+    ("trio_chat/_wire.py", frozenset({"text_frame", "_frame", "close_frame"}), "encode"),
+    ("trio_chat/_wire.py", frozenset({"write_now", "send", "send_texts"}), "write"),
+    ("trio_chat/_wire.py", None, "parse"),  # receive, the engines
     ("trio_chat/_server.py", frozenset({"text_frame", "_serialize"}), "encode"),
     ("trio_chat/_server.py", frozenset({"_oversized"}), "validate"),
-    (
-        "trio_chat/_server.py",
-        frozenset(
-            {"deliver", "flush", "_write", "send_frames", "_writer_done", "close_without_reply"}
-        ),
-        "write",
-    ),
+    ("trio_chat/_server.py", _SERVER_WRITES, "write"),
     ("trio_chat/_http.py", None, "write"),
     ("trio/_socket.py", None, "write"),
     ("trio/_highlevel_socket.py", None, "write"),
     ("trio_chat/_store.py", None, "store (loop side)"),
-    ("trio_chat/_server.py", None, "hub"),
+    ("trio_chat/core/hub.py", None, "hub"),
+    ("trio_chat/_server.py", None, "hub"),  # the shell's dispatch (all of it, before)
+    ("trio_chat/core/conversation.py", None, "hub"),
     ("trio_chat/_conversation.py", None, "hub"),
+    ("trio_chat/core/ratelimit.py", None, "hub"),
     ("trio_chat/_ratelimit.py", None, "hub"),
     ("trio/", None, "scheduler"),
     ("outcome/", None, "scheduler"),

@@ -276,8 +276,8 @@ async def _storm(url: str, count: int, jitter: str, spread: float) -> None:
     times after SINCE."""
     import trio
 
-    from .._backoff import Backoff
     from .._client import ChatClient
+    from ..core.backoff import Backoff
 
     clients = [
         ChatClient(

@@ -30,12 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import _protocol as proto
-from .._conversation import ConversationState, Event, apply_event
-from .._errors import ProtocolError, StorageError
-from .._protocol import CloseCode, ErrorCode, Message
-from .._ratelimit import TokenBucket
-from .._tokens import TokenSigner
+from . import protocol as proto
+from .conversation import ConversationState, Event, apply_event
+from .errors import ProtocolError, StorageError
+from .protocol import CloseCode, ErrorCode, Message
+from .ratelimit import TokenBucket
 from .storage import (
     Appended,
     AppendMessage,
@@ -45,6 +44,7 @@ from .storage import (
     SetRead,
     StaffSignIn,
 )
+from .tokens import TokenSigner
 
 __all__ = [
     "Action",

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from .._errors import StorageError
-from .._protocol import Message
+from .errors import StorageError
+from .protocol import Message
 
 __all__ = [
     "AppendMessage",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from .._backoff import Backoff, Jitter
 from .._client import ChatClient
 from .._stats import per_interval
+from ..core.backoff import Backoff, Jitter
 from ._mock import MockServer
 from ._proxy import FaultProxy
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import trio
 
-from .. import _protocol as proto
 from .._concierge import Responder, ResponderReply, ResponderRequest
-from .._protocol import CloseCode, Message
 from .._server import ChatServer, Connection, ServerConfig
 from .._store_memory import MemoryBackend
+from ..core import protocol as proto
 from ..core.hub import Send
+from ..core.protocol import CloseCode, Message
 
 __all__ = ["CannedReply", "MockServer", "ScriptedResponder"]
 

@@ -43,10 +43,10 @@ from typing import Any
 
 import trio
 
-from .._backoff import Backoff
 from .._client import ChatClient, ClientEvent, StaffClient
-from .._errors import ProtocolError, TrioChatError
-from .._protocol import ErrorCode
+from ..core.backoff import Backoff
+from ..core.errors import ProtocolError, TrioChatError
+from ..core.protocol import ErrorCode
 
 __all__ = ["Scenario", "ScenarioResult", "load_scenario", "run_scenario", "summarize"]
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import trio
 
-from .._backoff import Backoff
 from .._client import ChatClient, ClientEvent
-from .._errors import TrioChatError
 from .._processes import ServerProcess, free_port
 from .._stats import per_interval, percentile
+from ..core.backoff import Backoff
+from ..core.errors import TrioChatError
 from ._proxy import FaultProxy
 
 __all__ = ["Fault", "SoakReport", "parse_faults", "soak"]

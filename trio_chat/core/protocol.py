@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
-from ._errors import ProtocolError
+from .errors import ProtocolError
 
 __all__ = [
     "CLIENT_TYPES",

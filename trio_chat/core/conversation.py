@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
-from ._errors import ProtocolError
-from ._protocol import ErrorCode
+from .errors import ProtocolError
+from .protocol import ErrorCode
 
 __all__ = ["ConversationState", "Transition", "apply_event"]
 

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._protocol import MAX_CLIENT_MSG_ID, MAX_TEXT, Message
+from .protocol import MAX_CLIENT_MSG_ID, MAX_TEXT, Message
 
 __all__ = ["Outbox", "OutgoingMessage", "Transcript"]
 
