@@ -7,7 +7,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "notebooks"]
+nox.options.sessions = ["tests", "js", "lint", "typecheck", "notebooks"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
@@ -18,6 +18,13 @@ def tests(session: nox.Session) -> None:
     """The unit, end-to-end and durability tests."""
     session.install("-e", ".[test]")
     session.run("pytest", "-q", *session.posargs, env={"PYTHONFAULTHANDLER": "1"})
+
+
+@nox.session(python=False)
+def js(session: nox.Session) -> None:
+    """The page's pure modules (protocol, backoff, transcript) with Node's own test
+    runner: no npm package, no build step."""
+    session.run("node", "--test", "tests/js/", external=True)
 
 
 @nox.session(python=PYTHON)
