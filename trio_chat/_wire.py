@@ -232,7 +232,7 @@ ENGINES: Final[dict[str, Callable[[int], FrameEngine]]] = {
     "wsproto": WsprotoEngine,
     "websockets": WebsocketsEngine,
 }
-DEFAULT_ENGINE: Final = "wsproto"
+DEFAULT_ENGINE: Final = "websockets"  # 1.08-1.21 x wsproto (docs/benchmarks.md, engines)
 
 
 # ---------------------------------------------------------------------- connection
