@@ -667,21 +667,24 @@ class Store:
                     self._kick.get()
                 self._writer_waiting = False
                 continue
-            outcome: list[Any] | StorageError
-            if aborting:
-                outcome = StorageError("the store stopped before this write")
-            else:
-                try:
-                    outcome = self.db.apply_batch([p.operation for p in batch])
-                except StorageError as exc:
-                    outcome = exc
-                else:
-                    self._since_checkpoint += len(batch)
-                    if self._since_checkpoint >= self._checkpoint_every:
-                        self._since_checkpoint = 0
-                        self._token.run_sync_soon(self._checkpoint_wanted.set)
+            outcome = self._apply(batch, aborting)
+            if not isinstance(outcome, StorageError):
+                self._since_checkpoint += len(batch)
+                if self._since_checkpoint >= self._checkpoint_every:
+                    self._since_checkpoint = 0
+                    self._token.run_sync_soon(self._checkpoint_wanted.set)
             # FIFO: callbacks run in commit order, and all before run() returns.
             self._token.run_sync_soon(self._complete, batch, outcome)
+
+    def _apply(self, batch: list[_Pending], aborting: bool) -> list[Any] | StorageError:
+        """One batch, applied by the backend as one transaction (either writer's)."""
+        if aborting:
+            return StorageError("the store stopped before this write")
+        try:
+            results: list[Any] = self.db.apply_batch([p.operation for p in batch])
+        except StorageError as exc:
+            return exc
+        return results
 
     async def _write_in_loop(self) -> None:
         """The writer of a backend that does not block: batch after batch on the loop,
@@ -696,15 +699,7 @@ class Store:
                 self._in_loop_kick = trio.Event()
                 await self._in_loop_kick.wait()
                 continue
-            outcome: list[Any] | StorageError
-            if aborting:
-                outcome = StorageError("the store stopped before this write")
-            else:
-                try:
-                    outcome = self.db.apply_batch([p.operation for p in batch])
-                except StorageError as exc:
-                    outcome = exc
-            self._complete(batch, outcome)
+            self._complete(batch, self._apply(batch, aborting))
             # Let the loop run between batches, as it does while a thread commits.
             await trio.lowlevel.checkpoint()
 

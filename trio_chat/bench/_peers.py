@@ -20,7 +20,7 @@ from typing import Final
 
 import trio
 
-from .._processes import free_port
+from .._processes import ServerProcess, free_port
 from ._workers import worker_args
 
 __all__ = ["PEER_REQUIREMENTS", "Target", "peer_python", "serving"]
@@ -124,14 +124,26 @@ async def _process(
         await proc.wait()
 
 
+# How the benchmarks run trio-chat serve: no rate limit, no heartbeat, the concierge
+# answering at once.
+BENCH_SERVER_FLAGS: Final = ("--typing-delay", "0", "--rate-limit", "0", "--heartbeat", "0")
+
+
 def chat_server_args(port: int, db: Path, concierge: str = "off", engine: str = "") -> list[str]:
-    """``trio-chat serve`` as benchmarks run it: no rate limit, no heartbeat, the
-    concierge answering at once."""
+    """``trio-chat serve`` as benchmarks run it (``BENCH_SERVER_FLAGS``)."""
+    engine_flags = ["--frame-engine", engine] if engine else []
     return [
         "-m", "trio_chat", "serve", "--port", str(port), "--db", str(db),
-        "--concierge", concierge, "--typing-delay", "0", "--rate-limit", "0",
-        "--heartbeat", "0", *(["--frame-engine", engine] if engine else []),
+        "--concierge", concierge, *BENCH_SERVER_FLAGS, *engine_flags,
     ]  # fmt: skip
+
+
+def chat_server_process(db: Path, code: str = "") -> ServerProcess:
+    """A restartable ``trio-chat serve`` (concierge off) for the steady load and the
+    storms, from the source tree ``code`` ("": this one)."""
+    return ServerProcess(
+        db, free_port(), "--concierge", "off", *BENCH_SERVER_FLAGS, env=code_env(code)
+    )
 
 
 @asynccontextmanager

@@ -35,9 +35,9 @@ import trio
 
 from .._admin import create_staff_token
 from .._client import CRASH_SPREAD
-from .._processes import ServerProcess, free_port, python_process, wait_for_marker
+from .._processes import ServerProcess, python_process, wait_for_marker
 from .._stats import per_interval, percentile
-from ._peers import Target, code_env, serving
+from ._peers import Target, chat_server_process, serving
 from ._workers import worker_args
 
 __all__ = ["Figure", "Steps", "scenario_idle", "scenario_steady", "scenario_storm",
@@ -582,17 +582,7 @@ async def _steady_chat(
 ) -> tuple[list[float], list[float], int]:
     db_path = tmp / f"steady{'-old' if code else ''}.db"
     token = create_staff_token(db_path, "night shift")
-    server = ServerProcess(
-        db_path,
-        free_port(),
-        "--concierge",
-        "off",
-        "--rate-limit",
-        "0",
-        "--heartbeat",
-        "0",
-        env=code_env(code),
-    )
+    server = chat_server_process(db_path, code)
     async with trio.open_nursery() as nursery:
         await server.start(nursery)
         try:
@@ -729,17 +719,7 @@ async def _storms(
 ) -> dict[str, StormRun]:
     runs: dict[str, StormRun] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = ServerProcess(
-            Path(tmp) / "storm.db",
-            free_port(),
-            "--concierge",
-            "off",
-            "--rate-limit",
-            "0",
-            "--heartbeat",
-            "0",
-            env=code_env(code),
-        )
+        server = chat_server_process(Path(tmp) / "storm.db", code)
         async with trio.open_nursery() as nursery:
             await server.start(nursery)
             for name, jitter, spread, how, _ in storms:
