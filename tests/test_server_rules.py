@@ -61,6 +61,7 @@ async def test_a_read_mark_past_the_last_message_is_cut_to_it(server: ChatServer
         conversation_id = welcome["conversation_id"]
         await guest.send(type="message", client_msg_id="m1", text="hello")
         ack = await guest.expect("ack", client_msg_id="m1")
+        await guest.expect("message", sender="ai")  # nothing in flight from here on
         await staff.hello(token)
         await staff.send(type="watch", conversation_id=conversation_id)
         subscribed = await staff.expect("subscribed", conversation_id=conversation_id)
