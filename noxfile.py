@@ -1,5 +1,5 @@
-"""Test sessions. ``nox`` alone runs every checking session; ``bench`` and ``lab`` are
-long-running and only run when named (``nox -s bench``)."""
+"""Test sessions. ``nox`` alone runs every checking session; ``bench``, ``mutation``
+and ``lab`` are long-running and only run when named (``nox -s bench``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def bench(session: nox.Session) -> None:
     session.run(
         "trio-chat", "bench", *args, env={"PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     )
+
+
+@nox.session(python=PYTHON)
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of the session core (mutmut; the hub and the status table
+    against tests/core and tests/test_conversation.py; settings in pyproject.toml).
+    About a minute; not part of plain ``nox``. Prints every surviving mutant."""
+    session.install("-e", ".[test]", "mutmut>=3.3")
+    session.run("mutmut", "run", *session.posargs)
+    session.run("mutmut", "results")
 
 
 @nox.session(python=PYTHON)
