@@ -15,6 +15,7 @@ from trio_chat._store_memory import MemoryBackend
 from trio_chat.core.errors import StorageError
 from trio_chat.core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
 from trio_chat.core.protocol import CloseCode
+from trio_chat.core.storage import AppendMessage, CreateGuest, SetRead
 from trio_chat.core.tokens import TokenSigner
 
 WALL = 1_800_000_000.0
@@ -412,3 +413,163 @@ def test_a_closed_session_lets_go_of_its_conversation() -> None:
     assert welcome["conversation_id"] in d.hub.conversations
     d.run(d.hub.closed(guest, d.now, WALL))
     assert d.hub.conversations == {} and d.hub.sessions == {}
+
+
+# ------------------------------------------------------- what the shell is told to do
+
+
+def test_the_shell_is_told_which_storage_a_session_waits_for() -> None:
+    d = Driver()
+    session = d.connect()
+    [create] = d.hub.frame(session, json.dumps({"type": "hello", "name": "Maria"}), 0.0, WALL)
+    assert isinstance(create, Write) and isinstance(create.operation, CreateGuest)
+    assert (create.session, create.wait, create.ref) == (session, True, "hello")
+    assert create.operation.name == "Maria"
+    d.run([create])
+    welcome = d.take(session)[0]
+    cid = welcome["conversation_id"]
+
+    def only(frame: dict[str, Any]) -> Action:
+        [action] = d.hub.frame(session, json.dumps(frame), 0.0, WALL)
+        return action
+
+    message = only({"type": "message", "client_msg_id": "m1", "text": " hi "})
+    assert isinstance(message, Write) and isinstance(message.operation, AppendMessage)
+    assert (message.session, message.wait, message.ref) == (session, False, "m1")
+    assert (message.operation.sender, message.operation.text) == ("guest", "hi")
+    assert message.operation.author_key == "g:" + welcome["guest_id"]
+    d.run([message])
+    d.take(session)
+    history = only({"type": "history", "after_seq": 0, "limit": 7})
+    assert isinstance(history, Read)
+    assert (history.method, history.args, history.session, history.ref) == (
+        "history",
+        (cid, 0, 7),
+        session,
+        "history",
+    )
+    escalate = only({"type": "escalate"})
+    assert isinstance(escalate, Write) and (escalate.wait, escalate.ref) == (True, "escalate")
+    assert escalate.operation.status == ("waiting", None, None)  # type: ignore[attr-defined]
+    read = only({"type": "read", "seq": 1})
+    assert isinstance(read, Write) and isinstance(read.operation, SetRead)
+    assert (read.wait, read.ref, read.operation.reader, read.operation.seq) == (
+        True,
+        "read",
+        "guest",
+        1,
+    )
+
+
+def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None:
+    d = Driver()
+    maria = d.connect()
+    d.send(maria, type="hello", token=None, name="Maria Lopez")
+    welcome = d.take(maria)[0]
+    cid = welcome["conversation_id"]
+    d.send(maria, type="message", client_msg_id="m1", text="The shower is cold")
+    d.send(maria, type="escalate")
+    d.take(maria)
+    member = d.backend.add_staff("Anna")
+    token = d.hub.signer.issue("s", member.staff_id)
+    anna = d.connect()
+    d.send(anna, type="hello", token=token)
+    signed_in, queue = d.take(anna)
+    assert signed_in == {
+        "type": "welcome",
+        "role": "staff",
+        "token": token,
+        "staff_id": member.staff_id,
+        "name": "Anna",
+        "heartbeat_s": 0,
+        "server": "test",
+    }
+    [summary] = queue["conversations"]
+    assert {k: v for k, v in summary.items() if k != "updated_ts"} == {
+        "conversation_id": cid,
+        "guest_id": welcome["guest_id"],
+        "guest_name": "Maria Lopez",
+        "status": "waiting",
+        "assigned_to": None,
+        "last_seq": 2,
+        "read_seq": 0,
+        "guest_online": True,
+        "preview": "You asked to talk to a person. A member of our team will be with you shortly.",
+    }
+    d.send(anna, type="claim", conversation_id=cid)
+    d.take(anna)
+    # A second console of the same person is subscribed at once to what she holds.
+    again = d.connect()
+    d.send(again, type="hello", token=token)
+    frames = d.take(again)
+    assert types(frames) == ["welcome", "queue", "subscribed"]
+    assert frames[2] == {
+        "type": "subscribed",
+        "conversation_id": cid,
+        "last_seq": 3,
+        "status": "staff",
+        "assigned_to": "Anna",
+    }
+    # ... and gets every summary change from then on, with the guest's presence.
+    d.run(d.hub.closed(maria, d.now, WALL))
+    [left] = [f for f in d.take(again) if f["type"] == "conversation"]
+    assert (left["guest_online"], left["assigned_to"]) == (False, "Anna")
+
+
+def test_history_pages_carry_the_conversations_last_seq_and_whether_more_remain() -> None:
+    d = Driver()
+    guest, welcome = d.guest()
+    for n in range(1, 4):
+        d.send(guest, type="message", client_msg_id=f"m{n}", text=f"note {n}")
+    d.take(guest)
+    d.send(guest, type="history", after_seq=1, limit=1)
+    [page] = d.take(guest)
+    assert page["type"] == "history" and page["conversation_id"] == welcome["conversation_id"]
+    assert [m["text"] for m in page["messages"]] == ["note 2"]
+    assert (page["last_seq"], page["has_more"]) == (3, True)
+
+
+@pytest.mark.parametrize(
+    ("setup", "frame", "code", "message"),
+    [
+        ("none", {"type": "claim", "conversation_id": "c_x"}, "forbidden",
+         "claim is for staff only"),
+        ("none", {"type": "hello", "token": None}, "bad_message", "hello was already received"),
+        ("staff", {"type": "escalate"}, "forbidden", "escalate is for guests"),
+        ("staff", {"type": "read", "seq": 1}, "bad_message",
+         "staff must name the conversation_id in read"),
+        ("staff-watch", {"type": "message", "client_msg_id": "s1", "text": "hi"}, "forbidden",
+         "claim the conversation before writing"),
+        ("staff-watch", {"type": "typing", "active": True}, "forbidden",
+         "only the holder may type"),
+    ],
+)  # fmt: skip
+def test_refusals_name_the_rule_in_words(
+    setup: str, frame: dict[str, Any], code: str, message: str
+) -> None:
+    d = Driver()
+    guest, welcome = d.guest()
+    session = guest
+    if setup.startswith("staff"):
+        session = d.staff()
+        if setup == "staff-watch":
+            d.send(session, type="watch", conversation_id=welcome["conversation_id"])
+            d.take(session)
+            if frame["type"] in ("message", "typing"):
+                frame = {**frame, "conversation_id": welcome["conversation_id"]}
+    d.send(session, **frame)
+    [error] = d.take(session)
+    assert (error["code"], error["message"]) == (code, message)
+
+
+def test_closed_registration_says_where_tokens_come_from() -> None:
+    d = Driver(open_registration=False)
+    session = d.connect()
+    d.send(session, type="hello", token=None)
+    [error] = d.take(session)
+    assert error == {
+        "type": "error",
+        "code": "auth_failed",
+        "message": "this server issues guest tokens at the desk; registration is closed",
+        "ref": "hello",
+    }
