@@ -6,6 +6,7 @@ import pytest
 
 from trio_chat import ProtocolError
 from trio_chat.core.conversation import TRANSITIONS, ConversationState, apply_event
+from trio_chat.core.protocol import Status
 
 AI = ConversationState("ai")
 WAITING = ConversationState("waiting")
@@ -46,7 +47,7 @@ def test_claim_held_by_another_is_a_conflict() -> None:
 
 
 @pytest.mark.parametrize(("event", "status"), [("release", "ai"), ("resolve", "resolved")])
-def test_holder_releases_and_resolves(event: str, status: str) -> None:
+def test_holder_releases_and_resolves(event: str, status: Status) -> None:
     transition = apply_event(ANNA, event, staff_id="s_anna", staff_name="Anna")  # type: ignore[arg-type]
     assert transition is not None and transition.state == ConversationState(status)
     assert "Anna" in transition.system_text
@@ -83,6 +84,6 @@ def test_staff_events_need_a_staff_member() -> None:
 def test_every_transition_has_a_guest_readable_text() -> None:
     for (status, event), new in TRANSITIONS.items():
         start = ANNA if status == "staff" else ConversationState(status)
-        transition = apply_event(start, event, staff_id="s_anna", staff_name="Anna")  # type: ignore[arg-type]
+        transition = apply_event(start, event, staff_id="s_anna", staff_name="Anna")
         assert transition is not None and transition.state.status == new
         assert transition.system_text.endswith(".")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
 from .errors import ProtocolError
-from .protocol import ErrorCode
+from .protocol import ErrorCode, Status
 
 __all__ = ["ConversationState", "Transition", "apply_event"]
 
@@ -30,7 +30,7 @@ Event: TypeAlias = Literal[
 
 # (state, event) -> new state. A pair missing from the table is "no change" for the
 # idempotent events and an error for the staff ones (see apply_event).
-TRANSITIONS: Final[dict[tuple[str, str], str]] = {
+TRANSITIONS: Final[dict[tuple[Status, Event], Status]] = {
     ("ai", "escalate"): "waiting",
     ("resolved", "escalate"): "waiting",
     ("ai", "concierge_escalate"): "waiting",
@@ -47,7 +47,7 @@ TRANSITIONS: Final[dict[tuple[str, str], str]] = {
 class ConversationState:
     """What the state machine needs to know about a conversation."""
 
-    status: str
+    status: Status
     assigned_to: str | None = None  # staff_id of the holder
     assigned_name: str | None = None
 

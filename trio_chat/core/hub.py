@@ -33,7 +33,7 @@ from typing import Any, Final
 from . import protocol as proto
 from .conversation import ConversationState, Event, apply_event
 from .errors import ProtocolError, StorageError
-from .protocol import CloseCode, ErrorCode, Message
+from .protocol import CloseCode, ErrorCode, Message, Reader, Role
 from .ratelimit import TokenBucket
 from .storage import (
     Appended,
@@ -223,7 +223,7 @@ class Session:
 
     def __init__(self, session_id: int) -> None:
         self.id = session_id
-        self.role: str | None = None  # "guest" or "staff" once hello succeeded
+        self.role: Role | None = None  # once hello succeeded
         self.staff_id: str | None = None
         self.name: str | None = None
         self.conversation: LiveConversation | None = None  # a guest's own
@@ -270,7 +270,7 @@ class Hub:
         session = self.sessions.get(session_id)
         return session is not None and session.role is not None
 
-    def role(self, session_id: int) -> str | None:
+    def role(self, session_id: int) -> Role | None:
         session = self.sessions.get(session_id)
         return None if session is None else session.role
 
@@ -938,7 +938,9 @@ class Hub:
         )
         raise _Deferred
 
-    def _read_mark(self, session: Session, conv: LiveConversation, reader: str, seq: int) -> None:
+    def _read_mark(
+        self, session: Session, conv: LiveConversation, reader: Reader, seq: int
+    ) -> None:
         seq = min(seq, conv.last_seq)
         if reader == "staff" and seq > conv.read_seq:
             conv.read_seq = seq

@@ -30,6 +30,10 @@ __all__ = [
     "CloseCode",
     "ErrorCode",
     "Message",
+    "Reader",
+    "Role",
+    "Sender",
+    "Status",
     "format_ts",
     "parse_client_frame",
 ]
@@ -42,6 +46,13 @@ MAX_HISTORY_LIMIT: Final = 500
 MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+# The protocol's closed vocabularies. (Clients reading frames keep these as plain
+# strings: a later server may add a value, and clients ignore what they do not know.)
+Status: TypeAlias = Literal["ai", "waiting", "staff", "resolved"]
+Role: TypeAlias = Literal["guest", "staff"]
+Sender: TypeAlias = Literal["guest", "ai", "staff", "system"]
+Reader: TypeAlias = Literal["guest", "staff"]
 
 
 class ErrorCode:
@@ -418,7 +429,7 @@ def error_frame(
     return encode(obj)
 
 
-def status_frame(conversation_id: str, status: str, assigned_to: str | None) -> str:
+def status_frame(conversation_id: str, status: Status, assigned_to: str | None) -> str:
     return encode(
         {
             "type": "status",
@@ -429,13 +440,13 @@ def status_frame(conversation_id: str, status: str, assigned_to: str | None) -> 
     )
 
 
-def typing_frame(conversation_id: str, sender: str, active: bool) -> str:
+def typing_frame(conversation_id: str, sender: Sender, active: bool) -> str:
     return encode(
         {"type": "typing", "conversation_id": conversation_id, "sender": sender, "active": active}
     )
 
 
-def read_frame(conversation_id: str, reader: str, seq: int) -> str:
+def read_frame(conversation_id: str, reader: Reader, seq: int) -> str:
     return encode(
         {"type": "read", "conversation_id": conversation_id, "reader": reader, "seq": seq}
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import StorageError
-from .protocol import Message
+from .protocol import Message, Reader, Sender, Status
 
 __all__ = [
     "AppendMessage",
@@ -45,7 +45,7 @@ class ConversationRow:
     conversation_id: str
     guest_id: str
     guest_name: str | None
-    status: str
+    status: Status
     assigned_staff_id: str | None
     assigned_name: str | None
     last_seq: int
@@ -95,12 +95,12 @@ class AppendMessage(Operation[Appended]):
     original, marked ``duplicate``."""
 
     conversation_id: str = ""
-    sender: str = "guest"
+    sender: Sender = "guest"
     author: str | None = None
     author_key: str | None = None
     text: str = ""
     client_msg_id: str | None = None
-    status: tuple[str, str | None, str | None] | None = None
+    status: tuple[Status, str | None, str | None] | None = None
 
     def apply(self, db: StorageBackend) -> Appended:
         return db.append(self)
@@ -111,7 +111,7 @@ class SetRead(Operation[None]):
     """Raise a read mark (``reader``: ``guest`` or ``staff``); never lowers it."""
 
     conversation_id: str = ""
-    reader: str = "guest"
+    reader: Reader = "guest"
     seq: int = 0
 
     def apply(self, db: StorageBackend) -> None:
