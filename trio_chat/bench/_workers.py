@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._processes import GC_THRESHOLDS
-from .._stats import percentile
 from ._loadgen import DIALECTS, WsClient, field, open_client, serve_null
 
 __all__ = ["main", "worker_args"]
@@ -105,7 +104,6 @@ async def closed_loop(
     return {
         "done": done,
         "elapsed": duration,
-        "p50": percentile(sorted(latencies), 0.5),
         "latencies": latencies,
     }
 
