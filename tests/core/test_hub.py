@@ -573,3 +573,40 @@ def test_closed_registration_says_where_tokens_come_from() -> None:
         "message": "this server issues guest tokens at the desk; registration is closed",
         "ref": "hello",
     }
+
+
+# ------------------------------------------------------------------------- history
+
+
+def test_a_message_committed_after_a_history_read_is_news_not_more_history() -> None:
+    # The race a resuming client meets: its history read finishes, then a live message
+    # commits before the reply is built. The page is complete as of its read; the new
+    # message is pushed live, and a client that looped on has_more would fetch it twice.
+    d = Driver()
+    guest, _ = d.guest()
+    d.send(guest, type="message", client_msg_id="m1", text="one")
+    d.take(guest)
+    [read] = d.hub.frame(guest, json.dumps({"type": "history", "after_seq": 0}), 0.0, WALL)
+    assert isinstance(read, Read)
+    page = d.backend.history(*read.args)
+    d.send(guest, type="message", client_msg_id="m2", text="two")
+    assert [f["seq"] for f in d.take(guest) if f["type"] == "message"] == [2]
+    d.run(d.hub.loaded(read, page, 0.0, WALL))
+    [history] = d.take(guest)
+    assert [m["seq"] for m in history["messages"]] == [1]
+    assert (history["last_seq"], history["has_more"]) == (2, False)
+
+
+def test_a_full_page_says_there_is_more() -> None:
+    d = Driver()
+    guest, _ = d.guest()
+    for i in range(3):
+        d.send(guest, type="message", client_msg_id=f"m{i}", text=f"message {i}")
+    d.take(guest)
+    d.send(guest, type="history", after_seq=0, limit=2)
+    [history] = d.take(guest)
+    assert [m["seq"] for m in history["messages"]] == [1, 2]
+    assert (history["last_seq"], history["has_more"]) == (3, True)
+    d.send(guest, type="history", after_seq=2, limit=2)
+    [rest] = d.take(guest)
+    assert ([m["seq"] for m in rest["messages"]], rest["has_more"]) == ([3], False)

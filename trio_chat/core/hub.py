@@ -926,7 +926,11 @@ class Hub:
     ) -> None:
         def found(messages: list[Message]) -> None:
             last_seq = max(conv.last_seq, messages[-1].seq if messages else 0)
-            self._send(session.id, proto.history_frame(conv.conversation_id, messages, last_seq))
+            full_page = len(messages) >= frame.limit
+            self._send(
+                session.id,
+                proto.history_frame(conv.conversation_id, messages, last_seq, full_page=full_page),
+            )
 
         self._read(
             session,

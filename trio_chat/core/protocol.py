@@ -462,13 +462,20 @@ def reconnect_frame(after_ms: int, reason: str) -> str:
 
 
 def history_frame(
-    conversation_id: str, messages: list[Message], last_seq: int, *, budget: int | None = None
+    conversation_id: str,
+    messages: list[Message],
+    last_seq: int,
+    *,
+    full_page: bool = True,
+    budget: int | None = None,
 ) -> str:
     """Build a ``history`` reply, cutting the list short to stay under 1 MiB.
 
     ``messages`` must be in ascending ``seq`` order. ``has_more`` is true when the
-    list was cut (by the caller's limit or by size) and older-than-``last_seq``
-    messages remain to fetch.
+    list was cut (by size, or because storage returned a ``full_page`` at the caller's
+    limit) and older-than-``last_seq`` messages remain to fetch. A short page is the
+    whole history as of its read: a message committed after the read is not "more" but
+    news, which reaches subscribers live (``last_seq`` still counts it).
     """
     budget = MAX_SERVER_FRAME_BYTES - 4096 if budget is None else budget
     kept: list[dict[str, Any]] = []
@@ -482,7 +489,8 @@ def history_frame(
         kept.append(wire)
         used += size
     newest = kept[-1]["seq"] if kept else None
-    has_more = newest is not None and newest < last_seq
+    cut = len(kept) < len(messages) or full_page
+    has_more = cut and newest is not None and newest < last_seq
     return encode(
         {
             "type": "history",
