@@ -64,7 +64,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def mutation(session: nox.Session) -> None:
     """Mutation testing of the session core (mutmut; the hub and the status table
-    against tests/core and tests/test_conversation.py; settings in pyproject.toml).
+    against tests/core; settings in pyproject.toml).
     About a minute; not part of plain ``nox``. Prints every surviving mutant."""
     session.install("-e", ".[test]", "mutmut>=3.3")
     session.run("mutmut", "run", *session.posargs)

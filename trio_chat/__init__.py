@@ -3,22 +3,10 @@
 The public surface. Everything else lives in private modules and may change.
 """
 
-from ._admin import create_guest_token, create_staff_token
-from ._client import ChatClient, ClientEvent, StaffClient
-from ._concierge import (
-    Concierge,
-    ConciergeAnswer,
-    ConciergeMemory,
-    KnowledgeBase,
-    Responder,
-    ResponderReply,
-    ResponderRequest,
-    RulesResponder,
-)
-from ._jupyter import TrioInJupyter
-from ._server import ChatServer, ServerConfig
 from ._version import __version__
+from .client._client import ChatClient, ClientEvent, StaffClient
 from .core.backoff import JITTER_MODES, Backoff
+from .core.client_protocol import ConversationSummary
 from .core.errors import (
     AuthenticationFailed,
     ClientClosed,
@@ -29,6 +17,19 @@ from .core.errors import (
     TrioChatError,
 )
 from .core.protocol import CloseCode, ErrorCode, Message
+from .server._admin import create_guest_token, create_staff_token
+from .server._concierge import (
+    Concierge,
+    ConciergeAnswer,
+    ConciergeMemory,
+    KnowledgeBase,
+    Responder,
+    ResponderReply,
+    ResponderRequest,
+    RulesResponder,
+)
+from .server._server import ChatServer, ServerConfig
+from .ui._jupyter import TrioInJupyter
 
 __all__ = [
     "JITTER_MODES",
@@ -43,6 +44,7 @@ __all__ = [
     "ConciergeAnswer",
     "ConciergeMemory",
     "ConnectionLost",
+    "ConversationSummary",
     "ErrorCode",
     "KnowledgeBase",
     "Message",

@@ -14,13 +14,12 @@ from typing import Any, Final
 import trio
 from rich.console import Console
 
-from ._admin import add_guest, add_staff, opened, staff_token
-from ._concierge import RulesResponder
-from ._processes import GC_THRESHOLDS
-from ._server import ChatServer, ServerConfig
 from ._version import __version__
-from ._wire import DEFAULT_ENGINE, ENGINES
 from .core.errors import StorageError
+from .server._admin import add_guest, add_staff, opened, staff_token
+from .server._concierge import RulesResponder
+from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
+from .server._wire import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_DB = "trio-chat.db"
 
@@ -464,7 +463,7 @@ def _proxy_schedule(spec: str) -> list[tuple[float, str, tuple[Any, ...]]]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from ._terminal import main as terminal_main
+    from .ui._terminal import main as terminal_main
 
     return trio.run(terminal_main, args.url, args.token, args.name, args.staff)
 

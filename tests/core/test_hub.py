@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from trio_chat._store_memory import MemoryBackend
 from trio_chat.core.errors import StorageError
 from trio_chat.core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
 from trio_chat.core.protocol import CloseCode
 from trio_chat.core.storage import AppendMessage, CreateGuest, SetRead
 from trio_chat.core.tokens import TokenSigner
+from trio_chat.server._store_memory import MemoryBackend
 
 WALL = 1_800_000_000.0
 

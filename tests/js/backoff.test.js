@@ -2,8 +2,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { BACKOFF, HINT_JITTER, ceiling, retryDelay } from "../../trio_chat/static/backoff.js";
-import { CLOSE } from "../../trio_chat/static/protocol.js";
+import { BACKOFF, HINT_JITTER, ceiling, retryDelay } from "../../trio_chat/server/static/backoff.js";
+import { CLOSE } from "../../trio_chat/server/static/protocol.js";
 
 const fixed = (value) => () => value;
 

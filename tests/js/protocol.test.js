@@ -4,7 +4,7 @@ import { test } from "node:test";
 
 import {
   CLOSE, MAX_TEXT, checkText, frames, newClientMsgId, parseFrame,
-} from "../../trio_chat/static/protocol.js";
+} from "../../trio_chat/server/static/protocol.js";
 
 test("close codes are the contract's", () => {
   assert.deepEqual(

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { Outbox, Transcript } from "../../trio_chat/static/transcript.js";
+import { Outbox, Transcript } from "../../trio_chat/server/static/transcript.js";
 
 const message = (seq) => ({ seq, text: `m${seq}` });
 

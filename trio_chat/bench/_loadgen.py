@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
+from ..core import client_protocol as wire
+
 __all__ = [
     "DIALECTS",
     "NullServer",
@@ -202,8 +204,7 @@ class WsClient(asyncio.Protocol):
     # the dialects
     def _opened(self) -> None:
         if self.dialect == "chat":
-            token = b"null" if self.token is None else b'"%s"' % self.token.encode()
-            self._send(b'{"type":"hello","token":%s}' % token)
+            self._send(wire.hello_frame(self.token).encode())
         elif self.dialect == "echo":
             self.ready.set_result(None)
         # Socket.IO: the server speaks first (Engine.IO's open packet).
@@ -248,12 +249,12 @@ class WsClient(asyncio.Protocol):
 
     def send_message(self, client_msg_id: str, text: str) -> None:
         """Send one chat message (an event with an ack id for Socket.IO)."""
-        body = b'{"client_msg_id":"%s","text":"%s"}' % (client_msg_id.encode(), text.encode())
         if self.dialect == "socketio":
+            body = b'{"client_msg_id":"%s","text":"%s"}' % (client_msg_id.encode(), text.encode())
             self.ack_ids += 1
             self._send(b'42%d["message",%s]' % (self.ack_ids, body))
         else:
-            self._send(b'{"type":"message",' + body[1:])
+            self._send(wire.message_request(client_msg_id, text).encode())
 
     def send_json(self, payload: bytes) -> None:
         self._send(payload)

@@ -20,7 +20,7 @@ from typing import Final
 
 import trio
 
-from .._processes import ServerProcess, free_port
+from ..testing._processes import ServerProcess, free_port
 from ._workers import worker_args
 
 __all__ = ["PEER_REQUIREMENTS", "Target", "peer_python", "serving"]

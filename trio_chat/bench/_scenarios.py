@@ -33,10 +33,10 @@ from typing import Any, Final
 
 import trio
 
-from .._admin import create_staff_token
-from .._client import CRASH_SPREAD
-from .._processes import ServerProcess, python_process, wait_for_marker
-from .._stats import per_interval, percentile
+from ..client._client import CRASH_SPREAD
+from ..server._admin import create_staff_token
+from ..testing._processes import ServerProcess, python_process, wait_for_marker
+from ..testing._stats import per_interval, percentile
 from ._peers import Target, chat_server_process, serving
 from ._workers import worker_args
 

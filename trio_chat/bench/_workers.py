@@ -22,7 +22,8 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from .._processes import GC_THRESHOLDS
+from ..core import client_protocol as wire
+from ..server._server import GC_THRESHOLDS
 from ._loadgen import DIALECTS, WsClient, field, open_client, serve_null
 
 __all__ = ["main", "worker_args"]
@@ -206,7 +207,7 @@ async def staff(url: str, token: str, conversations: list[str]) -> None:
         if in_flight == 0:
             await subscribed.acquire()
             in_flight += 1
-        console.send_json(b'{"type":"watch","conversation_id":"%s"}' % conversation_id.encode())
+        console.send_json(wire.staff_action_frame("watch", conversation_id).encode())
         in_flight -= 1
     for _ in range(CONNECT_CONCURRENCY - in_flight):
         await subscribed.acquire()
@@ -274,7 +275,7 @@ async def _storm(url: str, count: int, jitter: str, spread: float) -> None:
     times after SINCE."""
     import trio
 
-    from .._client import ChatClient
+    from ..client._client import ChatClient
     from ..core.backoff import Backoff
 
     clients = [

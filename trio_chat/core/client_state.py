@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from .client_protocol import message_request
 from .protocol import MAX_CLIENT_MSG_ID, MAX_TEXT, Message
 
 __all__ = ["Outbox", "OutgoingMessage", "Transcript"]
@@ -74,15 +75,8 @@ class OutgoingMessage:
     sends: int = 0  # how many times it was written to a connection
     not_before: float = 0.0  # retry time after rate_limited (client clock)
 
-    def frame(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {
-            "type": "message",
-            "client_msg_id": self.client_msg_id,
-            "text": self.text,
-        }
-        if self.conversation_id is not None:
-            frame["conversation_id"] = self.conversation_id
-        return frame
+    def frame(self) -> str:
+        return message_request(self.client_msg_id, self.text, self.conversation_id)
 
 
 def check_text(text: str) -> str | None:

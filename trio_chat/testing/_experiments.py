@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from .._client import ChatClient
-from .._stats import per_interval
+from ..client._client import ChatClient
 from ..core.backoff import Backoff, Jitter
 from ._mock import MockServer
 from ._proxy import FaultProxy
+from ._stats import per_interval
 
 __all__ = ["OutageResult", "outage_experiment", "simulate_outage"]
 

@@ -12,7 +12,6 @@ acks) are methods to call at any time.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +19,14 @@ from typing import Any
 
 import trio
 
-from .._concierge import Responder, ResponderReply, ResponderRequest
-from .._server import ChatServer, Connection, ServerConfig
-from .._store_memory import MemoryBackend
+from ..core import client_protocol as wire
 from ..core import protocol as proto
 from ..core.hub import Send
 from ..core.protocol import CloseCode, Message
+from ..server._concierge import Responder, ResponderReply, ResponderRequest
+from ..server._connection import Connection
+from ..server._server import ChatServer, ServerConfig
+from ..server._store_memory import MemoryBackend
 
 __all__ = ["CannedReply", "MockServer", "ScriptedResponder"]
 
@@ -89,43 +90,35 @@ class _Console:
         self.claimed: set[str] = set()
         self._greeting_ids = itertools.count(1)
 
-    def deliver(self, frame: str) -> None:
-        obj = json.loads(frame)
-        kind = obj.get("type")
-        if kind == "queue":
-            for summary in obj["conversations"]:
+    def deliver(self, raw: str) -> None:
+        frame = wire.parse_server_frame(raw)
+        if isinstance(frame, wire.Queue):
+            for summary in frame.conversations:
                 self._consider(summary)
-        elif kind == "conversation":
-            self._consider(obj)
-        elif kind == "subscribed" and obj["conversation_id"] in self.claimed:
-            self.mock._spawn(self._greet, obj["conversation_id"])
+        elif isinstance(frame, wire.ConversationChanged):
+            self._consider(frame.summary)
+        elif isinstance(frame, wire.Subscribed) and frame.conversation_id in self.claimed:
+            self.mock._spawn(self._greet, frame.conversation_id)
 
     def request_close(self, code: int, reason: str) -> None:
         self.close_code = code
 
-    def _consider(self, summary: dict[str, Any]) -> None:
-        cid = summary["conversation_id"]
-        if summary["status"] == "waiting" and cid not in self.claimed:
+    def _consider(self, summary: wire.ConversationSummary) -> None:
+        cid = summary.conversation_id
+        if summary.status == "waiting" and cid not in self.claimed:
             self.claimed.add(cid)
             self.mock._spawn(self._claim, cid)
 
     async def _claim(self, conversation_id: str) -> None:
         await trio.sleep(self.mock.staff_delay)
-        await self.mock._feed(
-            self.session_id, {"type": "claim", "conversation_id": conversation_id}
-        )
+        await self.mock._feed(self.session_id, wire.staff_action_frame("claim", conversation_id))
 
     async def _greet(self, conversation_id: str) -> None:
         self.claimed.discard(conversation_id)  # a later hand-off is claimed again
-        await self.mock._feed(
-            self.session_id,
-            {
-                "type": "message",
-                "conversation_id": conversation_id,
-                "client_msg_id": f"greeting-{next(self._greeting_ids)}",
-                "text": self.mock.staff_greeting,
-            },
+        greeting = wire.message_request(
+            f"greeting-{next(self._greeting_ids)}", self.mock.staff_greeting, conversation_id
         )
+        await self.mock._feed(self.session_id, greeting)
 
 
 class _MockShell(ChatServer):
@@ -286,9 +279,9 @@ class MockServer:
         self._console = _Console(self, session_id)
         server.connections[session_id] = self._console  # type: ignore[assignment]
         server.hub.opened(session_id)
-        await self._feed(session_id, {"type": "hello", "token": self.add_staff(self.staff_name)})
+        await self._feed(session_id, wire.hello_frame(self.add_staff(self.staff_name)))
 
-    async def _feed(self, session_id: int, frame: dict[str, Any]) -> None:
+    async def _feed(self, session_id: int, frame: str) -> None:
         server = self.server
-        actions = server.hub.frame(session_id, json.dumps(frame), *server._clock())
+        actions = server.hub.frame(session_id, frame, *server._clock())
         await server._perform(actions, None)

@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from .._client import ChatClient, ClientEvent, StaffClient
+from ..client._client import ChatClient, ClientEvent, StaffClient
 from ..core.backoff import Backoff
 from ..core.errors import ProtocolError, TrioChatError
 from ..core.protocol import ErrorCode
@@ -381,11 +381,11 @@ def _next_waiting(desk: StaffClient, skip: set[str] | None = None) -> str | None
     waiting = [
         s
         for s in desk.queue.values()
-        if s.get("status") == "waiting" and s["conversation_id"] not in (skip or ())
+        if s.status == "waiting" and s.conversation_id not in (skip or ())
     ]
     if not waiting:
         return None
-    return str(min(waiting, key=lambda s: s.get("updated_ts", ""))["conversation_id"])
+    return min(waiting, key=lambda s: s.updated_ts).conversation_id
 
 
 # ----------------------------------------------------------------------- analysis

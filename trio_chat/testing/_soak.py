@@ -20,12 +20,12 @@ from typing import Any
 
 import trio
 
-from .._client import ChatClient, ClientEvent
-from .._processes import ServerProcess, free_port
-from .._stats import per_interval, percentile
+from ..client._client import ChatClient, ClientEvent
 from ..core.backoff import Backoff
 from ..core.errors import TrioChatError
+from ._processes import ServerProcess, free_port
 from ._proxy import FaultProxy
+from ._stats import per_interval, percentile
 
 __all__ = ["Fault", "SoakReport", "parse_faults", "soak"]
 

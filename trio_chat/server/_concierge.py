@@ -1,0 +1,458 @@
+"""The concierge: a deterministic rule-and-retrieval responder over a hotel knowledge base.
+
+Pure code, no Trio. Two layers:
+
+* :class:`Concierge` answers one guest message from a :class:`KnowledgeBase`, given
+  a small per-conversation :class:`ConciergeMemory`, and returns the answer and the
+  new memory. Same input, same output: tests and research runs are reproducible.
+* :class:`Responder` is the interface the server's session code calls. Anything that
+  can turn a guest message into a reply (this concierge, an LLM endpoint, a scripted
+  test double) implements it; the session code never changes.
+  :class:`RulesResponder` adapts :class:`Concierge` to it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+from ..core.protocol import Message
+
+__all__ = [
+    "Concierge",
+    "ConciergeAnswer",
+    "ConciergeMemory",
+    "KnowledgeBase",
+    "Responder",
+    "ResponderReply",
+    "ResponderRequest",
+    "RulesResponder",
+]
+
+_WORD_RE: Final = re.compile(r"[a-z0-9]+")
+_STOPWORDS: Final = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "if",
+        "then",
+        "so",
+        "to",
+        "of",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "from",
+        "with",
+        "about",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "do",
+        "does",
+        "did",
+        "have",
+        "has",
+        "had",
+        "i",
+        "me",
+        "my",
+        "we",
+        "our",
+        "us",
+        "you",
+        "your",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "can",
+        "could",
+        "would",
+        "should",
+        "will",
+        "shall",
+        "may",
+        "might",
+        "must",
+        "am",
+        "get",
+        "got",
+        "any",
+        "some",
+        "please",
+        "just",
+        "also",
+        "too",
+        "very",
+        "much",
+        "many",
+        "not",
+        "no",
+        "let",
+        "lets",
+        "want",
+        "wanted",
+        "need",
+        "like",
+        "know",
+        "tell",
+        "is",
+        "it's",
+        "im",
+        "i'm",
+        "we're",
+        "don't",
+        "dont",
+        "one",
+        "more",
+        "another",
+        "thing",
+        "question",
+        "quick",
+        "still",
+        "sorry",
+    ]
+)
+MIN_SCORE: Final = 2.0
+# The share of the message's information a topic must explain: one generic word
+# ("night") in a sentence about something else is not an answer.
+MIN_COVERAGE: Final = 0.4
+SMALLTALK_WEIGHT: Final = 0.5
+
+
+def _stem(word: str) -> str:
+    # Just enough to fold plurals: "towels" -> "towel", not "glass" -> "glas".
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    id: str
+    title: str
+    answer: str
+    tokens: frozenset[str]
+    keywords: frozenset[str]
+    smalltalk: bool
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    """A hotel's topics and the phrase lists that drive escalation.
+
+    Build it with :meth:`load` (a TOML file) or :meth:`default` (the shipped hotel).
+    """
+
+    hotel_name: str
+    topics: tuple[Topic, ...]
+    normalize: tuple[tuple[str, str], ...]
+    person_phrases: tuple[str, ...]
+    upset_words: tuple[str, ...]
+    yes_words: frozenset[str]
+    idf: dict[str, float] = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KnowledgeBase:
+        """Build from parsed TOML; raises ``ValueError`` naming what is missing."""
+        try:
+            normalize = sorted(
+                ((k.lower(), v.lower()) for k, v in data.get("normalize", {}).items()),
+                key=lambda kv: -len(kv[0]),
+            )
+            escalation = data.get("escalation", {})
+            raw_topics = data["topic"]
+        except (KeyError, AttributeError) as exc:
+            raise ValueError(f"knowledge base is missing {exc}") from None
+        tokenize = _Tokenizer(tuple(normalize))
+        topics = []
+        for raw in raw_topics:
+            try:
+                keywords = frozenset(
+                    _stem(k) for kw in raw.get("keywords", []) for k in tokenize(kw)
+                )
+                text = " ".join([raw["title"], *raw.get("questions", [])])
+                topics.append(
+                    Topic(
+                        id=raw["id"],
+                        title=raw["title"],
+                        answer=raw["answer"].strip(),
+                        tokens=frozenset(tokenize(text)) | keywords,
+                        keywords=keywords,
+                        smalltalk=bool(raw.get("smalltalk", False)),
+                    )
+                )
+            except KeyError as exc:
+                raise ValueError(f"topic {raw.get('id', '?')!r} is missing {exc}") from None
+        if not topics:
+            raise ValueError("knowledge base has no topics")
+        document_frequency: dict[str, int] = {}
+        for topic in topics:
+            for token in topic.tokens:
+                document_frequency[token] = document_frequency.get(token, 0) + 1
+        n = len(topics)
+        idf = {t: math.log((n + 1) / df) for t, df in document_frequency.items()}
+        return cls(
+            hotel_name=data.get("hotel", {}).get("name", "the hotel"),
+            topics=tuple(topics),
+            normalize=tuple(normalize),
+            person_phrases=tuple(p.lower() for p in escalation.get("person", [])),
+            upset_words=tuple(w.lower() for w in escalation.get("upset", [])),
+            yes_words=frozenset(w.lower() for w in escalation.get("yes", [])),
+            idf=idf,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnowledgeBase:
+        """Load a TOML knowledge base; raises ``OSError`` or ``ValueError``."""
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def default(cls) -> KnowledgeBase:
+        """The Harbourview Hotel shipped with trio_chat (``data/hotel.toml``)."""
+        return cls.load(default_kb_path())
+
+
+def default_kb_path() -> Path:
+    """Where the shipped knowledge base lives: in the wheel, or in a source checkout."""
+    packaged = importlib.resources.files("trio_chat") / "_data" / "hotel.toml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "data" / "hotel.toml"
+
+
+class _Tokenizer:
+    __slots__ = ("normalize",)
+
+    def __init__(self, normalize: tuple[tuple[str, str], ...]) -> None:
+        self.normalize = normalize
+
+    def __call__(self, text: str) -> list[str]:
+        text = " " + " ".join(text.lower().replace("’", "'").split()) + " "
+        for phrase, replacement in self.normalize:
+            if phrase in text:
+                text = text.replace(phrase, f" {replacement} ")
+        return [_stem(w) for w in _WORD_RE.findall(text) if len(w) > 1 and w not in _STOPWORDS]
+
+
+@dataclass(frozen=True, slots=True)
+class ConciergeMemory:
+    """What the concierge remembers of one conversation between messages."""
+
+    unanswered_streak: int = 0
+    offered_person: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConciergeAnswer:
+    """One reply. ``escalate`` asks the server to hand the conversation to staff."""
+
+    text: str
+    kind: Literal["answer", "smalltalk", "unknown", "offer", "escalate"]
+    topic: str | None = None
+    escalate: bool = False
+
+
+class Concierge:
+    """Answers guest messages from a :class:`KnowledgeBase`, deterministically."""
+
+    def __init__(self, kb: KnowledgeBase | None = None) -> None:
+        self.kb = kb if kb is not None else KnowledgeBase.default()
+        self._tokenize = _Tokenizer(self.kb.normalize)
+        self._phrase_tokens = frozenset(_stem(r) for _, r in self.kb.normalize)
+        # Built once: a message is scored only against the topics sharing a token with
+        # it (scoring every topic took most of a reply's time).
+        self._unknown_weight = max(self.kb.idf.values(), default=1.0)
+        topics_of: dict[str, list[int]] = {}
+        for index, topic in enumerate(self.kb.topics):
+            for token in topic.tokens:
+                topics_of.setdefault(token, []).append(index)
+        self._topics_of = {token: tuple(indices) for token, indices in topics_of.items()}
+        self._upset_re = re.compile(
+            r"\b(?:" + "|".join(re.escape(w) for w in self.kb.upset_words) + r")\b"
+            if self.kb.upset_words
+            else r"(?!)"
+        )
+
+    def wants_person(self, text: str) -> bool:
+        """True when the guest asks for a human."""
+        folded = " ".join(text.lower().split())
+        return any(p in folded for p in self.kb.person_phrases)
+
+    def is_upset(self, text: str) -> bool:
+        """True when the guest is plainly unhappy (strong words, shouting, !!!)."""
+        if self._upset_re.search(text.lower()):
+            return True
+        letters = [c for c in text if c.isalpha()]
+        shouting = len(letters) >= 12 and sum(c.isupper() for c in letters) / len(letters) > 0.8
+        return shouting or "!!!" in text
+
+    def best_topic(self, text: str) -> tuple[Topic | None, float]:
+        """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
+        explains enough of the message (see ``MIN_COVERAGE``)."""
+        tokens = set(self._tokenize(text))
+        information = sum(self.kb.idf.get(t, self._unknown_weight) for t in tokens)
+        best: Topic | None = None
+        best_score = 0.0
+        # In the knowledge base's order, so that ties go to the same topic as ever.
+        candidates = sorted({i for t in tokens for i in self._topics_of.get(t, ())})
+        for index in candidates:
+            topic = self.kb.topics[index]
+            score = sum(
+                self.kb.idf[t]
+                * (1.5 if t in topic.keywords else 1.0)
+                # A phrase folded by [normalize] ("room service") is the most specific cue.
+                * (2.0 if t in self._phrase_tokens else 1.0)
+                for t in tokens & topic.tokens
+            )
+            if topic.smalltalk:
+                score *= SMALLTALK_WEIGHT
+            if score > best_score:
+                best, best_score = topic, score
+        if best is None or best_score < MIN_COVERAGE * information:
+            return None, 0.0
+        return best, best_score
+
+    def reply(self, text: str, memory: ConciergeMemory) -> tuple[ConciergeAnswer, ConciergeMemory]:
+        """Answer ``text``; returns the answer and the memory to keep for next time."""
+        folded = " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+        if self.wants_person(text) or (memory.offered_person and folded in self.kb.yes_words):
+            return (
+                ConciergeAnswer(
+                    "Of course. I'm bringing in a member of our team now; they will see "
+                    "everything we've said so far.",
+                    "escalate",
+                    escalate=True,
+                ),
+                ConciergeMemory(),
+            )
+        if self.is_upset(text):
+            return (
+                ConciergeAnswer(
+                    "I'm so sorry about this. I'm asking a member of our team to help you "
+                    "personally, right now.",
+                    "escalate",
+                    escalate=True,
+                ),
+                ConciergeMemory(),
+            )
+        topic, score = self.best_topic(text)
+        if topic is not None and score >= MIN_SCORE * (SMALLTALK_WEIGHT if topic.smalltalk else 1):
+            kind: Literal["answer", "smalltalk"] = "smalltalk" if topic.smalltalk else "answer"
+            return ConciergeAnswer(topic.answer, kind, topic.id), ConciergeMemory()
+        streak = memory.unanswered_streak + 1
+        if streak >= 2:
+            return (
+                ConciergeAnswer(
+                    "I'm sorry, I don't have an answer for that either. Would you like me to "
+                    "bring in a member of our team? Just say yes, or use 'talk to a person'.",
+                    "offer",
+                ),
+                ConciergeMemory(unanswered_streak=streak, offered_person=True),
+            )
+        return (
+            ConciergeAnswer(
+                "I'm sorry, I'm not sure about that one. Could you put it another way? I can "
+                "help with check-in and check-out, breakfast, Wi-Fi, parking, the spa, room "
+                "service, housekeeping, taxis and tips for the area.",
+                "unknown",
+            ),
+            ConciergeMemory(unanswered_streak=streak, offered_person=memory.offered_person),
+        )
+
+
+# ----------------------------------------------------------------- the interface
+
+
+@dataclass(frozen=True, slots=True)
+class ResponderRequest:
+    """What a responder is told about one guest message.
+
+    ``recent`` holds up to ``Responder.history_window`` earlier messages of the
+    conversation, oldest first (empty when the responder asks for none).
+    """
+
+    conversation_id: str
+    guest_id: str
+    guest_name: str | None
+    text: str
+    recent: Sequence[Message] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResponderReply:
+    """A responder's answer; ``escalate`` hands the conversation to staff after it."""
+
+    text: str
+    escalate: bool = False
+
+
+class Responder(Protocol):
+    """Anything that answers guests while a conversation is in ``ai`` status.
+
+    The server calls :meth:`respond` once per stored guest message, under its own
+    timeout; a responder that raises or times out is replaced, for that message, by
+    an apology and a hand-off to staff, so a broken responder never silences a guest.
+    """
+
+    history_window: int
+
+    async def respond(self, request: ResponderRequest) -> ResponderReply: ...
+
+
+class RulesResponder:
+    """:class:`Responder` backed by :class:`Concierge` (no I/O, instant)."""
+
+    history_window = 0
+
+    def __init__(self, concierge: Concierge | None = None, *, max_conversations: int = 50_000):
+        self.concierge = concierge if concierge is not None else Concierge()
+        self._memory: OrderedDict[str, ConciergeMemory] = OrderedDict()
+        self._max = max_conversations
+
+    async def respond(self, request: ResponderRequest) -> ResponderReply:
+        return self.respond_now(request)
+
+    def respond_now(self, request: ResponderRequest) -> ResponderReply:
+        """The synchronous core of :meth:`respond`."""
+        memory = self._memory.pop(request.conversation_id, ConciergeMemory())
+        answer, memory = self.concierge.reply(request.text, memory)
+        self._memory[request.conversation_id] = memory
+        if len(self._memory) > self._max:
+            self._memory.popitem(last=False)
+        return ResponderReply(answer.text, answer.escalate)

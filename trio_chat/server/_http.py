@@ -1,0 +1,280 @@
+"""The plain-HTTP front of the server's single port.
+
+Every TCP connection starts here: h11 reads the request head; plain requests (``/``,
+``/healthz``, static files) are answered by h11, with keep-alive; a WebSocket upgrade
+on ``/ws`` is handed to the WebSocket layer (``_wire``) with the parsed request and a
+:class:`PrefixStream` that first yields whatever the client sent after it.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import h11
+import trio
+
+__all__ = ["HttpFront", "PrefixStream", "Route"]
+
+MAX_HEAD_BYTES: Final = 16 * 1024
+RECEIVE_BYTES: Final = 16 * 1024
+
+
+class PrefixStream(trio.abc.Stream):
+    """A stream that first yields ``prefix``, then whatever ``stream`` yields.
+
+    It can also write without blocking (:meth:`send_without_blocking`) when ``stream``
+    is a socket: the server's pushes mostly fit in the kernel's buffer, and then a task
+    and its trip through the scheduler per write are pure cost.
+    """
+
+    __slots__ = ("_prefix", "_socket", "_stream", "_unsent")
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._unsent = b""  # what the socket did not take; goes out first in send_all
+
+    @property
+    def can_send_without_blocking(self) -> bool:
+        return self._socket is not None
+
+    def send_without_blocking(self, data: bytes) -> bool:
+        """Write ``data`` now, as much as the socket takes without waiting.
+
+        Needs that no :meth:`send_all` is running (the caller's send lock is free)
+        and a socket underneath (:attr:`can_send_without_blocking`). Returns True when
+        everything was written; False when some bytes are held back: they go out,
+        before anything else, in the next :meth:`send_all`, which the caller must
+        then make (``send_all(b"")`` will do). Raises ``trio.ClosedResourceError``
+        or ``trio.BrokenResourceError`` like :meth:`send_all`.
+        """
+        assert self._socket is not None and not self._unsent
+        # Looked up just before the write, on the loop's thread: the number of a
+        # closed socket may already belong to another connection.
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+        if written == len(data):
+            return True
+        self._unsent = data[written:]
+        return False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            if max_bytes is None or max_bytes >= len(self._prefix):
+                data, self._prefix = self._prefix, b""
+            else:
+                data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self._stream, trio.abc.HalfCloseableStream):
+            await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Route = Callable[[], Response]
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(obj).encode(), "application/json")
+
+
+def text_response(status: int, text: str) -> Response:
+    return Response(status, text.encode())
+
+
+def static_response(name: str) -> Response | None:
+    """A file shipped in ``trio_chat/server/static``, or ``None`` if there is no such file."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    resource = resources.files("trio_chat.server") / "static" / name
+    if not resource.is_file():
+        return None
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type == "application/javascript":
+        content_type += "; charset=utf-8"
+    return Response(200, resource.read_bytes(), content_type, (("Cache-Control", "no-cache"),))
+
+
+def _is_websocket_upgrade(request: h11.Request) -> bool:
+    headers = {k.lower(): v for k, v in request.headers}
+    connection_tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
+    return (
+        headers.get(b"upgrade", b"").lower() == b"websocket"
+        and b"upgrade" in connection_tokens
+        and b"sec-websocket-key" in headers
+        and headers.get(b"sec-websocket-version") == b"13"
+    )
+
+
+class HttpFront:
+    """Answers plain HTTP on a stream until it sees a WebSocket upgrade on ``/ws``.
+
+    ``routes`` maps exact paths to handlers producing a :class:`Response`; paths under
+    ``/static/`` are served from the package. ``on_websocket`` receives the stream
+    (yielding first any bytes that came after the request head) and the request.
+    """
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        on_websocket: Callable[[PrefixStream, h11.Request], Awaitable[None]],
+        *,
+        idle_timeout: float,
+        server_header: str,
+    ) -> None:
+        self.routes = routes
+        self.on_websocket = on_websocket
+        self.idle_timeout = idle_timeout
+        self.server_header = server_header.encode()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one TCP connection. Never raises for anything the peer does."""
+        upgrade = await self._serve_plain(stream)
+        # The h11 state and its buffers are gone by now: this frame stays suspended for
+        # the whole WebSocket session, so it keeps nothing.
+        if upgrade is not None:
+            request, after = upgrade
+            del upgrade
+            await self.on_websocket(PrefixStream(stream, after), request)
+
+    async def _serve_plain(self, stream: trio.abc.Stream) -> tuple[h11.Request, bytes] | None:
+        """Answer plain requests; return a WebSocket upgrade request with the bytes
+        that followed it, or None when the connection is done."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        while True:
+            request: h11.Request | None = None
+            with trio.move_on_after(self.idle_timeout):
+                try:
+                    request = await self._read_request(stream, conn)
+                except h11.RemoteProtocolError as exc:
+                    await self._send_error(stream, conn, exc.error_status_hint, str(exc))
+                    return None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+            if request is None:
+                return None  # idle, or the peer closed between requests
+            target = request.target.split(b"?", 1)[0]
+            if target == b"/ws" and request.method == b"GET" and _is_websocket_upgrade(request):
+                return request, bytes(conn.trailing_data[0])
+            response = self._route(request, target)
+            try:
+                await self._respond(stream, conn, request, response)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                return None
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return None
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return None
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, conn: h11.Connection
+    ) -> h11.Request | None:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed or PAUSED without a request
+
+    def _route(self, request: h11.Request, target: bytes) -> Response:
+        if request.method not in (b"GET", b"HEAD"):
+            return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),))
+        path = target.decode("ascii", "replace")
+        if path == "/ws":
+            return Response(
+                426, b"this endpoint speaks WebSocket only\n", headers=(("Upgrade", "websocket"),)
+            )
+        route = self.routes.get(path)
+        if route is not None:
+            return route()
+        if path.startswith("/static/"):
+            found = static_response(path.removeprefix("/static/"))
+            if found is not None:
+                return found
+        return text_response(404, "not found\n")
+
+    async def _respond(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        request: h11.Request,
+        response: Response,
+    ) -> None:
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("Server", self.server_header.decode()),
+            ("X-Content-Type-Options", "nosniff"),
+            *response.headers,
+        ]
+        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        if request.method != b"HEAD":
+            data += conn.send(h11.Data(data=response.body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
+        # Drain the request body, if any, so the next cycle can start.
+        while conn.their_state is h11.SEND_BODY:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+
+    async def _send_error(
+        self, stream: trio.abc.Stream, conn: h11.Connection, status: int, why: str
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"bad request: {why}\n".encode()
+        try:
+            data = conn.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        ("Content-Type", "text/plain"),
+                        ("Content-Length", str(len(body))),
+                        ("Connection", "close"),
+                    ],
+                )
+            )
+            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+            await stream.send_all(data)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,587 @@
+"""The Trio guest-chat server: one port, protocol v1, durable history.
+
+The server is a shell around the session core (:class:`~trio_chat.core.hub.Hub`): it
+accepts connections, speaks HTTP and WebSocket, feeds each session's frames to the hub
+and carries out what the hub answers (queue a frame, close a session, write or read
+storage, ask the concierge). The rules of the protocol live in the hub, once.
+
+Task tree (every task has an owner that outlives it)::
+
+    ChatServer.run
+    ├── Store.run                        the one database writer (group commit)
+    └── work nursery
+        ├── accept loop (trio.serve_listeners)
+        ├── heartbeat sweeper            one task pings every connection
+        ├── concierge replies            one task per answer, with its timeouts
+        └── one nursery per TCP connection
+            ├── HTTP front, then the session: the one reader of its socket
+            ├── writer (only while the socket cannot take the outbox at once)
+            └── a heartbeat ping (only while one is in flight)
+
+Everything that must follow a commit (the ack, the pushes, the concierge) is the hub's
+answer to :meth:`Hub.stored`, called from the store's commit callbacks in commit order,
+so it happens exactly once and in ``seq`` order whatever becomes of the connection
+that asked for it.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import h11
+import trio
+
+from .._version import __version__
+from ..core import protocol as proto
+from ..core.errors import ConnectionLost, ProtocolError, StorageError
+from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from ..core.protocol import CloseCode, ErrorCode
+from ..core.storage import StorageBackend
+from ..core.tokens import TokenSigner
+from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
+from ._connection import Connection
+from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
+from ._store import Database, Store
+from ._wire import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    WebSocket,
+    handshake_response,
+)
+
+__all__ = ["GC_THRESHOLDS", "ChatServer", "ServerConfig"]
+
+log = logging.getLogger("trio_chat.server")
+
+# The collector thresholds of processes that hold thousands of long-lived objects: the
+# server (``trio-chat serve``) and the load generators. CPython's defaults rescan them
+# all again and again, in pauses of 60-200 ms (see docs/benchmarks.md).
+GC_THRESHOLDS: Final = (50_000, 50, 1_000)
+
+SERVER_NAME: Final = f"trio-chat/{__version__}"
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``trio-chat serve`` can set. Times are in seconds."""
+
+    db_path: str | Path = "trio-chat.db"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    hello_timeout: float = 10.0
+    heartbeat: float = 20.0
+    concierge: str = "rules"  # "rules" or "off"
+    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    rate_burst: int = 20
+    open_registration: bool = True
+    max_frame_bytes: int = proto.MAX_FRAME_BYTES
+    outbox_limit: int = 256  # frames queued for one connection before it is cut off
+    handshake_timeout: float = 10.0
+    close_timeout: float = 2.0
+    # A restart's reconnect.after_ms: the window opens once this process is likely gone
+    # and its successor listening, then spreads the crowd at about the rate a server
+    # takes reconnections (storm benchmark, 4,000 guests on two cores).
+    restart_delay: float = 0.25  # a new process's start, after this one is gone
+    drain_per_connection: float = 0.00075  # this process's shutdown, per connection
+    shutdown_spread: float = 3.0  # the window is at least this long,
+    shutdown_spread_per_connection: float = 0.0015  # and at least this much per connection
+    shutdown_grace: float = 5.0  # how long shutdown waits for in-flight work
+    typing_delay: float = 0.3  # how long the concierge "types" before answering
+    responder_timeout: float = 30.0
+    synchronous: str = "FULL"
+    backlog: int = 4096
+    frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
+    seed: int | None = None  # for the shutdown spread; None = random
+
+
+# -------------------------------------------------------------------------- server
+
+
+class ChatServer:
+    """The guest-chat server.
+
+    ``responder`` replaces the concierge (anything implementing
+    :class:`~trio_chat.Responder`); by default ``config.concierge`` picks the rules
+    concierge or none. ``storage`` replaces the SQLite file (``config.db_path``) with
+    another backend, such as the memory one the mock server runs on. Start it with
+    ``port = await nursery.start(server.run)``; stop it gracefully with
+    :meth:`shutdown`, or cancel it.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        responder: Responder | None = None,
+        storage: StorageBackend | None = None,
+    ):
+        self.config = config if config is not None else ServerConfig()
+        self._storage = storage
+        if responder is None and self.config.concierge == "rules":
+            responder = RulesResponder()
+        elif self.config.concierge not in ("rules", "off"):
+            raise ValueError(f"unknown concierge {self.config.concierge!r} (use rules or off)")
+        self._responder = responder
+        self.port: int | None = None
+        self.started_at = time.monotonic()
+        self.connections: dict[int, Connection] = {}  # by session number
+        # While commit callbacks run: connections with frames to write at the end.
+        self.corked: list[Connection] | None = None
+        self.closes: Counter[int] = Counter()  # connections closed, by close code
+        self._sessions = itertools.count(1)
+        self._random = random.Random(self.config.seed)
+        self._shutdown = trio.Event()
+        self._stopped = trio.Event()
+        self._accepting = trio.CancelScope()
+        self._work: trio.Nursery | None = None
+        self._store: Store | None = None
+        self._hub: Hub | None = None
+        self._handlers = 0
+        self._background = 0
+        self._idle = trio.Event()  # set whenever a handler or background task ends
+        self._replies_done = trio.Event()  # set whenever a concierge reply ends
+        self._froze_gc = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def responder(self) -> Responder | None:
+        return self._responder
+
+    @responder.setter
+    def responder(self, responder: Responder | None) -> None:
+        self._responder = responder
+        if self._hub is not None:
+            self._hub.concierge = responder is not None
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the server is not running"
+        return self._store
+
+    @property
+    def hub(self) -> Hub:
+        assert self._hub is not None, "the server is not running"
+        return self._hub
+
+    @contextmanager
+    def _corked(self) -> Iterator[None]:
+        """Frames delivered inside go out together at the end, one write per
+        connection: a committed batch's acks, messages and summaries."""
+        corked: list[Connection] = []
+        self.corked = corked
+        try:
+            yield
+        finally:
+            self.corked = None
+            for conn in corked:
+                try:
+                    conn.flush()
+                except Exception:
+                    # This runs on the loop's own callback: a bug here must cost one
+                    # connection, not every other write of the batch (or the server).
+                    log.exception("writing to a connection failed")
+                    conn._writer_done()
+                    conn.request_close(CloseCode.SERVER_ERROR, "internal error")
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown` (graceful) or cancellation.
+
+        Reports the bound port through ``task_status``. Raises :class:`StorageError`
+        if the database cannot be opened and ``OSError`` if the port cannot be bound.
+        """
+        db: StorageBackend
+        if self._storage is not None:
+            db = self._storage
+        else:
+            db = await trio.to_thread.run_sync(
+                lambda: Database(self.config.db_path, synchronous=self.config.synchronous)
+            )
+        try:
+            self._hub = Hub(
+                TokenSigner(db.secret()),
+                HubConfig(
+                    heartbeat_s=self.config.heartbeat,
+                    server_name=SERVER_NAME,
+                    open_registration=self.config.open_registration,
+                    rate_limit=self.config.rate_limit,
+                    rate_burst=self.config.rate_burst,
+                ),
+                concierge=self._responder is not None,
+            )
+            self._store = Store(
+                db, threaded=isinstance(db, Database), callbacks_context=self._corked
+            )
+            async with trio.open_nursery() as storage:
+                await storage.start(self._store.run)
+                try:
+                    await self._serve(task_status)
+                finally:
+                    # The writer commits what is queued, then returns.
+                    self._store.close()
+        finally:
+            if self._froze_gc:
+                gc.unfreeze()
+            if self._storage is None:
+                db.close()
+            self._stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[int]) -> None:
+        listeners = await trio.open_tcp_listeners(
+            self.config.port, host=self.config.host, backlog=self.config.backlog
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+        front = HttpFront(
+            {"/": self._index, "/healthz": self._healthz},
+            self._websocket,
+            idle_timeout=self.config.handshake_timeout,
+            server_header=SERVER_NAME,
+        )
+        async with trio.open_nursery() as work:
+            self._work = work
+            work.start_soon(self._accept, listeners, front)
+            work.start_soon(self._heartbeat_sweeper)
+            await self._answer_unanswered()
+            task_status.started(self.port)
+            await self._shutdown.wait()
+            await self._drain_for_shutdown()
+            work.cancel_scope.cancel()
+
+    async def _accept(self, listeners: list[trio.SocketListener], front: HttpFront) -> None:
+        assert self._work is not None
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._handle_stream(stream, front)
+
+        # Cancelled at shutdown, serve_listeners closes the listeners: from then on
+        # connection attempts are refused at once, not parked in the backlog.
+        with self._accepting:
+            await trio.serve_listeners(handle, listeners, handler_nursery=self._work)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: stop accepting, tell every client to come back
+        later (``reconnect`` with spread-out ``after_ms``, close 1012), let writes in
+        flight finish (bounded), then stop. :meth:`run` returns when it is done."""
+        self._shutdown.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def wait_idle(self) -> None:
+        """Until no write is queued or committing and no concierge reply is under way
+        (for scripted runs that step only once everything a step set off is done)."""
+        while self._background or self.store.pending:
+            if self.store.pending:
+                await self.store.wait_settled()
+            else:
+                self._replies_done = trio.Event()
+                await self._replies_done.wait()
+
+    async def _answer_unanswered(self) -> None:
+        """After a crash or restart, give the concierge's owed replies (the last hour)."""
+        if self._responder is None:
+            return
+        owed = await self.store.read(self.store.db.unanswered, time.time() - 3600)
+        for row, message in owed:
+            await self._perform(self.hub.owed(row, message, *self._clock()), None)
+
+    async def _drain_for_shutdown(self) -> None:
+        self._accepting.cancel()
+        # Thousands of connections end at once: the cycle collector would rescan every
+        # live object of all of them again and again (half the shutdown time with
+        # 4,000 guests). Frozen, they are left to reference counting; run() unfreezes,
+        # unless the host process had frozen objects of its own.
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            self._froze_gc = True
+        crowd = len(self.connections)
+        opens_ms = int(
+            (self.config.restart_delay + crowd * self.config.drain_per_connection) * 1000
+        )
+        spread_ms = int(
+            max(self.config.shutdown_spread, crowd * self.config.shutdown_spread_per_connection)
+            * 1000
+        )
+        for conn in list(self.connections.values()):
+            after_ms = opens_ms + self._random.randrange(max(1, spread_ms))
+            conn.deliver(proto.reconnect_frame(after_ms, "server restarting"))
+            conn.request_close(CloseCode.RESTARTING, "server restarting")
+        with trio.move_on_after(self.config.shutdown_grace):
+            while self._handlers or self._background:
+                self._idle = trio.Event()
+                await self._idle.wait()
+
+    # -- plain HTTP ----------------------------------------------------------------
+
+    def _index(self) -> Any:
+        return static_response("index.html") or text_response(200, "trio-chat\n")
+
+    def _healthz(self) -> Any:
+        hub = self._hub
+        roles = [hub.role(sid) if hub else None for sid in self.connections]
+        return json_response(
+            {
+                "status": "ok",
+                "server": SERVER_NAME,
+                "version": __version__,
+                "uptime_s": round(time.monotonic() - self.started_at, 3),
+                "connections": len(self.connections),
+                "guests_online": roles.count("guest"),
+                "staff_online": roles.count("staff"),
+                "conversations_loaded": len(hub.conversations) if hub else 0,
+                "closes": {str(code): n for code, n in sorted(self.closes.items())},
+            }
+        )
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.abc.Stream, front: HttpFront) -> None:
+        # The one place a connection's failure stops: nothing here reaches another
+        # connection or the server.
+        self._handlers += 1
+        try:
+            await front.handle(stream)
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._handlers -= 1
+            self._idle.set()
+            with trio.move_on_after(self.config.close_timeout) as scope:
+                scope.shield = True
+                await trio.aclose_forcefully(stream)
+
+    async def _websocket(self, stream: PrefixStream, request: h11.Request) -> None:
+        with trio.move_on_after(self.config.handshake_timeout) as handshake:
+            try:
+                await stream.send_all(handshake_response(request, SERVER_NAME.encode()))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        if handshake.cancelled_caught:
+            return
+        del request  # this frame stays suspended for the whole session
+        ws = WebSocket(stream, ENGINES[self.config.frame_engine](self.config.max_frame_bytes))
+        hub = self.hub
+        async with trio.open_nursery() as nursery:
+            conn = Connection(self, ws, nursery, next(self._sessions))
+            self.connections[conn.session_id] = conn
+            hub.opened(conn.session_id)
+            try:
+                with conn.reader_scope:
+                    if self._admit(conn):
+                        await self._session(conn)
+            except ConnectionLost:
+                pass
+            finally:
+                del self.connections[conn.session_id]
+                self._perform_now(hub.closed(conn.session_id, *self._clock()))
+                await self._close(conn)
+                nursery.cancel_scope.cancel()
+
+    def _admit(self, conn: Connection) -> bool:
+        """Whether to serve a new connection (the mock server refuses on demand)."""
+        return True
+
+    async def _close(self, conn: Connection) -> None:
+        if conn.dropped:
+            # As a network failure would: no close frame.
+            await trio.aclose_forcefully(conn.ws.stream)
+            return
+        code = conn.close_code
+        if code is None:
+            conn.close_code = code = CloseCode.NORMAL
+        elif code not in (CloseCode.TRY_LATER, CloseCode.ABNORMAL, CloseCode.SERVER_ERROR):
+            # Let the last frames (reconnect, the auth error, ...) out first. A client
+            # cut off for being slow or dead gets no such courtesy.
+            with trio.move_on_after(self.config.close_timeout) as scope:
+                scope.shield = True
+                await conn.wait_drained()
+        if code == CloseCode.ABNORMAL:
+            code = CloseCode.NORMAL
+        self.closes[code] += 1
+        with trio.move_on_after(self.config.close_timeout) as scope:
+            scope.shield = True
+            # Thousands of close handshakes took seconds of a restart on two cores, and
+            # the new process cannot listen until this one is gone: no waiting then.
+            wait = 0.0 if self.shutting_down else self.config.close_timeout
+            await conn.ws.close(code, conn.close_reason, wait_for_peer=wait)
+
+    async def _session(self, conn: Connection) -> None:
+        hub = self.hub
+        sid = conn.session_id
+        # The timeout bounds waiting for hello, not answering it: a slow disk must not
+        # turn a valid hello into 4408.
+        deadline = trio.current_time() + self.config.hello_timeout
+        while not hub.signed_in(sid):
+            raw: str | bytes | None = None
+            with trio.move_on_at(deadline):
+                raw = await conn.receive()
+            if raw is None:
+                conn.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+                raise ConnectionLost("no hello in time")
+            await self._frame(conn, raw)
+        while True:
+            await self._frame(conn, await conn.receive())
+
+    async def _frame(self, conn: Connection, raw: str | bytes) -> None:
+        """Give one frame to the hub and carry out its answer before the next."""
+        try:
+            actions = self.hub.frame(conn.session_id, raw, *self._clock())
+        except Exception:
+            # A bug in the rules costs this frame an ``internal`` error, nothing more.
+            log.exception("frame handler failed")
+            conn.deliver(proto.error_frame(ErrorCode.INTERNAL, "internal error", None))
+            return
+        await self._perform(actions, conn)
+
+    # -- carrying out the hub's actions --------------------------------------------------
+
+    @staticmethod
+    def _clock() -> tuple[float, float]:
+        return trio.current_time(), time.time()
+
+    async def _perform(self, actions: Sequence[Action], conn: Connection | None) -> None:
+        """Carry out actions from a session's reader (``conn``) or a background task:
+        reads, and writes the hub waits for, are awaited here, so the session's next
+        frame comes after them."""
+        hub = self.hub
+        for action in actions:
+            if isinstance(action, Read):
+                try:
+                    result = await self.store.read(
+                        getattr(self.store.db, action.method), *action.args
+                    )
+                except StorageError as exc:
+                    log.error("storage failed: %s", exc)
+                    more = hub.read_failed(action, exc, *self._clock())
+                else:
+                    more = hub.loaded(action, result, *self._clock())
+                await self._perform(more, conn)
+            elif isinstance(action, Write):
+                operation = self._operation(action)
+                try:
+                    if action.wait:
+                        await self.store.submit(operation)
+                    else:
+                        await self.store.enqueue(operation)
+                except StorageError:
+                    pass  # the operation's on_error told the hub
+            else:
+                self._carry_out(action)
+
+    def _perform_now(self, actions: Sequence[Action]) -> None:
+        """Carry out actions where nothing may wait: in a commit's callback."""
+        for action in actions:
+            if isinstance(action, Write):
+                self.store.put(self._operation(action))
+            elif isinstance(action, Read):
+                raise AssertionError(f"the hub asked for a read outside a session: {action}")
+            else:
+                self._carry_out(action)
+
+    def _carry_out(self, action: Send | Close | StartReply) -> None:
+        if isinstance(action, Send):
+            conn = self.connections.get(action.session)
+            if conn is not None:
+                conn.deliver(action.frame)
+        elif isinstance(action, Close):
+            conn = self.connections.get(action.session)
+            if conn is not None:
+                conn.request_close(action.code, action.reason)
+        else:
+            self._start_reply(action)
+
+    def _operation(self, write: Write) -> Any:
+        operation = write.operation
+        hub = self.hub
+
+        def committed(result: Any) -> None:
+            self._perform_now(hub.stored(write, result, *self._clock()))
+
+        def failed(error: StorageError) -> None:
+            log.error("storage failed: %s", error)
+            self._perform_now(hub.failed(write, error, *self._clock()))
+
+        operation.on_commit = committed
+        operation.on_error = failed
+        return operation
+
+    # -- the concierge --------------------------------------------------------------
+
+    def _start_reply(self, start: StartReply) -> None:
+        """Answer in the server's nursery (not the connection's: a reply must still come
+        if the guest closes the tab)."""
+        if self._work is None or self._shutdown.is_set():
+            return
+        self._background += 1
+
+        async def reply() -> None:
+            try:
+                answer = await self._ask_responder(start)
+                await trio.sleep(self.config.typing_delay)
+                actions = self.hub.replied(
+                    start.conversation_id, answer.text, answer.escalate, *self._clock()
+                )
+                await self._perform(actions, None)
+            except (StorageError, ProtocolError) as exc:
+                log.warning("the reply for %s failed: %s", start.conversation_id, exc)
+            except Exception:
+                log.exception("the reply for %s failed", start.conversation_id)
+            finally:
+                self._background -= 1
+                self._idle.set()
+                self._replies_done.set()
+
+        self._work.start_soon(reply)
+
+    async def _ask_responder(self, start: StartReply) -> ResponderReply:
+        responder = self._responder
+        if responder is None:
+            return ResponderReply("", escalate=False)
+        window = getattr(responder, "history_window", 0)
+        recent = []
+        if window:
+            recent = await self.store.read(self.store.db.recent, start.conversation_id, window)
+        request = ResponderRequest(
+            start.conversation_id,
+            start.guest_id,
+            start.guest_name,
+            start.message.text,
+            tuple(recent),
+        )
+        try:
+            with trio.fail_after(self.config.responder_timeout):
+                return await responder.respond(request)
+        except Exception:
+            log.exception("the responder failed; handing over to staff")
+            return ResponderReply(
+                "I'm sorry, I'm having trouble answering right now. I'm "
+                "asking a member of our team to help you.",
+                escalate=True,
+            )
+
+    # -- heartbeat ----------------------------------------------------------------------
+
+    async def _heartbeat_sweeper(self) -> None:
+        interval = self.config.heartbeat
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            for conn in list(self.connections.values()):
+                if not conn.ping_in_flight and conn.close_code is None:
+                    conn.ping_in_flight = True
+                    conn.nursery.start_soon(conn.heartbeat, interval)

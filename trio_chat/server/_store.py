@@ -1,0 +1,816 @@
+"""Durable storage in SQLite, with one writer and group commit.
+
+Two layers:
+
+* :class:`Database` is plain synchronous code around :mod:`sqlite3`. The admin
+  commands (``trio-chat staff add`` ...) use it directly.
+* :class:`Store` is the Trio side. Every write is an *operation* put on a queue; one
+  writer thread takes everything queued, applies the whole batch in one transaction
+  and commits once (so concurrent messages share an fsync), then hands the batch back
+  to the event loop, where each operation's ``on_commit`` callback runs, in order, in
+  one step. The server uses those callbacks to update its
+  in-memory view and push frames, which is why pushes leave in ``seq`` order and why
+  "subscribe and read ``last_seq``" is atomic: both happen in a single Trio step.
+
+``seq`` is assigned inside the transaction from the conversation row, so it has no
+gaps even across a crash: a batch either commits whole or not at all, and nothing is
+acknowledged before its commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import trio
+
+from ..core.errors import StorageError
+from ..core.protocol import Message, format_ts
+from ..core.storage import (
+    Appended,
+    AppendMessage,
+    ConversationRow,
+    CreateGuest,
+    Operation,
+    SetRead,
+    StaffMember,
+    StaffSignIn,
+)
+from ..core.tokens import new_id
+
+__all__ = [
+    "AppendMessage",
+    "Appended",
+    "ConversationRow",
+    "CreateGuest",
+    "Database",
+    "Operation",
+    "SetRead",
+    "StaffMember",
+    "Store",
+]
+
+log = logging.getLogger("trio_chat.store")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+MAX_BATCH: Final = 512
+# Committed writes between two background checkpoints. Not the WAL's size: its file
+# stays as large as it once grew while SQLite reuses it from the start.
+CHECKPOINT_EVERY: Final = 1_000
+BACKSTOP_CHECKPOINT_PAGES: Final = 16_384  # 64 MiB of 4 KiB pages
+PREVIEW_CHARS: Final = 120
+
+# (head, one row, tail) of the batch statements: see Database._execute_rows.
+ROWS_PER_STATEMENT: Final = 64  # 8 x 64 parameters, far below SQLite's 32,766
+_INSERT_MESSAGES: Final = (
+    "INSERT OR IGNORE INTO messages(conversation_id, seq, sender, author, author_key, "
+    "text, ts, client_msg_id) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?)",
+    "",
+)
+_UPDATE_CONVERSATIONS: Final = (
+    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
+    "preview = v.column4 FROM (VALUES ",
+    "(?, ?, ?, ?)",
+    ") AS v WHERE conversations.conversation_id = v.column1",
+)
+_UPDATE_CONVERSATIONS_AND_STATUS: Final = (
+    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
+    "preview = v.column4, status = v.column5, assigned_staff_id = v.column6, "
+    "assigned_name = v.column7 FROM (VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?)",
+    ") AS v WHERE conversations.conversation_id = v.column1",
+)
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS guests (
+    guest_id TEXT PRIMARY KEY,
+    name TEXT,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS staff (
+    staff_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id TEXT PRIMARY KEY,
+    guest_id TEXT NOT NULL UNIQUE REFERENCES guests(guest_id),
+    status TEXT NOT NULL DEFAULT 'ai',
+    assigned_staff_id TEXT,
+    assigned_name TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq INTEGER NOT NULL DEFAULT 0,
+    guest_read_seq INTEGER NOT NULL DEFAULT 0,
+    updated_ts REAL NOT NULL,
+    preview TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations(status, updated_ts);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    author TEXT,
+    author_key TEXT,
+    text TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    client_msg_id TEXT,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
+    ON messages(conversation_id, author_key, client_msg_id) WHERE client_msg_id IS NOT NULL;
+"""
+
+
+_CONVERSATION_COLUMNS: Final = (
+    "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
+    "c.last_seq, c.read_seq, c.updated_ts, c.preview"
+)
+
+
+# ------------------------------------------------------------------------ database
+
+
+class Database:
+    """Synchronous access to one SQLite file (WAL mode).
+
+    ``synchronous`` is SQLite's setting: ``FULL`` (the default) survives power loss as
+    well as a killed process; ``NORMAL`` survives a killed process only.
+    Raises :class:`StorageError` when the file cannot be opened or is not ours.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = self._connect(synchronous)
+            # Checkpoints run beside the writer (Store's checkpointer), not inside its
+            # commits, where one took up to 200 ms and held every ack behind it. The
+            # writer checkpoints itself only if the WAL ever grows this far anyway.
+            self.writer.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
+            self.reader = self._connect(synchronous)
+            self._checkpointer: sqlite3.Connection | None = None
+            self._synchronous = synchronous
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {self.path}: {exc}") from exc
+        # Only the writer thread touches these; a failed batch clears the first.
+        self._last_seq: dict[str, int] = {}
+        self._touched: dict[str, tuple[int, float, str, tuple[str, str | None, str | None] | None]]
+        self._touched = {}  # conversation rows to write at the end of the batch
+        self._rows: list[tuple[Any, ...]] = []  # messages to insert at the end of the batch
+        self._optimistic = True
+        # sqlite3 connections are not thread-safe; each is used by one thread at a time.
+        self._read_lock = threading.Lock()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _migrate(self) -> None:
+        self.writer.executescript(_SCHEMA)
+        row = self.writer.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            self.writer.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?), ('secret', ?)",
+                (str(SCHEMA_VERSION), secrets.token_hex(32)),
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+
+    def checkpoint(self) -> None:
+        """Copy what the WAL holds into the database file without blocking the writer
+        or readers (a ``PASSIVE`` checkpoint), on a connection of its own. Raises
+        :class:`StorageError` if SQLite fails."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = self._connect(self._synchronous)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"checkpoint failed: {exc}") from exc
+
+    # -- writes (writer thread only) -----------------------------------------------
+
+    def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
+        """Apply every operation in one transaction and commit once.
+
+        The common batch costs a handful of statements, not a few per message: the
+        writer thread gives up the GIL for every SQLite step and under load waits for
+        the busy event loop to take it back. So the batch is first applied assuming no
+        message is a retry: all new messages are inserted by multi-row ``INSERT OR
+        IGNORE`` statements and the touched conversation rows written by one multi-row
+        ``UPDATE``. If any insert was ignored (a retry of a stored message: rare), the
+        transaction is rolled back and the batch applied again one message at a time.
+
+        Returns one result per operation. Raises :class:`StorageError` if the batch
+        could not commit; then nothing of it was stored.
+        """
+        try:
+            self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                results = self._apply(operations, optimistic=True)
+                if results is None:
+                    self.writer.execute("ROLLBACK")
+                    self._last_seq.clear()
+                    self.writer.execute("BEGIN IMMEDIATE")
+                    results = self._apply(operations, optimistic=False)
+                    assert results is not None
+                self.writer.execute("COMMIT")
+            except BaseException:
+                if self.writer.in_transaction:
+                    self.writer.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._last_seq.clear()
+            raise StorageError(f"database write failed: {exc}") from exc
+        except BaseException:
+            self._last_seq.clear()
+            raise
+        return results
+
+    def _apply(self, operations: list[Operation[Any]], *, optimistic: bool) -> list[Any] | None:
+        """Apply the batch; ``None`` when an optimistic pass met a retry."""
+        self._optimistic = optimistic
+        self._rows = []
+        self._touched = {}
+        try:
+            results = [op.apply(self) for op in operations]
+            if self._execute_rows(_INSERT_MESSAGES, self._rows) != len(self._rows):
+                return None
+            self._write_conversations()
+            return results
+        finally:
+            self._rows = []
+            self._touched = {}
+
+    def _execute_rows(self, statement: tuple[str, str, str], rows: list[tuple[Any, ...]]) -> int:
+        """Run a statement over many rows with one SQLite step per chunk of rows (a
+        multi-row ``VALUES``), not one per row; returns the rows changed."""
+        head, row_sql, tail = statement
+        changed = 0
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            sql = head + ",".join([row_sql] * len(chunk)) + tail
+            changed += self.writer.execute(sql, [v for row in chunk for v in row]).rowcount
+        return changed
+
+    def _next_seq(self, conversation_id: str) -> int:
+        last = self._last_seq.get(conversation_id)
+        if last is None:
+            row = self.writer.execute(
+                "SELECT last_seq FROM conversations WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"no conversation {conversation_id}")
+            last = int(row[0])
+        return last + 1
+
+    def append(self, op: AppendMessage) -> Appended:
+        seq = self._next_seq(op.conversation_id)
+        now = time.time()
+        message = Message(
+            seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
+        )
+        row = (
+            op.conversation_id,
+            seq,
+            op.sender,
+            op.author,
+            op.author_key,
+            op.text,
+            message.ts,
+            op.client_msg_id,
+        )
+        if self._optimistic:
+            self._rows.append(row)
+        else:
+            try:
+                self.writer.execute(
+                    "INSERT INTO messages(conversation_id, seq, sender, author, author_key, "
+                    "text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            except sqlite3.IntegrityError:
+                # The unique index on (conversation, author, client_msg_id): a retry,
+                # possibly of a message earlier in this same batch.
+                found = self.writer.execute(
+                    "SELECT seq, sender, author, text, ts FROM messages WHERE "
+                    "conversation_id = ? AND author_key = ? AND client_msg_id = ?",
+                    (op.conversation_id, op.author_key, op.client_msg_id),
+                ).fetchone()
+                if found is None:
+                    raise
+                original = Message(
+                    found[0],
+                    op.conversation_id,
+                    found[1],
+                    found[2],
+                    found[3],
+                    found[4],
+                    op.client_msg_id,
+                )
+                return Appended(original, duplicate=True)
+        self._last_seq[op.conversation_id] = seq
+        touched = self._touched.get(op.conversation_id)
+        status = op.status if op.status is not None else (touched[3] if touched else None)
+        self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
+        return Appended(message, duplicate=False, at=now)
+
+    def set_read(self, op: SetRead) -> None:
+        column = "read_seq" if op.reader == "staff" else "guest_read_seq"
+        self.writer.execute(
+            f"UPDATE conversations SET {column} = MAX({column}, ?) WHERE conversation_id = ?",
+            (op.seq, op.conversation_id),
+        )
+
+    def _write_conversations(self) -> None:
+        plain = []
+        with_status = []
+        for conversation_id, (seq, now, preview, status) in self._touched.items():
+            if status is None:
+                plain.append((conversation_id, seq, now, preview))
+            else:
+                with_status.append((conversation_id, seq, now, preview, *status))
+        self._execute_rows(_UPDATE_CONVERSATIONS, plain)
+        self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
+
+    def create_guest(self, name: str | None) -> ConversationRow:
+        guest_id = new_id("g")
+        conversation_id = new_id("c")
+        now = time.time()
+        self.writer.execute(
+            "INSERT INTO guests(guest_id, name, created_ts) VALUES (?, ?, ?)", (guest_id, name, now)
+        )
+        self.writer.execute(
+            "INSERT INTO conversations(conversation_id, guest_id, updated_ts) VALUES (?, ?, ?)",
+            (conversation_id, guest_id, now),
+        )
+        return ConversationRow(conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "")
+
+    # -- reads (any thread, serialised) ---------------------------------------------
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self._read_lock:
+            try:
+                return self.reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"database read failed: {exc}") from exc
+
+    def secret(self) -> bytes:
+        rows = self._read("SELECT value FROM meta WHERE key = 'secret'")
+        return bytes.fromhex(rows[0][0])
+
+    def _conversation_where(self, column: str, value: str) -> ConversationRow | None:
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            f"WHERE c.{column} = ?",
+            (value,),
+        )
+        return ConversationRow(*rows[0]) if rows else None
+
+    def conversation_of_guest(self, guest_id: str) -> ConversationRow | None:
+        return self._conversation_where("guest_id", guest_id)
+
+    def conversation(self, conversation_id: str) -> ConversationRow | None:
+        return self._conversation_where("conversation_id", conversation_id)
+
+    def held_by(self, staff_id: str) -> list[str]:
+        rows = self._read(
+            "SELECT conversation_id FROM conversations WHERE status = 'staff' "
+            "AND assigned_staff_id = ?",
+            (staff_id,),
+        )
+        return [r[0] for r in rows]
+
+    def queue(self, now: float, limit: int = 500) -> list[ConversationRow]:
+        """Every waiting and staff conversation, and ai ones active in the last 24 h."""
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            "WHERE c.status IN ('waiting', 'staff') "
+            "OR (c.status = 'ai' AND c.last_seq > 0 AND c.updated_ts > ?) "
+            "ORDER BY c.updated_ts DESC LIMIT ?",
+            (now - 86400, limit),
+        )
+        return [ConversationRow(*r) for r in rows]
+
+    def history(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts, client_msg_id FROM messages "
+            "WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (conversation_id, after_seq, limit),
+        )
+        return [Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def recent(self, conversation_id: str, count: int) -> list[Message]:
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts, client_msg_id FROM messages "
+            "WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
+            (conversation_id, count),
+        )
+        return [
+            Message(r[0], conversation_id, r[1], r[2], r[3], r[4], r[5]) for r in reversed(rows)
+        ]
+
+    def message_by_client_id(
+        self, conversation_id: str, author_key: str, client_msg_id: str
+    ) -> Message | None:
+        """The message an author already stored under ``client_msg_id``, if any."""
+        rows = self._read(
+            "SELECT seq, sender, author, text, ts FROM messages WHERE conversation_id = ? "
+            "AND author_key = ? AND client_msg_id = ?",
+            (conversation_id, author_key, client_msg_id),
+        )
+        if not rows:
+            return None
+        seq, sender, author, text, ts = rows[0]
+        return Message(seq, conversation_id, sender, author, text, ts, client_msg_id)
+
+    def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]:
+        """Conversations in ``ai`` whose newest message is a guest's, updated after
+        ``since``: the concierge owes them a reply (the server stopped before it came)."""
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS}, m.sender, m.author, m.text, m.ts, m.client_msg_id "
+            "FROM conversations c JOIN guests g USING (guest_id) JOIN messages m "
+            "ON m.conversation_id = c.conversation_id AND m.seq = c.last_seq "
+            "WHERE c.status = 'ai' AND m.sender = 'guest' AND c.updated_ts > ?",
+            (since,),
+        )
+        found = []
+        for r in rows:
+            row = ConversationRow(*r[:10])
+            sender, author, text, ts, cmid = r[10:]
+            found.append(
+                (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
+            )
+        return found
+
+    def staff_sign_in(self, staff_id: str) -> StaffSignIn:
+        """Who the staff member is (``None`` once removed), the queue and what they hold."""
+        member = self.staff_member(staff_id)
+        if member is None:
+            return StaffSignIn(None, [], [])
+        held = [
+            row
+            for conversation_id in self.held_by(staff_id)
+            if (row := self.conversation(conversation_id)) is not None
+        ]
+        return StaffSignIn(member, self.queue(time.time()), held)
+
+    def staff_member(self, staff_id: str) -> StaffMember | None:
+        rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = ?", (staff_id,))
+        return StaffMember(*rows[0]) if rows else None
+
+    # -- administration (used by the CLI, outside the server) -------------------------
+
+    def add_staff(self, name: str) -> StaffMember:
+        """Add a staff member; raises ``ValueError`` if the name is taken or empty."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a staff member needs a name")
+        member = StaffMember(new_id("s"), name)
+        try:
+            self.writer.execute(
+                "INSERT INTO staff(staff_id, name, created_ts) VALUES (?, ?, ?)",
+                (member.staff_id, member.name, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a staff member named {name!r} already exists") from None
+        return member
+
+    def list_staff(self) -> list[StaffMember]:
+        return [
+            StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")
+        ]
+
+    def remove_staff(self, name_or_id: str) -> bool:
+        """Remove by name or id; their tokens stop working at once. False if unknown."""
+        cursor = self.writer.execute(
+            "DELETE FROM staff WHERE name = ? OR staff_id = ?", (name_or_id, name_or_id)
+        )
+        return cursor.rowcount > 0
+
+    def add_guest(self, name: str | None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- Trio
+
+
+class _Pending:
+    __slots__ = ("counted", "done", "error", "operation", "result")
+
+    def __init__(self, operation: Operation[Any], *, waited: bool = True) -> None:
+        self.operation = operation
+        self.counted = True  # holds a place in the queue's bound
+        self.done = trio.Event() if waited else None
+        self.result: Any = None
+        self.error: StorageError | None = None
+
+    def fail(self, error: StorageError) -> None:
+        self.error = error
+        if self.operation.on_error is not None:
+            self.operation.on_error(error)
+        if self.done is not None:
+            self.done.set()
+
+    def succeed(self, result: Any) -> None:
+        self.result = result
+        if self.operation.on_commit is not None:
+            self.operation.on_commit(result)
+        if self.done is not None:
+            self.done.set()
+
+
+class Store:
+    """The Trio face of a storage backend: group-committed writes, and reads.
+
+    With ``threaded`` (SQLite, whose calls block), batches are applied in a writer
+    thread and reads in a worker thread; without (the memory backend, whose calls
+    return at once), both run on the event loop, which also keeps Trio's ``MockClock``
+    from jumping while a write is under way.
+
+    Run :meth:`run` in a nursery (``await nursery.start(store.run)``) before writing.
+    """
+
+    def __init__(
+        self,
+        db: Any,
+        *,
+        threaded: bool = True,
+        max_queued: int = 10_000,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        callbacks_context: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+    ) -> None:
+        self.db = db
+        self._threaded = threaded
+        self._in_loop_kick: trio.Event | None = None
+        # Entered around each batch's callbacks (the server collects its writes there).
+        self._callbacks_context = callbacks_context
+        # The writer thread takes from this queue directly, batch after batch, with no
+        # trip through the event loop between batches: under load every such trip
+        # waited for a busy loop, and the next commit with it.
+        self._queued: deque[_Pending] = deque()
+        # Wakes the writer thread when it sleeps on an empty queue. Only the loop's
+        # thread appends and sets the flags below, only the writer pops; deque
+        # operations and attribute writes are atomic, so no lock is needed (a lock and
+        # a Condition.notify per message cost the loop more than the append itself).
+        self._kick: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._writer_waiting = False
+        self._stopping = False  # close(): commit what is queued, then stop
+        self._aborting = False  # run() cancelled: fail what is queued, then stop
+        self._room = trio.Semaphore(max_queued)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._read_thread = trio.CapacityLimiter(1)
+        self._checkpoint_wanted = trio.Event()
+        self._checkpoint_every = checkpoint_every
+        self._since_checkpoint = 0  # writer thread only
+        self.batches = 0
+        self.operations = 0
+        self.checkpoints = 0
+        self.pending = 0  # writes queued or being committed
+        self._settled: trio.Event | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer. Returns once :meth:`close` was called and the queue is empty.
+
+        A dedicated worker thread commits batch after batch; each committed batch's
+        ``on_commit`` callbacks run back on the event loop, in commit order, in one
+        step (so pushes leave in ``seq`` order), while the thread already works on the
+        next batch. A callback that raises is logged; it cannot stop the store.
+
+        If it is cancelled instead, whatever is still queued fails with
+        :class:`StorageError` (nothing of it was stored, so nothing was acknowledged);
+        a batch already committing finishes, and its callbacks run.
+        """
+        self._token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+
+        async def writer() -> None:
+            try:
+                if self._threaded:
+                    await trio.to_thread.run_sync(self._write_batches)
+                else:
+                    await self._write_in_loop()
+            finally:
+                finished.set()
+
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                if self._threaded:
+                    nursery.start_soon(self._checkpoint_when_wanted)
+                try:
+                    await finished.wait()
+                    nursery.cancel_scope.cancel()  # the checkpointer
+                except BaseException:
+                    self._aborting = True
+                    self._wake_writer()
+                    raise
+        finally:
+            # Cancelled before the thread even started: fail what it left behind.
+            self._aborting = self._aborting or not self._stopping
+            left = list(self._queued)
+            self._queued.clear()
+            self._complete(left, StorageError("the store stopped before this write"))
+
+    def _wake_writer(self) -> None:
+        if not self._threaded:
+            if self._in_loop_kick is not None:
+                self._in_loop_kick.set()
+            return
+        if self._writer_waiting:
+            self._writer_waiting = False
+            self._kick.put(None)
+
+    def _write_batches(self) -> None:
+        """The writer thread's loop."""
+        assert self._token is not None
+        queued = self._queued
+        while True:
+            # The flags first: the loop sets them only after its last append.
+            stopping, aborting = self._stopping, self._aborting
+            batch = [queued.popleft() for _ in range(min(MAX_BATCH, len(queued)))]
+            if not batch:
+                if stopping or aborting:
+                    return
+                self._writer_waiting = True
+                # Whatever came between the look at the queue and the flag has not
+                # seen the flag: look again before sleeping. (A wake-up with nothing
+                # to do is harmless; a lost one would not be.)
+                if not (queued or self._stopping or self._aborting):
+                    self._kick.get()
+                self._writer_waiting = False
+                continue
+            outcome = self._apply(batch, aborting)
+            if not isinstance(outcome, StorageError):
+                self._since_checkpoint += len(batch)
+                if self._since_checkpoint >= self._checkpoint_every:
+                    self._since_checkpoint = 0
+                    self._token.run_sync_soon(self._checkpoint_wanted.set)
+            # FIFO: callbacks run in commit order, and all before run() returns.
+            self._token.run_sync_soon(self._complete, batch, outcome)
+
+    def _apply(self, batch: list[_Pending], aborting: bool) -> list[Any] | StorageError:
+        """One batch, applied by the backend as one transaction (either writer's)."""
+        if aborting:
+            return StorageError("the store stopped before this write")
+        try:
+            results: list[Any] = self.db.apply_batch([p.operation for p in batch])
+        except StorageError as exc:
+            return exc
+        return results
+
+    async def _write_in_loop(self) -> None:
+        """The writer of a backend that does not block: batch after batch on the loop,
+        each batch's callbacks right after it."""
+        queued = self._queued
+        while True:
+            stopping, aborting = self._stopping, self._aborting
+            batch = [queued.popleft() for _ in range(min(MAX_BATCH, len(queued)))]
+            if not batch:
+                if stopping or aborting:
+                    return
+                self._in_loop_kick = trio.Event()
+                await self._in_loop_kick.wait()
+                continue
+            self._complete(batch, self._apply(batch, aborting))
+            # Let the loop run between batches, as it does while a thread commits.
+            await trio.lowlevel.checkpoint()
+
+    async def _checkpoint_when_wanted(self) -> None:
+        """Checkpoint the WAL in a thread of its own whenever it has grown, so that no
+        commit has to (a failed checkpoint is logged; the next one tries again)."""
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            await self._checkpoint_wanted.wait()
+            self._checkpoint_wanted = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.db.checkpoint, limiter=limiter)
+            except StorageError as exc:
+                log.warning("%s", exc)
+            else:
+                self.checkpoints += 1
+
+    def _complete(self, batch: list[_Pending], outcome: list[Any] | StorageError) -> None:
+        """Back on the event loop: confirm a committed batch, or fail it."""
+        if not isinstance(outcome, StorageError):
+            self.batches += 1
+            self.operations += len(batch)
+        self.pending -= len(batch)
+        if self.pending == 0 and self._settled is not None:
+            self._settled.set()
+        with self._callbacks_context():
+            for index, pending in enumerate(batch):
+                if pending.counted:
+                    self._room.release()
+                try:
+                    if isinstance(outcome, StorageError):
+                        pending.fail(outcome)
+                    else:
+                        pending.succeed(outcome[index])
+                except Exception:
+                    # A callback's bug must not take the other writes (or the loop) down.
+                    log.exception("a write's callback failed")
+
+    async def wait_settled(self) -> None:
+        """Until no write is queued or being committed."""
+        while self.pending:
+            self._settled = trio.Event()
+            await self._settled.wait()
+
+    async def submit(self, operation: Operation[T]) -> T:
+        """Queue a write and wait until it is committed and its ``on_commit`` has run.
+
+        Raises :class:`StorageError` if its batch failed or the store is closed. Either
+        way exactly one of the operation's callbacks runs.
+        """
+        pending = _Pending(operation)
+        await self._queue(pending)
+        # If we are cancelled here the write still happens and its on_commit still runs:
+        # everything that must follow a commit lives in on_commit, not in the caller.
+        assert pending.done is not None
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[no-any-return]
+
+    async def enqueue(self, operation: Operation[Any]) -> None:
+        """Queue a write without waiting for its commit: its ``on_commit`` or
+        ``on_error`` callback says how it went. Waits (and is a checkpoint) only while
+        the queue is full. Raises :class:`StorageError` if the store is closed."""
+        await self._queue(_Pending(operation, waited=False))
+
+    def put(self, operation: Operation[Any]) -> None:
+        """Queue a write now, from a commit's callback (which cannot wait): the writes
+        a commit sets off (a reopening, the concierge handing over). Not bounded by the
+        queue's limit, which holds back clients, not the server's own follow-ups."""
+        pending = _Pending(operation, waited=False)
+        pending.counted = False
+        if self._stopping or self._aborting:
+            pending.fail(StorageError("the store is closed"))
+            return
+        self._queued.append(pending)
+        self.pending += 1
+        self._wake_writer()
+
+    async def _queue(self, pending: _Pending) -> None:
+        # Every operation ends in exactly one callback: on_commit, or on_error, here
+        # too when it never made it into the queue.
+        try:
+            # No trip through the scheduler unless the queue is full: under load that
+            # trip delayed every message's entry into its batch by a turn of the loop.
+            self._room.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                await self._room.acquire()
+            except BaseException:
+                pending.fail(StorageError("cancelled before it was queued"))
+                raise
+        closed = self._stopping or self._aborting
+        if not closed:
+            self._queued.append(pending)
+            self.pending += 1
+            # A busy writer looks at the queue anyway when its commit is done.
+            self._wake_writer()
+        if closed:
+            self._room.release()
+            pending.fail(StorageError("the store is closed"))
+            raise StorageError("the store is closed")
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a backend read (in a worker thread when ``threaded``)."""
+        if not self._threaded:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._read_thread)
+
+    def close(self) -> None:
+        """Stop taking writes; :meth:`run` returns after committing what is queued."""
+        self._stopping = True
+        self._wake_writer()

@@ -1,0 +1,376 @@
+"""The server's WebSocket layer: RFC 6455 framing on bytes the server already owns.
+
+The HTTP front (``_http``) reads the upgrade request with h11; this module answers it
+(no extension, no subprotocol) and then carries frames over the same stream, with one
+reader (the session's own loop) and one writer at a time. Incoming frames are decoded
+by a sans-I/O *frame engine*: ``wsproto``'s ``Connection`` or ``websockets``'
+``Protocol`` (which unmasks in C), both through their public APIs, picked by
+measurement (``ENGINES``, docs/benchmarks.md). Outgoing text frames are written here
+(:func:`text_frame`): a server frame is a two-to-ten-byte header and the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import h11
+import trio
+
+from ..core.errors import ConnectionLost
+from ._http import PrefixStream
+
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINES",
+    "FrameTooBig",
+    "WebSocket",
+    "handshake_response",
+    "text_frame",
+]
+
+_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+RECEIVE_BYTES: Final = 64 * 1024
+
+OP_TEXT: Final = 0x1
+OP_CLOSE: Final = 0x8
+OP_PING: Final = 0x9
+OP_PONG: Final = 0xA
+
+
+class FrameTooBig(ConnectionLost):
+    """A message over the byte limit arrived (the server closes with 1009)."""
+
+
+class ProtocolViolation(ConnectionLost):
+    """The peer broke RFC 6455 (bad framing, bad UTF-8): close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    length = len(payload)
+    if length < 126:
+        return bytes((0x80 | opcode, length)) + payload
+    if length < 0x10000:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length) + payload
+
+
+def text_frame(text: str) -> bytes:
+    """One whole text frame as a server sends it: unmasked, no extension (RFC 6455
+    5.2); the same bytes as wsproto's ``send(TextMessage(text))``."""
+    return _frame(OP_TEXT, text.encode())
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    return _frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+
+
+def handshake_response(request: h11.Request, server_header: bytes) -> bytes:
+    """The ``101 Switching Protocols`` answering ``request`` (already checked to be a
+    WebSocket upgrade). No extension is accepted, so frames never carry RSV bits."""
+    key = b""
+    for name, value in request.headers:
+        if name.lower() == b"sec-websocket-key":
+            key = value.strip()
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\nServer: " + server_header + b"\r\n\r\n"
+    )
+
+
+# ------------------------------------------------------------------- frame engines
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What a frame engine found: a whole ``message`` (str or bytes), a ``ping`` or
+    ``pong`` payload, or the peer's ``close`` (code, reason)."""
+
+    kind: str
+    data: str | bytes = b""
+    code: int = 1005
+
+
+class FrameEngine(Protocol):
+    def receive(self, data: bytes) -> list[Incoming]:
+        """Decode ``data``; raises :class:`FrameTooBig` or :class:`ProtocolViolation`."""
+        ...
+
+
+class WsprotoEngine:
+    """wsproto's post-handshake ``Connection`` (its documented use when the handshake
+    is done elsewhere). It does not limit message size: counted here, in bytes."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        from wsproto.connection import Connection, ConnectionType
+
+        self._connection = Connection(ConnectionType.SERVER)
+        self._limit = max_message_bytes
+        self._parts: list[str | bytes] = []
+        self._size = 0
+
+    def receive(self, data: bytes) -> list[Incoming]:
+        from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+        from wsproto.utilities import RemoteProtocolError
+
+        self._connection.receive_data(data)
+        found: list[Incoming] = []
+        try:
+            for event in self._connection.events():
+                if isinstance(event, TextMessage | BytesMessage):
+                    part = event.data if isinstance(event.data, str) else bytes(event.data)
+                    self._size += len(part.encode()) if isinstance(part, str) else len(part)
+                    if self._size > self._limit:
+                        raise FrameTooBig(f"a message over {self._limit} bytes")
+                    self._parts.append(part)
+                    if event.message_finished:
+                        found.append(Incoming("message", _joined(self._parts)))
+                        self._parts, self._size = [], 0
+                elif isinstance(event, Ping):
+                    found.append(Incoming("ping", bytes(event.payload)))
+                elif isinstance(event, Pong):
+                    found.append(Incoming("pong", bytes(event.payload)))
+                elif isinstance(event, CloseConnection):
+                    if event.code in (1002, 1007):
+                        # wsproto reports a peer's broken frame as a close of its own.
+                        raise ProtocolViolation(event.code, event.reason or "protocol error")
+                    found.append(Incoming("close", event.reason or "", event.code))
+        except RemoteProtocolError as exc:
+            raise ProtocolViolation(1002, str(exc)) from None
+        return found
+
+
+def _joined(parts: list[str | bytes]) -> str | bytes:
+    if isinstance(parts[0], str):
+        return "".join([p for p in parts if isinstance(p, str)])
+    return b"".join([p for p in parts if isinstance(p, bytes)])
+
+
+class WebsocketsEngine:
+    """``websockets``' sans-I/O ``Protocol``, opened (the handshake was ours): it
+    unmasks in C and enforces the size limit itself."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        from websockets.protocol import Protocol as WsProtocol
+        from websockets.protocol import Side, State
+
+        self._protocol = WsProtocol(Side.SERVER, state=State.OPEN, max_size=max_message_bytes)
+        self._text: bool | None = None  # the kind of the message being assembled
+        self._parts: list[bytes] = []
+
+    def receive(self, data: bytes) -> list[Incoming]:
+        from websockets.exceptions import PayloadTooBig, ProtocolError
+        from websockets.frames import Frame, Opcode
+
+        protocol = self._protocol
+        protocol.receive_data(data)
+        # The protocol queues its own answers (pongs, close replies): ours are sent
+        # by the connection, so drop them.
+        protocol.data_to_send()
+        found: list[Incoming] = []
+        for frame in protocol.events_received():
+            if not isinstance(frame, Frame):
+                continue  # handshake events: the handshake was ours
+            if frame.opcode is Opcode.TEXT or frame.opcode is Opcode.BINARY:
+                # Unfragmented messages arrive whole; fragments are joined below.
+                text = frame.opcode is Opcode.TEXT
+                found.append(self._message(text, bytes(frame.data), frame.fin))
+            elif frame.opcode is Opcode.CONT:
+                found.append(self._message(None, bytes(frame.data), frame.fin))
+            elif frame.opcode is Opcode.PING:
+                found.append(Incoming("ping", bytes(frame.data)))
+            elif frame.opcode is Opcode.PONG:
+                found.append(Incoming("pong", bytes(frame.data)))
+            elif frame.opcode is Opcode.CLOSE:
+                rcvd = protocol.close_rcvd
+                code = rcvd.code if rcvd is not None else 1005
+                reason = rcvd.reason if rcvd is not None else ""
+                found.append(Incoming("close", reason, code))
+        error = protocol.parser_exc
+        if error is not None:
+            if isinstance(error, PayloadTooBig):
+                raise FrameTooBig(str(error))
+            code = 1007 if isinstance(error, UnicodeDecodeError) else 1002
+            if isinstance(error, ProtocolError | UnicodeDecodeError):
+                raise ProtocolViolation(code, str(error))
+            raise ProtocolViolation(1002, str(error))
+        return [m for m in found if m.kind != "part"]
+
+    def _message(self, text: bool | None, data: bytes, fin: bool) -> Incoming:
+        if text is not None:
+            self._text, self._parts = text, []
+        self._parts.append(bytes(data))
+        if not fin:
+            return Incoming("part")
+        whole = b"".join(self._parts)
+        self._parts = []
+        if self._text:
+            try:
+                return Incoming("message", whole.decode())
+            except UnicodeDecodeError as exc:
+                raise ProtocolViolation(1007, str(exc)) from None
+        return Incoming("message", whole)
+
+
+def _bytes(data: str | bytes) -> bytes:
+    return data if isinstance(data, bytes) else data.encode()
+
+
+ENGINES: Final[dict[str, Callable[[int], FrameEngine]]] = {
+    "wsproto": WsprotoEngine,
+    "websockets": WebsocketsEngine,
+}
+DEFAULT_ENGINE: Final = "websockets"  # 1.08-1.21 x wsproto (docs/benchmarks.md, engines)
+
+
+# ---------------------------------------------------------------------- connection
+
+
+class WebSocket:
+    """One accepted WebSocket: one reader (:meth:`receive`), one writer at a time.
+
+    Writes go straight to the socket when it has room (:meth:`write_now`), as
+    asyncio's transports do; otherwise through :meth:`send`, which waits. Pings and
+    close replies the reader must send go through the same lock, so frames never
+    interleave. Every failure of the peer surfaces as :class:`ConnectionLost`.
+    """
+
+    __slots__ = (
+        "_engine",
+        "_lock",
+        "_messages",
+        "_pongs",
+        "close_sent",
+        "peer_closed",
+        "stream",
+    )
+
+    def __init__(self, stream: PrefixStream, engine: FrameEngine) -> None:
+        self.stream = stream
+        self._engine = engine
+        self._lock = trio.Lock()
+        self._messages: deque[str | bytes] = deque()
+        self._pongs: dict[bytes, trio.Event] = {}
+        self.close_sent = False
+        self.peer_closed: tuple[int, str] | None = None
+
+    # -- reading --------------------------------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        """The next message. Raises :class:`ConnectionLost` when the peer closed or
+        went away, :class:`FrameTooBig` or :class:`ProtocolViolation` when it broke
+        the rules (the caller closes with their code)."""
+        while not self._messages:
+            if self.peer_closed is not None:
+                raise ConnectionLost("the peer closed the connection")
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ConnectionLost("the connection broke") from None
+            if not data:
+                raise ConnectionLost("the peer closed the connection")
+            for incoming in self._engine.receive(data):
+                await self._take(incoming)
+        return self._messages.popleft()
+
+    async def _take(self, incoming: Incoming) -> None:
+        if incoming.kind == "message":
+            self._messages.append(incoming.data)
+        elif incoming.kind == "ping":
+            await self._send_control(_frame(OP_PONG, _bytes(incoming.data)))
+        elif incoming.kind == "pong":
+            waiter = self._pongs.pop(_bytes(incoming.data), None)
+            if waiter is not None:
+                waiter.set()
+        elif incoming.kind == "close" and self.peer_closed is None:
+            self.peer_closed = (incoming.code, str(incoming.data))
+            # Answer with the same code (RFC 6455 5.5.1), unless we closed first.
+            code = incoming.code if incoming.code not in (1005, 1006) else 1000
+            await self._send_control(close_frame(code))
+            self.close_sent = True
+
+    async def _send_control(self, frame: bytes) -> None:
+        if self.close_sent:
+            return
+        with contextlib.suppress(ConnectionLost):  # the reader finds out on its next receive
+            await self.send(frame)
+
+    # -- writing --------------------------------------------------------------------
+
+    @property
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may be called: no send is in progress and the
+        stream can write without waiting."""
+        return self.stream.can_send_without_blocking and not self._lock.locked()
+
+    def write_now(self, data: bytes) -> bool:
+        """Write as much of ``data`` as the socket takes now (needs
+        :attr:`can_write_now`). True when all of it went; otherwise the rest is held
+        and the caller must ``await send(b"")`` before anything else. Raises
+        :class:`ConnectionLost`."""
+        if self.close_sent:
+            raise ConnectionLost("closing")
+        try:
+            return self.stream.send_without_blocking(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionLost("the connection broke") from None
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` (and anything held back before it). Raises
+        :class:`ConnectionLost`."""
+        async with self._lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ConnectionLost("the connection broke") from None
+
+    async def send_texts(self, frames: Iterable[str]) -> None:
+        if self.close_sent:
+            raise ConnectionLost("closing")
+        await self.send(b"".join([text_frame(f) for f in frames]))
+
+    async def ping(self, within: float) -> bool:
+        """Send a ping; True if its pong came back within ``within`` seconds (the
+        session's reader must be running to see it)."""
+        payload = os.urandom(4)
+        answered = self._pongs[payload] = trio.Event()
+        try:
+            await self.send(_frame(OP_PING, payload))
+            with trio.move_on_after(within):
+                await answered.wait()
+            return answered.is_set()
+        finally:
+            self._pongs.pop(payload, None)
+
+    async def close(self, code: int, reason: str = "", *, wait_for_peer: float = 0.0) -> None:
+        """Send a close frame (once), wait up to ``wait_for_peer`` seconds for the
+        peer's answer (0: not at all, RFC 6455 allows it: the peer has everything we
+        sent before our FIN), then close the stream. Never raises for a peer already
+        gone."""
+        if not self.close_sent:
+            self.close_sent = True
+            with trio.move_on_after(max(wait_for_peer, 1.0)):
+                try:
+                    await self.send(close_frame(code, reason))
+                except ConnectionLost:
+                    wait_for_peer = 0.0
+        if wait_for_peer > 0 and self.peer_closed is None:
+            with trio.move_on_after(wait_for_peer):
+                try:
+                    while self.peer_closed is None:
+                        await self.receive()
+                except ConnectionLost:
+                    pass
+        await trio.aclose_forcefully(self.stream)
