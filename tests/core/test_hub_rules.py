@@ -978,6 +978,32 @@ def test_a_guest_who_leaves_while_their_message_is_stored_gets_it_pushed_on_retu
     assert [f["seq"] for f in d.take(back) if f["type"] == "message"] == [1]
 
 
+def test_a_lookup_answered_after_its_console_left_acts_on_nothing() -> None:
+    d = Driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    close(d, guest)
+    anna = d.staff("Anna")
+    [lookup] = frame(d, anna, type="claim", conversation_id=cid)
+    assert isinstance(lookup, Read)
+    row = d.backend.conversation(cid)
+    close(d, anna)
+    d.run(d.hub.loaded(lookup, row, d.now, WALL))
+    assert d.backend.history(cid, 0, 10) == []  # nobody claimed it for a console gone
+    assert d.hub.conversations == {}
+
+
+def test_a_write_that_fails_after_its_session_left_is_reported_to_nobody() -> None:
+    d = Driver()
+    guest, _ = d.guest()
+    d.hold = True
+    d.send(guest, type="message", client_msg_id="m1", text="hello")
+    close(d, guest)
+    [write] = d.held
+    actions = d.hub.failed(write, StorageError("disk gone"), d.now, WALL)
+    assert actions == []
+
+
 def test_a_closed_staff_console_is_addressed_no_more() -> None:
     d = Driver()
     guest, welcome = d.guest()
