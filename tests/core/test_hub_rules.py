@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from trio_chat import _store_memory
 from trio_chat.core import protocol as proto
 from trio_chat.core.errors import StorageError
 from trio_chat.core.hub import Action, Read, Send, Write
 from trio_chat.core.protocol import CloseCode
 from trio_chat.core.storage import AppendMessage
+from trio_chat.server import _store_memory
 
 from .test_hub import WALL, Driver, types
 
