@@ -771,11 +771,6 @@ def test_a_sign_in_read_that_missed_a_commit_still_queues_the_live_state(change:
     assert queued == [(cid, *expected)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a summary change to a conversation that leaves memory while a "
-    "staff sign-in read is in flight is lost (docs/mutation.md)",
-)
 def test_a_sign_in_read_that_missed_an_escalation_nobody_watches_still_queues_it() -> None:
     d = Driver()
     guest, welcome = d.guest()

@@ -256,6 +256,10 @@ class Hub:
         self.sessions: dict[int, Session] = {}
         self.conversations: dict[str, LiveConversation] = {}
         self.staff_room: set[int] = set()
+        # Staff sessions whose sign-in read is in flight, with every queue entry that
+        # changed meanwhile: a conversation may change and leave memory before the read
+        # returns, and the console is not in the staff room yet to hear of it.
+        self._signing_in: dict[int, dict[str, dict[str, Any]]] = {}
         self._out: list[Action] = []
         self._now = 0.0
         self._wall = 0.0
@@ -349,6 +353,7 @@ class Hub:
         """The connection is gone (for whatever reason)."""
         self._begin(now, wall)
         session = self.sessions.pop(session_id, None)
+        self._signing_in.pop(session_id, None)
         if session is not None:
             self._detach(session)
         return self._end()
@@ -465,6 +470,10 @@ class Hub:
                 self._send(session_id, frame)
 
     def _summary_changed(self, conv: LiveConversation) -> None:
+        if self._signing_in:
+            summary = conv.summary()
+            for changed in self._signing_in.values():
+                changed[conv.conversation_id] = summary
         if self.staff_room:
             frame = proto.encode({"type": "conversation", **conv.summary()})
             for session_id in self.staff_room:
@@ -553,11 +562,15 @@ class Hub:
         else:
 
             def found_staff(found: StaffSignIn) -> None:
+                if session.id not in self._signing_in:
+                    return  # the session closed while its read was in flight
                 if found.member is None:
+                    del self._signing_in[session.id]
                     self._auth_failed(session, "this staff member was removed")
                 else:
                     self._attach_staff(session, found, token)
 
+            self._signing_in[session.id] = {}
             self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
 
     def _auth_failed(self, session: Session, why: str) -> None:
@@ -625,6 +638,8 @@ class Hub:
         # falls between the queue and the live pushes.
         held = [self._live(row) for row in found.held]
         summaries = {r.conversation_id: LiveConversation(r).summary() for r in found.queue}
+        # Changed since the read began: just updated, so active by any measure.
+        summaries.update(self._signing_in.pop(session.id, {}))
         for conv in self.conversations.values():
             # A guest online right now counts as active, even before writing.
             if (
