@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -16,8 +17,9 @@ from rich.console import Console
 
 from ._version import __version__
 from .core.errors import StorageError
-from .server._admin import add_guest, add_staff, opened, staff_token
+from .server._admin import add_guest, add_staff, opened, revoke_staff, rotate_secret, staff_token
 from .server._concierge import RulesResponder
+from .server._secrets import SECRET_FILE_ENV
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
@@ -38,6 +40,16 @@ def _non_negative(value: str) -> float:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
+
+
+def _secret_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-file",
+        default=os.environ.get(SECRET_FILE_ENV) or None,
+        metavar="PATH",
+        help=f"the token secret's own file, created 0600 if missing (default: ${SECRET_FILE_ENV}, "
+        "else the secret in the database)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ENGINE,
         help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
     )
+    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    _secret_file_option(serve)
+    serve.add_argument(
+        "--guest-token-idle-days",
+        type=_non_negative,
+        default=30.0,
+        metavar="DAYS",
+        help="a guest token unused (no sign-in, no message) this long expires (0 = never)",
+    )
+    serve.add_argument(
+        "--revocation-poll",
+        type=_non_negative,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often to look for removed or revoked staff and a new secret (0 = never)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
@@ -102,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     token = staff_commands.add_parser("token", help="print an existing staff member's token")
     token.add_argument("name")
     token.add_argument("--db", default=DEFAULT_DB)
+    revoke = staff_commands.add_parser(
+        "revoke",
+        help="invalidate a staff member's tokens (closing their open consoles) and print a new one",
+    )
+    revoke.add_argument("name")
+    revoke.add_argument("--db", default=DEFAULT_DB)
+    for command in (add, token, revoke):
+        _secret_file_option(command)
+
+    secret = commands.add_parser("secret", help="the token secret")
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    rotate = secret_commands.add_parser(
+        "rotate", help="replace the token secret: EVERY staff and guest token stops working"
+    )
+    rotate.add_argument("--db", default=DEFAULT_DB)
+    rotate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _secret_file_option(rotate)
 
     from .bench import build_parser as build_bench_parser
 
@@ -169,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
     guest_add.add_argument("name")
     guest_add.add_argument("--db", default=DEFAULT_DB)
+    _secret_file_option(guest_add)
     return parser
 
 
@@ -177,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _serve,
         "staff": _staff,
+        "secret": _secret,
         "guest": _guest,
         "bench": _bench,
         "chat": _chat,
@@ -234,6 +281,9 @@ def _serve(args: argparse.Namespace) -> int:
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
         frame_engine=args.frame_engine,
+        secret_file=args.secret_file,
+        guest_token_idle_days=args.guest_token_idle_days,
+        revocation_poll=args.revocation_poll,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -478,7 +528,7 @@ def _staff(args: argparse.Namespace) -> int:
     with opened(args.db) as db:
         if args.staff_command == "add":
             try:
-                member, token = add_staff(db, args.name)
+                member, token = add_staff(db, args.name, args.secret_file)
             except ValueError as exc:
                 err_console.print(f"[red]error:[/red] {exc}")
                 return 1
@@ -494,19 +544,60 @@ def _staff(args: argparse.Namespace) -> int:
             if not db.remove_staff(args.name):
                 err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
                 return 1
-            err_console.print(f"removed {args.name}; their tokens no longer work")
+            err_console.print(
+                f"removed {args.name}; their tokens no longer work, a running server closes "
+                "their consoles and hands their conversations back to the queue"
+            )
         elif args.staff_command == "token":
             found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
             if not found:
                 err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
                 return 1
-            print(staff_token(db, found[0]))
+            print(staff_token(db, found[0], args.secret_file))
+        elif args.staff_command == "revoke":
+            revoked = revoke_staff(db, args.name, args.secret_file)
+            if revoked is None:
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            member, token = revoked
+            err_console.print(
+                f"revoked every earlier token of {member.name}; their open consoles close. "
+                "New token:"
+            )
+            print(token)
         return 0
+
+
+ROTATE_WARNING: Final = """\
+Rotating the token secret signs EVERYONE out, at once:
+  * every staff token stops working: print each member's new one with
+    'trio-chat staff token NAME' and hand it over;
+  * every guest token stops working: guests lose access to their conversations
+    (the history stays in the database, but no link reaches it any more); guests
+    who come back start a new conversation;
+  * a running server closes every connection signed in with an old token (4401).
+If the server uses --secret-file, pass the same --secret-file here."""
+
+
+def _secret(args: argparse.Namespace) -> int:
+    err_console.print(ROTATE_WARNING, style="yellow", highlight=False)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            err_console.print("[red]error:[/red] not rotated: pass --yes to confirm")
+            return 1
+        answer = input("Type 'rotate' to go ahead: ")
+        if answer.strip() != "rotate":
+            err_console.print("not rotated")
+            return 1
+    with opened(args.db) as db:
+        rotate_secret(db, args.secret_file)
+    err_console.print("rotated: every earlier token is invalid now")
+    return 0
 
 
 def _guest(args: argparse.Namespace) -> int:
     with opened(args.db) as db:
-        row, token = add_guest(db, args.name.strip() or None)
+        row, token = add_guest(db, args.name.strip() or None, args.secret_file)
         err_console.print(f"added guest {row.guest_name} ({row.guest_id}); token:")
         print(token)
         return 0

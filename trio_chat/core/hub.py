@@ -43,6 +43,7 @@ from .storage import (
     Operation,
     SetRead,
     StaffSignIn,
+    TouchGuest,
 )
 from .tokens import TokenSigner
 
@@ -62,7 +63,14 @@ BAD_FRAME_LIMIT: Final = 20
 FLOOD_CLOSE_AFTER: Final = 10.0
 FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
 QUEUE_LIMIT: Final = 500
+# A guest's sign-in is recorded (one small write) only when the last one recorded is
+# older than this: reconnection storms write nothing, idle expiry stays exact to a day.
+GUEST_SEEN_REFRESH: Final = 3600.0
 PREVIEW_CHARS: Final = 120
+# What a staff console is told when it is closed (4401) or refused at hello.
+STAFF_REMOVED: Final = "this staff member was removed"
+STAFF_TOKEN_REVOKED: Final = "this staff token was revoked; ask for your new sign-in link"
+SECRET_ROTATED: Final = "this token no longer works: the server's token secret was changed"
 
 
 # ------------------------------------------------------------------------- actions
@@ -131,6 +139,9 @@ class HubConfig:
     open_registration: bool = True
     rate_limit: float = 10.0  # messages per second per connection; 0 = off
     rate_burst: int = 20
+    # staff hardening: a guest token unused (no sign-in, no message) this long no
+    # longer signs in; 0 = never expires.
+    guest_token_idle_s: float = 0.0
 
 
 # ------------------------------------------------------------------------ state
@@ -216,9 +227,12 @@ class Session:
         "id",
         "last_limited",
         "name",
+        "revoked",
         "role",
         "staff_id",
         "subscriptions",
+        "token",
+        "token_generation",
     )
 
     def __init__(self, session_id: int) -> None:
@@ -232,6 +246,11 @@ class Session:
         self.bad_frames = 0
         self.flood_since: float | None = None
         self.last_limited = 0.0
+        self.token: str | None = None  # the token it signed in with (or was given)
+        self.token_generation = 0  # a staff token's generation
+        # Closed for a revocation: nothing more it sends, or that comes back for it, is
+        # acted on (its Close is on its way).
+        self.revoked = False
 
 
 class _Deferred(Exception):
@@ -282,7 +301,7 @@ class Hub:
         """A WebSocket message from a session."""
         self._begin(now, wall)
         session = self.sessions.get(session_id)
-        if session is not None:
+        if session is not None and not session.revoked:
             if session.role is None:
                 self._hello_phase(session, raw)
             else:
@@ -358,6 +377,69 @@ class Hub:
             self._detach(session)
         return self._end()
 
+    # -- revocation (staff hardening) ----------------------------------------------------
+
+    def staff_removed(self, staff_id: str, now: float, wall: float) -> list[Action]:
+        """The staff member ``staff_id`` was removed (found in storage: possibly by
+        another process). Their consoles are closed (4401) and every conversation they
+        hold goes back to ``waiting``, with a system message the guest reads."""
+        self._begin(now, wall)
+        self._revoke(lambda s: s.staff_id == staff_id, STAFF_REMOVED)
+        self._hand_back(staff_id)
+        return self._end()
+
+    def staff_revoked(
+        self, staff_id: str, generation: int, now: float, wall: float
+    ) -> list[Action]:
+        """``staff_id``'s tokens older than ``generation`` were revoked: consoles that
+        signed in with one are closed (4401). What they hold stays theirs: the same
+        person signs in again with the new token."""
+        self._begin(now, wall)
+        self._revoke(
+            lambda s: s.staff_id == staff_id and s.token_generation < generation,
+            STAFF_TOKEN_REVOKED,
+        )
+        return self._end()
+
+    def secret_rotated(self, signer: TokenSigner, now: float, wall: float) -> list[Action]:
+        """The token secret changed: from now on tokens verify under ``signer``, and
+        every session whose token no longer does is closed (4401), guests included."""
+        self._begin(now, wall)
+        self.signer = signer
+        self._revoke(
+            lambda s: s.token is not None and signer.verify_generation(s.token) is None,
+            SECRET_ROTATED,
+        )
+        return self._end()
+
+    def _revoke(self, affected: Callable[[Session], bool], why: str) -> None:
+        """Close every session ``affected`` picks, signed in or still signing in."""
+        for session in self.sessions.values():
+            if session.revoked or not affected(session):
+                continue
+            session.revoked = True
+            self._signing_in.pop(session.id, None)
+            self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, None))
+            self._close(session.id, CloseCode.AUTH_FAILED, why)
+
+    def _hand_back(self, staff_id: str) -> None:
+        """Every conversation ``staff_id`` holds back to ``waiting``: those in memory
+        as decided so far (a claim still being written included), then those only in
+        storage; a conversation met twice changes once (the second finds it waiting)."""
+
+        def hand_back(conv: LiveConversation) -> None:
+            if not self._transition(conv, "staff_removed", staff_id=staff_id):
+                self._release(conv)
+
+        for conv in list(self.conversations.values()):
+            hand_back(conv)
+
+        def found(rows: list[ConversationRow]) -> None:
+            for row in rows:
+                hand_back(self._live(row))
+
+        self._read(None, "held_conversations", (staff_id,), found, ref="staff_removed")
+
     # -- plumbing ----------------------------------------------------------------------
 
     def _begin(self, now: float, wall: float) -> None:
@@ -377,8 +459,8 @@ class Hub:
 
     def _continue(self, session_id: int | None, then: Callable[[Any], None], result: Any) -> None:
         session = self.sessions.get(session_id) if session_id is not None else None
-        if session_id is not None and session is None:
-            return  # the session is gone: nothing to answer
+        if session_id is not None and (session is None or session.revoked):
+            return  # the session is gone (or on its way out): nothing to answer
         if session is None:
             then(result)
             return
@@ -544,19 +626,28 @@ class Hub:
             self._write(CreateGuest(name=hello.name), created, session=session, wait=True,
                         ref="hello")  # fmt: skip
             return
-        verified = self.signer.verify(hello.token)
+        verified = self.signer.verify_generation(hello.token)
         if verified is None:
             self._auth_failed(session, "unknown or invalid token")
             return
-        kind, ident = verified
+        kind, ident, generation = verified
         token = hello.token
+        # Known before the read returns, so a revocation meanwhile finds this session.
+        session.token = token
         if kind == "g":
 
             def found_guest(row: ConversationRow | None) -> None:
                 if row is None:
                     self._auth_failed(session, "unknown guest")
+                elif self._guest_token_expired(row):
+                    self._auth_failed(
+                        session,
+                        f"this guest link was not used for "
+                        f"{self.config.guest_token_idle_s / 86400:g} days and has expired",
+                    )
                 else:
                     self._attach_guest(session, row, token)
+                    self._note_guest_seen(row)
 
             self._read(session, "conversation_of_guest", (ident,), found_guest, ref="hello")
         else:
@@ -566,10 +657,15 @@ class Hub:
                     return  # the session closed while its read was in flight
                 if found.member is None:
                     del self._signing_in[session.id]
-                    self._auth_failed(session, "this staff member was removed")
+                    self._auth_failed(session, STAFF_REMOVED)
+                elif found.member.generation != generation:
+                    del self._signing_in[session.id]
+                    self._auth_failed(session, STAFF_TOKEN_REVOKED)
                 else:
                     self._attach_staff(session, found, token)
 
+            session.staff_id = ident
+            session.token_generation = generation
             self._signing_in[session.id] = {}
             self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
 
@@ -577,8 +673,20 @@ class Hub:
         self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))
         self._close(session.id, CloseCode.AUTH_FAILED, "authentication failed")
 
+    def _guest_token_expired(self, row: ConversationRow) -> bool:
+        idle = self.config.guest_token_idle_s
+        return idle > 0 and self._wall - max(row.updated_ts, row.last_seen_ts) > idle
+
+    def _note_guest_seen(self, row: ConversationRow) -> None:
+        """Record the sign-in, if idle expiry is on and the record is old enough."""
+        if self.config.guest_token_idle_s > 0 and (
+            self._wall - row.last_seen_ts > GUEST_SEEN_REFRESH
+        ):
+            self._write(TouchGuest(guest_id=row.guest_id, at=self._wall), None)
+
     def _attach_guest(self, session: Session, row: ConversationRow, token: str) -> None:
         conv = self._live(row)
+        session.token = token
         session.role = "guest"
         session.conversation = conv
         session.name = conv.guest_name
@@ -616,6 +724,7 @@ class Hub:
     def _attach_staff(self, session: Session, found: StaffSignIn, token: str) -> None:
         member = found.member
         assert member is not None
+        session.token = token
         session.role = "staff"
         session.staff_id = member.staff_id
         session.name = member.name
@@ -1067,7 +1176,7 @@ class Hub:
             def subscribe_claimer(_: Appended) -> None:
                 # Runs right after the system message and status reached the existing
                 # subscribers, so the claimer's last_seq includes that message.
-                if session.id in self.sessions:
+                if session.id in self.sessions and not session.revoked:
                     self._subscribe(session, conv)
 
             changed = self._transition(

@@ -32,11 +32,11 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import h11
 import trio
@@ -46,11 +46,13 @@ from ..core import protocol as proto
 from ..core.errors import ConnectionLost, ProtocolError, StorageError
 from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
 from ..core.protocol import CloseCode, ErrorCode
-from ..core.storage import StorageBackend
+from ..core.storage import Revocation, StorageBackend
 from ..core.tokens import TokenSigner
+from . import _admin
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
+from ._secrets import token_secret
 from ._store import Database, Store
 from ._wire import (
     DEFAULT_ENGINE,
@@ -69,6 +71,8 @@ log = logging.getLogger("trio_chat.server")
 GC_THRESHOLDS: Final = (50_000, 50, 1_000)
 
 SERVER_NAME: Final = f"trio-chat/{__version__}"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -102,6 +106,10 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
+    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    secret_file: str | Path | None = None  # the token secret's own file; None = the database
+    revocation_poll: float = 0.5  # how often to look for removed/revoked staff; 0 = never
+    guest_token_idle_days: float = 30.0  # a guest token unused this long expires; 0 = never
 
 
 # -------------------------------------------------------------------------- server
@@ -151,6 +159,8 @@ class ChatServer:
         self._idle = trio.Event()  # set whenever a handler or background task ends
         self._replies_done = trio.Event()  # set whenever a concierge reply ends
         self._froze_gc = False
+        self._revocations = trio.CancelScope()  # the revocation watcher's
+        self._revocation_kick = trio.Event()  # look now (a removal made in this process)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -209,13 +219,14 @@ class ChatServer:
             )
         try:
             self._hub = Hub(
-                TokenSigner(db.secret()),
+                TokenSigner(token_secret(db, self.config.secret_file)),
                 HubConfig(
                     heartbeat_s=self.config.heartbeat,
                     server_name=SERVER_NAME,
                     open_registration=self.config.open_registration,
                     rate_limit=self.config.rate_limit,
                     rate_burst=self.config.rate_burst,
+                    guest_token_idle_s=self.config.guest_token_idle_days * 86400,
                 ),
                 concierge=self._responder is not None,
             )
@@ -252,6 +263,7 @@ class ChatServer:
             work.start_soon(self._accept, listeners, front)
             work.start_soon(self._heartbeat_sweeper)
             await self._answer_unanswered()
+            await work.start(self._watch_revocations)
             task_status.started(self.port)
             await self._shutdown.wait()
             await self._drain_for_shutdown()
@@ -301,6 +313,7 @@ class ChatServer:
 
     async def _drain_for_shutdown(self) -> None:
         self._accepting.cancel()
+        self._revocations.cancel()
         # Thousands of connections end at once: the cycle collector would rescan every
         # live object of all of them again and again (half the shutdown time with
         # 4,000 guests). Frozen, they are left to reference counting; run() unfreezes,
@@ -572,6 +585,94 @@ class ChatServer:
                 "asking a member of our team to help you.",
                 escalate=True,
             )
+
+    # -- revocation (staff hardening) ------------------------------------------------
+
+    async def remove_staff(self, name_or_id: str) -> bool:
+        """Remove a staff member, as ``trio-chat staff remove`` does, and act on it at
+        once: their consoles close (4401), their conversations go back to waiting.
+        False if there is no such member. Raises :class:`StorageError`."""
+        removed = await self._administer(lambda db: db.remove_staff(name_or_id))
+        self._revocation_kick.set()
+        return bool(removed)
+
+    async def revoke_staff(self, name_or_id: str) -> str | None:
+        """Invalidate a staff member's tokens (their open consoles close with 4401)
+        and return their new token; ``None`` if there is no such member."""
+        member = await self._administer(lambda db: db.revoke_staff(name_or_id))
+        self._revocation_kick.set()
+        if member is None:
+            return None
+        return self.hub.signer.issue("s", member.staff_id, member.generation)
+
+    async def rotate_secret(self) -> None:
+        """Replace the token secret: every token stops working and every session is
+        closed with 4401 (guests lose access to their conversations)."""
+        secret_file = self.config.secret_file
+        await self._administer(lambda db: _admin.rotate_secret(db, secret_file))
+        self._revocation_kick.set()
+
+    async def _administer(self, change: Callable[[Any], T]) -> T:
+        """Run an administrative change where the command line would: on a connection
+        of its own (the writer's belongs to the writer thread), or on the backend the
+        server was given. The watcher then finds it like any other process's change."""
+        if self._storage is not None:
+            return change(self._storage)
+
+        def in_own_connection() -> T:
+            with _admin.opened(self.config.db_path) as db:
+                return change(db)
+
+        return await trio.to_thread.run_sync(in_own_connection)
+
+    async def _watch_revocations(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Look for removed and revoked staff and a new secret, in storage, twice a
+        second: the command line changes them from another process. First replays
+        every removal recorded (conversations a member removed while the server was
+        down held go back to waiting; a replay finds nothing more to do)."""
+        with self._revocations:
+            seen = await self._act_on_revocations(0, replay=True)
+            task_status.started()
+            if self.config.revocation_poll <= 0:
+                return
+            while True:
+                with trio.move_on_after(self.config.revocation_poll):
+                    await self._revocation_kick.wait()
+                self._revocation_kick = trio.Event()
+                seen = await self._act_on_revocations(seen)
+
+    async def _act_on_revocations(self, after: int, *, replay: bool = False) -> int:
+        """Tell the hub of every revocation recorded after ``after``; the last seen."""
+        store = self.store
+        try:
+            found: list[Revocation] = await store.read(store.db.revocations_since, after)
+        except StorageError as exc:
+            log.warning("cannot look for revoked staff tokens: %s", exc)
+            return after
+        hub, clock = self.hub, self._clock
+        for revocation in found:
+            staff_id = revocation.staff_id
+            actions: Sequence[Action] = ()
+            try:
+                if revocation.kind == "removed" and staff_id is not None:
+                    actions = hub.staff_removed(staff_id, *clock())
+                elif replay:
+                    pass  # nobody is signed in yet, and the secret was just read
+                elif revocation.kind == "revoked" and staff_id is not None:
+                    actions = hub.staff_revoked(staff_id, revocation.generation, *clock())
+                elif revocation.kind == "secret":
+                    secret = await store.read(token_secret, store.db, self.config.secret_file)
+                    actions = hub.secret_rotated(TokenSigner(secret), *clock())
+            except StorageError as exc:
+                log.error("the token secret changed but cannot be read: %s", exc)
+                return after  # tried again at the next look
+            except Exception:
+                log.exception("acting on revocation %s failed", revocation)
+            await self._perform(actions, None)
+            after = revocation.seq
+        return after
 
     # -- heartbeat ----------------------------------------------------------------------
 
