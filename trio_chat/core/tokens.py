@@ -43,6 +43,10 @@ class TokenSigner:
 
     def verify(self, token: str) -> tuple[TokenKind, str] | None:
         """``(kind, id)`` for a genuine token, else ``None`` (never raises)."""
+        # Tokens are ASCII; anything else (a lone surrogate included) is a forgery, and
+        # would make compare_digest or the encoding raise.
+        if not token.isascii():
+            return None
         parts = token.split(".")
         if len(parts) != 3 or parts[0] not in ("g", "s"):
             return None
