@@ -52,6 +52,13 @@ def _secret_file_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-chat", description="Live guest chat for hotels, on Trio."
@@ -114,6 +121,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         metavar="SECONDS",
         help="how often to look for removed or revoked staff and a new secret (0 = never)",
+    )
+    # http hardening: admission and abuse limits (each has an "off": 0)
+    serve.add_argument(
+        "--max-connections",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="open connections in all (default: the open-file limit less 64; 0 = off)",
+    )
+    serve.add_argument(
+        "--max-connections-per-ip",
+        type=_count,
+        default=500,
+        metavar="N",
+        help="open connections from one address (default 500; 0 = off)",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web page origin that may open WebSockets, e.g. https://chat.hotel.example "
+        "(repeatable; the server's own origin always may; none given: loopback pages too)",
+    )
+    serve.add_argument(
+        "--registrations-per-minute",
+        type=_non_negative,
+        default=30.0,
+        metavar="N",
+        help="new guests per address, with bursts of 60 (default 30; 0 = off)",
+    )
+    serve.add_argument(
+        "--expire-silent-guests",
+        type=_non_negative,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="forget guests who never wrote after this long (default 7 days; 0 = never)",
     )
     serve.add_argument("-v", "--verbose", action="store_true")
 
@@ -284,6 +328,11 @@ def _serve(args: argparse.Namespace) -> int:
         secret_file=args.secret_file,
         guest_token_idle_days=args.guest_token_idle_days,
         revocation_poll=args.revocation_poll,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        allowed_origins=tuple(args.allowed_origin),
+        registrations_per_minute=args.registrations_per_minute,
+        expire_silent_guests=args.expire_silent_guests,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500

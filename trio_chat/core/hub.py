@@ -35,6 +35,7 @@ from .conversation import ConversationState, Event, apply_event
 from .errors import ProtocolError, StorageError
 from .protocol import CloseCode, ErrorCode, Message, Reader, Role
 from .ratelimit import TokenBucket
+from .registration import RegistrationLimiter
 from .storage import (
     Appended,
     AppendMessage,
@@ -142,6 +143,9 @@ class HubConfig:
     # staff hardening: a guest token unused (no sign-in, no message) this long no
     # longer signs in; 0 = never expires.
     guest_token_idle_s: float = 0.0
+    # http hardening: new guest identities per network address (0 = unlimited)
+    registrations_per_minute: float = 0.0
+    registration_burst: int = 60
 
 
 # ------------------------------------------------------------------------ state
@@ -220,6 +224,7 @@ class Session:
     """One connection's identity and counters."""
 
     __slots__ = (
+        "address",
         "bad_frames",
         "bucket",
         "conversation",
@@ -235,8 +240,9 @@ class Session:
         "token_generation",
     )
 
-    def __init__(self, session_id: int) -> None:
+    def __init__(self, session_id: int, address: str | None = None) -> None:
         self.id = session_id
+        self.address = address  # the peer's network address, for per-address limits
         self.role: Role | None = None  # once hello succeeded
         self.staff_id: str | None = None
         self.name: str | None = None
@@ -279,15 +285,19 @@ class Hub:
         # changed meanwhile: a conversation may change and leave memory before the read
         # returns, and the console is not in the staff room yet to hear of it.
         self._signing_in: dict[int, dict[str, dict[str, Any]]] = {}
+        self.registrations = RegistrationLimiter(
+            config.registrations_per_minute, config.registration_burst
+        )
         self._out: list[Action] = []
         self._now = 0.0
         self._wall = 0.0
 
     # -- events ------------------------------------------------------------------------
 
-    def opened(self, session_id: int) -> None:
-        """A connection was accepted (its first frame must be ``hello``)."""
-        self.sessions[session_id] = Session(session_id)
+    def opened(self, session_id: int, address: str | None = None) -> None:
+        """A connection was accepted (its first frame must be ``hello``); ``address``
+        is the peer's network address (``None``: unknown, no per-address limit)."""
+        self.sessions[session_id] = Session(session_id, address)
 
     def signed_in(self, session_id: int) -> bool:
         session = self.sessions.get(session_id)
@@ -618,6 +628,11 @@ class Hub:
                     session, "this server issues guest tokens at the desk; registration is closed"
                 )
                 return
+            if session.address is not None:
+                wait_ms = self.registrations.try_register(session.address, self._now)
+                if wait_ms:
+                    self._registration_limited(session, wait_ms)
+                    return
 
             def created(row: ConversationRow) -> None:
                 if session.id in self.sessions:
@@ -668,6 +683,15 @@ class Hub:
             session.token_generation = generation
             self._signing_in[session.id] = {}
             self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
+
+    def _registration_limited(self, session: Session, wait_ms: int) -> None:
+        """Too many new guests from this address: not a bad frame; the client comes
+        back after ``retry_after_ms`` (close 4429, as the protocol says)."""
+        exc = ProtocolError(
+            ErrorCode.RATE_LIMITED, "too many new guests from this address; retry later", "hello"
+        )
+        self._error(session, exc, wait_ms)
+        self._close(session.id, CloseCode.RATE_LIMITED, "too many registrations")
 
     def _auth_failed(self, session: Session, why: str) -> None:
         self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))

@@ -44,6 +44,7 @@ MAX_FRAME_BYTES: Final = 64 * 1024
 DEFAULT_HISTORY_LIMIT: Final = 200
 MAX_HISTORY_LIMIT: Final = 500
 MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
+MAX_INTEGER_FIELD: Final = 2**63 - 1  # an integer field beyond is out of range (SQLite's)
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+\Z")
 
@@ -225,6 +226,10 @@ class _Fields:
         # bool is a subclass of int in Python; the contract says booleans are not integers.
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.bad(f"field {name!r} must be an integer")
+        # Beyond what SQLite stores (its OverflowError cost the frame a traceback): no
+        # sequence number or limit is ever that large.
+        if not -MAX_INTEGER_FIELD <= value <= MAX_INTEGER_FIELD:
+            raise self.bad(f"field {name!r} is out of range")
         return value
 
     def boolean(self, name: str) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "Appended",
     "ConversationRow",
     "CreateGuest",
+    "ExpireSilentGuests",
     "Operation",
     "Revocation",
     "SetRead",
@@ -157,6 +158,20 @@ class TouchGuest(Operation[None]):
         db.touch_guest(self)
 
 
+@dataclass(eq=False)
+class ExpireSilentGuests(Operation[list[str]]):
+    """Forget the guests created before ``before`` (POSIX time) who never wrote a
+    message, with their conversations, unless their conversation is waiting for or
+    held by staff, or the guest is in ``keep`` (signed in now). The result is the
+    guest ids forgotten: their tokens fail from then on."""
+
+    before: float = 0.0
+    keep: frozenset[str] = frozenset()
+
+    def apply(self, db: StorageBackend) -> list[str]:
+        return db.expire_silent_guests(self.before, self.keep)
+
+
 class StorageBackend(Protocol):
     """What every store implements. Writes run in one writer, in batches; reads may run
     beside it. Every method raises :class:`StorageError` when the storage fails."""
@@ -174,6 +189,9 @@ class StorageBackend(Protocol):
     def create_guest(self, name: str | None) -> ConversationRow: ...
 
     def touch_guest(self, op: TouchGuest) -> None: ...
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        """See :class:`ExpireSilentGuests` (inside a batch, like every write)."""
+        ...
 
     # -- reads --------------------------------------------------------------------------
     def secret(self) -> bytes: ...

@@ -68,6 +68,10 @@ class TokenSigner:
         """``(kind, id, generation)`` for a genuine token, else ``None`` (never
         raises). Whether the generation is still current is for the caller to check
         against storage."""
+        # Tokens are ASCII; anything else (a lone surrogate included) is a forgery, and
+        # would make compare_digest or the encoding raise.
+        if not token.isascii():
+            return None
         parts = token.split(".")
         if len(parts) == 3:
             kind, ident, mac = parts

@@ -26,6 +26,7 @@ that asked for it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -46,9 +47,16 @@ from ..core import protocol as proto
 from ..core.errors import ConnectionLost, ProtocolError, StorageError
 from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
 from ..core.protocol import CloseCode, ErrorCode
-from ..core.storage import Revocation, StorageBackend
+from ..core.storage import ExpireSilentGuests, Revocation, StorageBackend
 from ..core.tokens import TokenSigner
 from . import _admin
+from ._admission import (
+    ConnectionLimits,
+    OriginPolicy,
+    default_max_connections,
+    peer_address,
+    serve_listeners_with_backoff,
+)
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
@@ -110,6 +118,13 @@ class ServerConfig:
     secret_file: str | Path | None = None  # the token secret's own file; None = the database
     revocation_poll: float = 0.5  # how often to look for removed/revoked staff; 0 = never
     guest_token_idle_days: float = 30.0  # a guest token unused this long expires; 0 = never
+    # http hardening: admission and abuse limits (each 0 = off; benchmarks turn them off)
+    max_connections: int | None = None  # open TCP connections; None = open-file limit - 64
+    max_connections_per_ip: int = 500  # generous: a hotel's guests share one NAT address
+    allowed_origins: tuple[str, ...] = ()  # besides our own; () = also loopback pages
+    registrations_per_minute: float = 30.0  # new guests per address (hello, token null)
+    registration_burst: int = 60
+    expire_silent_guests: float = 7 * 86400.0  # forget guests who never wrote after this
 
 
 # -------------------------------------------------------------------------- server
@@ -161,6 +176,14 @@ class ChatServer:
         self._froze_gc = False
         self._revocations = trio.CancelScope()  # the revocation watcher's
         self._revocation_kick = trio.Event()  # look now (a removal made in this process)
+        max_connections = self.config.max_connections
+        self.limits = ConnectionLimits(
+            default_max_connections() if max_connections is None else max_connections,
+            self.config.max_connections_per_ip,
+        )
+        self.origins = OriginPolicy(self.config.allowed_origins, self.config.host)
+        self.expired_guests = 0
+        self._front: HttpFront | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -227,6 +250,8 @@ class ChatServer:
                     rate_limit=self.config.rate_limit,
                     rate_burst=self.config.rate_burst,
                     guest_token_idle_s=self.config.guest_token_idle_days * 86400,
+                    registrations_per_minute=self.config.registrations_per_minute,
+                    registration_burst=self.config.registration_burst,
                 ),
                 concierge=self._responder is not None,
             )
@@ -257,11 +282,14 @@ class ChatServer:
             self._websocket,
             idle_timeout=self.config.handshake_timeout,
             server_header=SERVER_NAME,
+            upgrade_allowed=lambda request: self.origins.allows(request, self.port),
         )
+        self._front = front
         async with trio.open_nursery() as work:
             self._work = work
             work.start_soon(self._accept, listeners, front)
             work.start_soon(self._heartbeat_sweeper)
+            work.start_soon(self._expire_silent_guests)
             await self._answer_unanswered()
             await work.start(self._watch_revocations)
             task_status.started(self.port)
@@ -278,7 +306,7 @@ class ChatServer:
         # Cancelled at shutdown, serve_listeners closes the listeners: from then on
         # connection attempts are refused at once, not parked in the backlog.
         with self._accepting:
-            await trio.serve_listeners(handle, listeners, handler_nursery=self._work)
+            await serve_listeners_with_backoff(handle, listeners, handler_nursery=self._work)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown: stop accepting, tell every client to come back
@@ -357,6 +385,12 @@ class ChatServer:
                 "staff_online": roles.count("staff"),
                 "conversations_loaded": len(hub.conversations) if hub else 0,
                 "closes": {str(code): n for code, n in sorted(self.closes.items())},
+                "tcp_connections": self.limits.active,
+                "refused": {
+                    **self.limits.refused,
+                    "origin": self._front.forbidden_origins if self._front else 0,
+                },
+                "expired_guests": self.expired_guests,
             }
         )
 
@@ -366,11 +400,15 @@ class ChatServer:
         # The one place a connection's failure stops: nothing here reaches another
         # connection or the server.
         self._handlers += 1
+        address = peer_address(stream)
+        refused = self.limits.enter(address)
         try:
-            await front.handle(stream)
+            await front.handle(stream, refused)
         except Exception:
             log.exception("connection handler failed")
         finally:
+            if refused is None:
+                self.limits.leave(address)
             self._handlers -= 1
             self._idle.set()
             with trio.move_on_after(self.config.close_timeout) as scope:
@@ -391,7 +429,7 @@ class ChatServer:
         async with trio.open_nursery() as nursery:
             conn = Connection(self, ws, nursery, next(self._sessions))
             self.connections[conn.session_id] = conn
-            hub.opened(conn.session_id)
+            hub.opened(conn.session_id, peer_address(stream))
             try:
                 with conn.reader_scope:
                     if self._admit(conn):
@@ -673,6 +711,43 @@ class ChatServer:
             await self._perform(actions, None)
             after = revocation.seq
         return after
+
+    # -- guests who never wrote -------------------------------------------------------
+
+    async def _expire_silent_guests(self) -> None:
+        """Forget, now and then, the guests registered long ago who never wrote: open
+        registration must not mean keeping every passer-by forever."""
+        after = self.config.expire_silent_guests
+        if after <= 0:
+            return
+        # Often enough that nobody outlives the limit by much more than a tenth of it.
+        interval = min(3600.0, max(1.0, after / 10))
+        while True:
+            # Guests signed in now are kept (their conversation is live in the hub).
+            keep = frozenset(conv.guest_id for conv in self.hub.conversations.values())
+            operation = ExpireSilentGuests(before=time.time() - after, keep=keep)
+            operation.on_commit = self._guests_expired
+            operation.on_error = self._expiry_failed
+            with contextlib.suppress(StorageError):  # logged by _expiry_failed
+                await self.store.submit(operation)
+            await trio.sleep(interval)
+
+    def _guests_expired(self, guest_ids: list[str]) -> None:
+        self.expired_guests += len(guest_ids)
+        # A guest who signed in while the write was queued: the rows are gone, so the
+        # session goes too (the token now fails with 4401).
+        hub = self.hub
+        gone = set(guest_ids)
+        for conv in hub.conversations.values():
+            if conv.guest_id in gone:
+                for sid in conv.subscribers:
+                    connection = self.connections.get(sid)
+                    if connection is not None and hub.role(sid) == "guest":
+                        connection.request_close(CloseCode.AUTH_FAILED, "guest expired")
+
+    @staticmethod
+    def _expiry_failed(error: StorageError) -> None:
+        log.error("expiring silent guests failed: %s", error)
 
     # -- heartbeat ----------------------------------------------------------------------
 

@@ -451,6 +451,33 @@ class Database:
             (op.at, op.guest_id),
         )
 
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        rows = self.writer.execute(
+            "SELECT g.guest_id, c.conversation_id FROM guests g JOIN conversations c "
+            "USING (guest_id) WHERE g.created_ts < ? AND c.status IN ('ai', 'resolved') "
+            "AND NOT EXISTS (SELECT 1 FROM messages m WHERE "
+            "m.conversation_id = c.conversation_id AND m.sender = 'guest')",
+            (before,),
+        ).fetchall()
+        # A message appended earlier in this batch is only inserted at its end: a
+        # conversation touched in this batch is not silent.
+        doomed = [
+            (guest_id, conversation_id)
+            for guest_id, conversation_id in rows
+            if guest_id not in keep and conversation_id not in self._touched
+        ]
+        by_conversation = [(conversation_id,) for _, conversation_id in doomed]
+        self.writer.executemany("DELETE FROM messages WHERE conversation_id = ?", by_conversation)
+        self.writer.executemany(
+            "DELETE FROM conversations WHERE conversation_id = ?", by_conversation
+        )
+        self.writer.executemany(
+            "DELETE FROM guests WHERE guest_id = ?", [(guest_id,) for guest_id, _ in doomed]
+        )
+        for _, conversation_id in doomed:
+            self._last_seq.pop(conversation_id, None)
+        return [guest_id for guest_id, _ in doomed]
+
     # -- reads (any thread, serialised) ---------------------------------------------
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:

@@ -52,6 +52,7 @@ class MemoryBackend:
         self._by_key: dict[tuple[str, str | None, str], Message] = {}
         self._guest_read: dict[str, int] = {}
         self._revocations: list[Revocation] = []
+        self._guest_created: dict[str, float] = {}  # guest id -> POSIX time
         self.fail_writes = False
 
     # -- writes ------------------------------------------------------------------------
@@ -130,6 +131,7 @@ class MemoryBackend:
         now = time.time()
         row = ConversationRow(new_id("c"), guest_id, name, "ai", None, None, 0, 0, now, "", now)
         self._guest_names[guest_id] = name
+        self._guest_created[guest_id] = row.updated_ts
         self._rows[row.conversation_id] = row
         self._of_guest[guest_id] = row.conversation_id
         return replace(row)
@@ -139,6 +141,25 @@ class MemoryBackend:
         if cid is not None:
             row = self._rows[cid]
             row.last_seen_ts = max(row.last_seen_ts, op.at)
+
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        expired = []
+        for conversation_id, row in list(self._rows.items()):
+            silent = not any(m.sender == "guest" for m in self._messages.get(conversation_id, ()))
+            created = self._guest_created.get(row.guest_id, 0.0)
+            if (
+                created < before
+                and silent
+                and row.status in ("ai", "resolved")
+                and row.guest_id not in keep
+            ):
+                del self._rows[conversation_id], self._of_guest[row.guest_id]
+                del self._guest_names[row.guest_id]
+                self._messages.pop(conversation_id, None)
+                self._guest_read.pop(conversation_id, None)
+                self._by_key = {k: m for k, m in self._by_key.items() if k[0] != conversation_id}
+                expired.append(row.guest_id)
+        return expired
 
     # -- administration ------------------------------------------------------------------
 
