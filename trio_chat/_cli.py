@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import Any, Final
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 
 from ._version import __version__
 from .core.errors import StorageError
 from .server._admin import add_guest, add_staff, opened, staff_token
 from .server._concierge import RulesResponder
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
+from .server._tls import server_ssl_context
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_DB = "trio-chat.db"
@@ -86,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ENGINES),
         default=DEFAULT_ENGINE,
         help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
+    )
+    # TLS (hardening: tls)
+    serve.add_argument(
+        "--certfile",
+        metavar="PATH",
+        help="serve https:// and wss:// with this certificate chain (PEM)",
+    )
+    serve.add_argument(
+        "--keyfile",
+        metavar="PATH",
+        help="the certificate's private key (PEM; default: in --certfile)",
+    )
+    serve.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose TLS handshake is not done by then",
     )
     serve.add_argument("-v", "--verbose", action="store_true")
 
@@ -222,6 +243,19 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.keyfile is not None and args.certfile is None:
+        err_console.print("[red]error:[/red] --keyfile needs --certfile")
+        return 2
+    tls: ssl.SSLContext | None = None
+    if args.certfile is not None:
+        try:
+            tls = server_ssl_context(args.certfile, args.keyfile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                "[red]error:[/red] cannot use the certificate "
+                f"{escape(args.certfile)}: {escape(str(exc))}"
+            )
+            return 2
     config = ServerConfig(
         db_path=args.db,
         host=args.host,
@@ -234,6 +268,8 @@ def _serve(args: argparse.Namespace) -> int:
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
         frame_engine=args.frame_engine,
+        ssl_context=tls,
+        tls_handshake_timeout=args.tls_handshake_timeout,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -329,10 +365,11 @@ async def _run_server(config: ServerConfig, data_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         host = config.host if ":" not in config.host else f"[{config.host}]"
+        secure = "s" if config.ssl_context is not None else ""
         console.print(f"[bold green]trio-chat {__version__}[/bold green] is serving")
-        console.print(f"  chat page   http://{host}:{port}/")
-        console.print(f"  websocket   ws://{host}:{port}/ws")
-        console.print(f"  health      http://{host}:{port}/healthz")
+        console.print(f"  chat page   http{secure}://{host}:{port}/")
+        console.print(f"  websocket   ws{secure}://{host}:{port}/ws")
+        console.print(f"  health      http{secure}://{host}:{port}/healthz")
         console.print(f"  data        {data_path}")
         console.print(
             f"  concierge   {config.concierge}   rate limit "

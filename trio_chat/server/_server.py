@@ -30,6 +30,7 @@ import gc
 import itertools
 import logging
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ from ._concierge import Responder, ResponderReply, ResponderRequest, RulesRespon
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._store import Database, Store
+from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
     DEFAULT_ENGINE,
     ENGINES,
@@ -102,6 +104,12 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
+    # TLS (hardening: tls). With a context, or a certificate and key (PEM), the port
+    # serves https:// and wss:// only; a handshake not done in time closes the connection.
+    ssl_context: ssl.SSLContext | None = None
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None  # None: the key is in certfile
+    tls_handshake_timeout: float = 10.0
 
 
 # -------------------------------------------------------------------------- server
@@ -247,6 +255,11 @@ class ChatServer:
             idle_timeout=self.config.handshake_timeout,
             server_header=SERVER_NAME,
         )
+        tls = self.config.ssl_context
+        if tls is None and self.config.certfile is not None:
+            tls = server_ssl_context(self.config.certfile, self.config.keyfile)
+        if tls is not None:
+            front = TlsHttpFront(front, tls, handshake_timeout=self.config.tls_handshake_timeout)
         async with trio.open_nursery() as work:
             self._work = work
             work.start_soon(self._accept, listeners, front)
