@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--token", help="come back as this guest")
     chat.add_argument("--name", help="your name, shown to staff")
     chat.add_argument("--staff", metavar="TOKEN", help="chat as staff, with this staff token")
+    chat.add_argument(
+        "--cafile",
+        metavar="PATH",
+        help="trust the CA certificates in this PEM file for wss:// (default: the system's)",
+    )
 
     mock = commands.add_parser(
         "mock",
@@ -502,7 +507,16 @@ def _proxy_schedule(spec: str) -> list[tuple[float, str, tuple[Any, ...]]]:
 def _chat(args: argparse.Namespace) -> int:
     from .ui._terminal import main as terminal_main
 
-    return trio.run(terminal_main, args.url, args.token, args.name, args.staff)
+    tls = None
+    if args.cafile is not None:
+        try:
+            tls = ssl.create_default_context(cafile=args.cafile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                f"[red]error:[/red] cannot read {escape(args.cafile)}: {escape(str(exc))}"
+            )
+            return 2
+    return trio.run(terminal_main, args.url, args.token, args.name, args.staff, tls)
 
 
 def _bench(args: argparse.Namespace) -> int:
