@@ -203,14 +203,15 @@ async def test_the_widgets_show_hostile_text_escaped(nursery: trio.Nursery, tmp_
             console = widgets.StaffConsoleWidget(staff, nursery.start_soon)
             await guest.send(HOSTILE_TEXT)
             await guest.escalate()
-            assert guest.conversation_id is not None
-            await staff.wait_until(lambda: guest.conversation_id in staff.queue)
-            console.queue.value = guest.conversation_id  # select: the console watches it
-            await staff.claim(guest.conversation_id)
-            await staff.reply(guest.conversation_id, "<script>alert(3)</script>\x1b[2J")
-            await staff.set_typing(True, guest.conversation_id)
+            conversation = guest.conversation_id
+            assert conversation is not None
+            await staff.wait_until(lambda: conversation in staff.queue)
+            console.queue.value = conversation  # selected: the console watches it
+            await staff.claim(conversation)
+            await staff.reply(conversation, "<script>alert(3)</script>\x1b[2J")
+            await staff.set_typing(True, conversation)
             await guest.wait_until(lambda: guest.typing.get("staff", False))
-            await staff.wait_until(lambda: len(staff.transcript_of(guest.conversation_id)) >= 3)
+            await staff.wait_until(lambda: len(staff.transcript_of(conversation)) >= 3)
             await trio.testing.wait_all_tasks_blocked(0.05)
 
             shown_to_staff = console.transcript.value
@@ -250,7 +251,12 @@ def test_the_page_shows_hostile_text_as_text(tmp_path: Path) -> None:
         try:
             page = browser.new_page()
             dialogs: list[str] = []
-            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+            def on_dialog(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector('#status[data-state="connected"]', timeout=15_000)
             page.fill("#input", PAGE_TEXT)
