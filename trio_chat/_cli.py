@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Final
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 
 from ._version import __version__
 from .core.errors import StorageError
@@ -21,6 +23,7 @@ from .server._admin import add_guest, add_staff, opened, revoke_staff, rotate_se
 from .server._concierge import RulesResponder
 from .server._secrets import SECRET_FILE_ENV
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
+from .server._tls import server_ssl_context
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_DB = "trio-chat.db"
@@ -159,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="forget guests who never wrote after this long (default 7 days; 0 = never)",
     )
+    # TLS (hardening: tls)
+    serve.add_argument(
+        "--certfile",
+        metavar="PATH",
+        help="serve https:// and wss:// with this certificate chain (PEM)",
+    )
+    serve.add_argument(
+        "--keyfile",
+        metavar="PATH",
+        help="the certificate's private key (PEM; default: in --certfile)",
+    )
+    serve.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose TLS handshake is not done by then",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
@@ -230,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--token", help="come back as this guest")
     chat.add_argument("--name", help="your name, shown to staff")
     chat.add_argument("--staff", metavar="TOKEN", help="chat as staff, with this staff token")
+    chat.add_argument(
+        "--cafile",
+        metavar="PATH",
+        help="trust the CA certificates in this PEM file for wss:// (default: the system's)",
+    )
 
     mock = commands.add_parser(
         "mock",
@@ -313,6 +339,19 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.keyfile is not None and args.certfile is None:
+        err_console.print("[red]error:[/red] --keyfile needs --certfile")
+        return 2
+    tls: ssl.SSLContext | None = None
+    if args.certfile is not None:
+        try:
+            tls = server_ssl_context(args.certfile, args.keyfile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                "[red]error:[/red] cannot use the certificate "
+                f"{escape(args.certfile)}: {escape(str(exc))}"
+            )
+            return 2
     config = ServerConfig(
         db_path=args.db,
         host=args.host,
@@ -333,6 +372,8 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allowed_origin),
         registrations_per_minute=args.registrations_per_minute,
         expire_silent_guests=args.expire_silent_guests,
+        ssl_context=tls,
+        tls_handshake_timeout=args.tls_handshake_timeout,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -428,10 +469,11 @@ async def _run_server(config: ServerConfig, data_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         host = config.host if ":" not in config.host else f"[{config.host}]"
+        secure = "s" if config.ssl_context is not None else ""
         console.print(f"[bold green]trio-chat {__version__}[/bold green] is serving")
-        console.print(f"  chat page   http://{host}:{port}/")
-        console.print(f"  websocket   ws://{host}:{port}/ws")
-        console.print(f"  health      http://{host}:{port}/healthz")
+        console.print(f"  chat page   http{secure}://{host}:{port}/")
+        console.print(f"  websocket   ws{secure}://{host}:{port}/ws")
+        console.print(f"  health      http{secure}://{host}:{port}/healthz")
         console.print(f"  data        {data_path}")
         console.print(
             f"  concierge   {config.concierge}   rate limit "
@@ -564,7 +606,16 @@ def _proxy_schedule(spec: str) -> list[tuple[float, str, tuple[Any, ...]]]:
 def _chat(args: argparse.Namespace) -> int:
     from .ui._terminal import main as terminal_main
 
-    return trio.run(terminal_main, args.url, args.token, args.name, args.staff)
+    tls = None
+    if args.cafile is not None:
+        try:
+            tls = ssl.create_default_context(cafile=args.cafile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                f"[red]error:[/red] cannot read {escape(args.cafile)}: {escape(str(exc))}"
+            )
+            return 2
+    return trio.run(terminal_main, args.url, args.token, args.name, args.staff, tls)
 
 
 def _bench(args: argparse.Namespace) -> int:

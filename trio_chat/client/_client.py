@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import logging
 import random
+import ssl
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -108,7 +110,8 @@ class ChatClient:
     :class:`Backoff` with full jitter and its first retry spread over 5 s.
     ``heartbeat=None`` uses the server's ``heartbeat_s``; 0 turns the watchdog off.
     ``healthy_after`` is how long a connection must last before the backoff starts
-    again from its first delay.
+    again from its first delay. ``ssl_context`` verifies a ``wss://`` server (default:
+    the system's trusted CAs and the URL's host name).
     """
 
     role = "guest"
@@ -123,8 +126,10 @@ class ChatClient:
         heartbeat: float | None = None,
         connect_timeout: float = 10.0,
         healthy_after: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
         self.token = token
         self.name = name
         self.backoff = backoff if backoff is not None else Backoff(spread=CRASH_SPREAD)
@@ -500,9 +505,7 @@ class ChatClient:
                     # The whole attempt (TCP, WebSocket handshake, hello to welcome) has
                     # one timeout: trio-websocket 0.12's connect can hang for ever.
                     with trio.fail_after(self.connect_timeout):
-                        ws = await trio_websocket.connect_websocket_url(
-                            nursery, self.url, message_queue_size=64
-                        )
+                        ws = await self._open_websocket(nursery)
                         welcome = await self._hello(ws)
                     welcomed = True
                     connected_at = trio.current_time()
@@ -541,6 +544,39 @@ class ChatClient:
             nursery.cancel_scope.cancel()
         healthy = welcomed and trio.current_time() - connected_at >= self.healthy_after
         return _Ended(code, reason, welcomed, healthy)
+
+    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        """The WebSocket connection to :attr:`url`. For ``wss://`` the TLS handshake is
+        done here first: trio-websocket's connect waits for ever when it fails (an
+        untrusted certificate), so its ``ssl.SSLError`` is raised at once instead."""
+        url = urllib.parse.urlsplit(self.url)
+        if url.scheme != "wss":
+            return await trio_websocket.connect_websocket_url(
+                nursery, self.url, message_queue_size=64
+            )
+        host, port = url.hostname or "", url.port or 443
+        context = self.ssl_context if self.ssl_context is not None else ssl.create_default_context()
+        tls = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=context, https_compatible=True
+        )
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tls)
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise exc.__cause__ from None  # names what failed: the certificate, ...
+            raise
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        return await trio_websocket.wrap_client_stream(
+            nursery,
+            tls,
+            url.netloc.rpartition("@")[2],  # the Host header: host[:port], as in the URL
+            resource,
+            message_queue_size=64,
+        )
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> wire.Welcome:
         await ws.send_message(wire.hello_frame(self.token, self.name))

@@ -270,11 +270,17 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     return parser(_Fields(obj, frame_type))
 
 
+# C0 controls (ESC among them), DEL and C1 controls: in a name shown to staff they
+# could drive a terminal (clear it, retitle it, fake lines). A name is cosmetic, so they
+# are dropped rather than the hello refused.
+_NAME_CONTROLS: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _parse_hello(f: _Fields) -> Hello:
     token = f.string("token", optional=True)
     name = f.string("name", optional=True)
     if name is not None:
-        name = name.strip()[:80] or None
+        name = _NAME_CONTROLS.sub("", name).strip()[:80] or None
     return Hello(token=token, name=name)
 
 

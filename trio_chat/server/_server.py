@@ -31,6 +31,7 @@ import gc
 import itertools
 import logging
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +63,7 @@ from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._secrets import token_secret
 from ._store import Database, Store
+from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
     DEFAULT_ENGINE,
     ENGINES,
@@ -125,6 +127,12 @@ class ServerConfig:
     registrations_per_minute: float = 30.0  # new guests per address (hello, token null)
     registration_burst: int = 60
     expire_silent_guests: float = 7 * 86400.0  # forget guests who never wrote after this
+    # TLS (hardening: tls). With a context, or a certificate and key (PEM), the port
+    # serves https:// and wss:// only; a handshake not done in time closes the connection.
+    ssl_context: ssl.SSLContext | None = None
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None  # None: the key is in certfile
+    tls_handshake_timeout: float = 10.0
 
 
 # -------------------------------------------------------------------------- server
@@ -285,6 +293,11 @@ class ChatServer:
             upgrade_allowed=lambda request: self.origins.allows(request, self.port),
         )
         self._front = front
+        tls = self.config.ssl_context
+        if tls is None and self.config.certfile is not None:
+            tls = server_ssl_context(self.config.certfile, self.config.keyfile)
+        if tls is not None:
+            front = TlsHttpFront(front, tls, handshake_timeout=self.config.tls_handshake_timeout)
         async with trio.open_nursery() as work:
             self._work = work
             work.start_soon(self._accept, listeners, front)
