@@ -21,6 +21,7 @@ from ._version import __version__
 from .core.errors import StorageError
 from .server._admin import add_guest, add_staff, opened, revoke_staff, rotate_secret, staff_token
 from .server._concierge import RulesResponder
+from .server._llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
 from .server._secrets import SECRET_FILE_ENV
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
 from .server._tls import server_ssl_context
@@ -81,7 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="WebSocket ping interval (0 = off)",
     )
-    serve.add_argument("--concierge", choices=["rules", "off"], default="rules")
+    serve.add_argument(
+        "--concierge",
+        choices=["rules", "llm", "off"],
+        default="rules",
+        help="who answers guests first: the rules over the knowledge base, a language "
+        "model (--llm-url, --llm-model), or nobody (staff only)",
+    )
+    llm = serve.add_argument_group(
+        "language-model concierge (--concierge llm)",
+        "Any OpenAI-compatible chat completions endpoint. The API key is read from the "
+        "environment variable named by --llm-api-key-env, never from a flag.",
+    )
+    llm.add_argument(
+        "--llm-url", metavar="URL", help="the API's base URL, e.g. http://127.0.0.1:11434/v1"
+    )
+    llm.add_argument("--llm-model", metavar="NAME")
+    llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", metavar="VARIABLE")
+    llm.add_argument(
+        "--llm-system-prompt", metavar="FILE", help="the hotel's own prompt ({hotel}, {knowledge})"
+    )
+    llm.add_argument("--llm-max-tokens", type=int, default=300, metavar="N")
+    llm.add_argument("--llm-first-token-timeout", type=_positive, default=10.0, metavar="SECONDS")
+    llm.add_argument("--llm-timeout", type=_positive, default=25.0, metavar="SECONDS")
+    llm.add_argument(
+        "--llm-guest-per-minute", type=_non_negative, default=6.0, metavar="N", help="0 = no limit"
+    )
+    llm.add_argument(
+        "--llm-per-minute", type=_non_negative, default=120.0, metavar="N", help="0 = no limit"
+    )
     serve.add_argument(
         "--rate-limit",
         type=_non_negative,
@@ -374,6 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
         expire_silent_guests=args.expire_silent_guests,
         ssl_context=tls,
         tls_handshake_timeout=args.tls_handshake_timeout,
+        llm=_llm_settings(args),
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -384,6 +414,30 @@ def _serve(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     trio.run(_run_server, config, Path(config.db_path).resolve())
     return 0
+
+
+def _llm_settings(args: argparse.Namespace) -> LlmSettings | None:
+    if args.concierge != "llm":
+        return None
+    if not args.llm_url or not args.llm_model:
+        raise SystemExit("--concierge llm needs --llm-url and --llm-model")
+    prompt = DEFAULT_SYSTEM_PROMPT
+    if args.llm_system_prompt:
+        try:
+            prompt = LlmSettings.read_prompt(args.llm_system_prompt)
+        except OSError as exc:
+            raise SystemExit(f"cannot read {args.llm_system_prompt}: {exc.strerror}") from None
+    return LlmSettings(
+        url=args.llm_url,
+        model=args.llm_model,
+        api_key=os.environ.get(args.llm_api_key_env) or None,
+        system_prompt=prompt,
+        max_tokens=args.llm_max_tokens,
+        first_token_timeout=args.llm_first_token_timeout,
+        answer_timeout=args.llm_timeout,
+        guest_per_minute=args.llm_guest_per_minute,
+        global_per_minute=args.llm_per_minute,
+    )
 
 
 MOCK_FAULTS: Final = {

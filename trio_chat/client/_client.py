@@ -58,8 +58,9 @@ class ClientEvent:
     """Something that happened to a client.
 
     ``kind`` is one of ``state``, ``queued`` (a message entered the outbox), ``message``,
-    ``ack``, ``status``, ``typing``, ``read``, ``error``, ``pong``, ``closed`` (a
-    connection ended), and for staff ``queue`` (``conversations``: a list of
+    ``ack``, ``status``, ``typing``, ``read``, ``draft`` (the concierge's answer so
+    far as ``text``; ``None`` once the stored answer replaced it), ``error``, ``pong``,
+    ``closed`` (a connection ended), and for staff ``queue`` (``conversations``: a list of
     :class:`ConversationSummary`), ``conversation`` (``summary``: one entry changed)
     and ``subscribed``.
     ``at`` is Trio's clock (virtual under ``MockClock``), ``wall`` the POSIX time.
@@ -147,6 +148,8 @@ class ChatClient:
         self.assigned_to: str | None = None
         self.read_seq = 0
         self.typing: dict[str, bool] = {}
+        # The concierge's answer so far, by conversation, while it is being written.
+        self.drafts: dict[str, str] = {}
         self.transcripts: dict[str, Transcript] = {}
         self.reconnects = 0
         self.event_log: deque[ClientEvent] = deque(maxlen=EVENT_LOG)
@@ -695,8 +698,13 @@ class ChatClient:
                 status=frame.status,
                 assigned_to=frame.assigned_to,
             )
+        elif isinstance(frame, wire.Draft):
+            self.drafts[frame.conversation_id] = frame.text
+            self._emit("draft", conversation_id=frame.conversation_id, text=frame.text)
         elif isinstance(frame, wire.TypingChanged):
             self.typing[frame.sender] = frame.active
+            if frame.sender == "ai" and not frame.active:
+                self._end_draft(frame.conversation_id)
             self._emit(
                 "typing",
                 conversation_id=frame.conversation_id,
@@ -720,7 +728,13 @@ class ChatClient:
                 self._emit("pong", id=frame.id)
         # anything else: nothing to do (any frame proves the link is alive)
 
+    def _end_draft(self, conversation_id: str) -> None:
+        if self.drafts.pop(conversation_id, None) is not None:
+            self._emit("draft", conversation_id=conversation_id, text=None)
+
     def _on_message(self, message: Message) -> None:
+        if message.sender == "ai":
+            self._end_draft(message.conversation_id)  # the stored answer replaces it
         transcript = self._transcript(message.conversation_id)
         self._emit("pushed", seq=message.seq, conversation_id=message.conversation_id)
         for added in transcript.add(message):

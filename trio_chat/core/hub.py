@@ -369,6 +369,16 @@ class Hub:
             self._concierge_answer(conv, text, escalate)
         return self._end()
 
+    def drafted(self, conversation_id: str, text: str, now: float, wall: float) -> list[Action]:
+        """The concierge's answer to the :class:`StartReply` of ``conversation_id`` so
+        far: shown to the conversation's subscribers while it is still the concierge's
+        to give (a conversation staff took over gets no more drafts)."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is not None and conv.replying and conv.decided.status == "ai":
+            self._broadcast(conv, proto.draft_frame(conversation_id, text))
+        return self._end()
+
     def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
         """At start-up: ``message`` never got the concierge's answer (the server stopped
         first)."""

@@ -457,6 +457,14 @@ def typing_frame(conversation_id: str, sender: Sender, active: bool) -> str:
     )
 
 
+def draft_frame(conversation_id: str, text: str) -> str:
+    """The concierge's answer so far (an extension: clients that do not know ``draft``
+    ignore it and get the same answer as one ``message`` when it is stored)."""
+    return encode(
+        {"type": "draft", "conversation_id": conversation_id, "sender": "ai", "text": text}
+    )
+
+
 def read_frame(conversation_id: str, reader: Reader, seq: int) -> str:
     return encode(
         {"type": "read", "conversation_id": conversation_id, "reader": reader, "seq": seq}

@@ -61,6 +61,7 @@ from ._admission import (
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
+from ._llm import LlmResponder, LlmSettings
 from ._secrets import token_secret
 from ._store import Database, Store
 from ._tls import TlsHttpFront, server_ssl_context
@@ -94,7 +95,7 @@ class ServerConfig:
     port: int = 8765
     hello_timeout: float = 10.0
     heartbeat: float = 20.0
-    concierge: str = "rules"  # "rules" or "off"
+    concierge: str = "rules"  # "rules", "llm" (needs ``llm``) or "off"
     rate_limit: float = 10.0  # messages per second per connection; 0 = off
     rate_burst: int = 20
     open_registration: bool = True
@@ -133,6 +134,7 @@ class ServerConfig:
     certfile: str | Path | None = None
     keyfile: str | Path | None = None  # None: the key is in certfile
     tls_handshake_timeout: float = 10.0
+    llm: LlmSettings | None = None  # the language-model concierge (concierge="llm")
 
 
 # -------------------------------------------------------------------------- server
@@ -160,8 +162,12 @@ class ChatServer:
         self._storage = storage
         if responder is None and self.config.concierge == "rules":
             responder = RulesResponder()
-        elif self.config.concierge not in ("rules", "off"):
-            raise ValueError(f"unknown concierge {self.config.concierge!r} (use rules or off)")
+        elif responder is None and self.config.concierge == "llm":
+            if self.config.llm is None:
+                raise ValueError("concierge='llm' needs ServerConfig.llm (the model's address)")
+            responder = LlmResponder(self.config.llm)
+        elif self.config.concierge not in ("rules", "llm", "off"):
+            raise ValueError(f"unknown concierge {self.config.concierge!r} (use rules, llm or off)")
         self._responder = responder
         self.port: int | None = None
         self.started_at = time.monotonic()
@@ -618,16 +624,29 @@ class ChatServer:
         window = getattr(responder, "history_window", 0)
         recent = []
         if window:
-            recent = await self.store.read(self.store.db.recent, start.conversation_id, window)
+            # The window before the message being answered (which is stored already).
+            stored = await self.store.read(self.store.db.recent, start.conversation_id, window + 1)
+            recent = [m for m in stored if m.seq < start.message.seq][-window:]
+
+        def draft(text: str) -> None:
+            for action in self.hub.drafted(start.conversation_id, text, *self._clock()):
+                if isinstance(action, Send):
+                    self._carry_out(action)
+
         request = ResponderRequest(
             start.conversation_id,
             start.guest_id,
             start.guest_name,
             start.message.text,
             tuple(recent),
+            draft,
         )
         try:
-            with trio.fail_after(self.config.responder_timeout):
+            timeout = self.config.responder_timeout
+            if isinstance(responder, LlmResponder):
+                # It falls back to the rules by itself; give it the time to do so.
+                timeout = max(timeout, responder.settings.answer_timeout + 5)
+            with trio.fail_after(timeout):
                 return await responder.respond(request)
         except Exception:
             log.exception("the responder failed; handing over to staff")

@@ -188,14 +188,22 @@ class GuestChatWidget:
     def on_event(self, event: ClientEvent) -> None:
         if event.kind in ("message", "ack", "queued", "state", "closed", "status"):
             self.refresh()
-        if event.kind == "typing":
-            active = [s for s, on in self.client.typing.items() if on and s != "guest"]
-            who = {"ai": "The concierge", "staff": self.client.assigned_to or "Staff"}
-            self.typing.value = (
-                f"<i style='color:#6b7280'>{_escaped(who.get(active[0], active[0]))} is typing…</i>"
-                if active
-                else ""
+        if event.kind in ("typing", "draft", "message"):
+            self.typing.value = self._typing_html()
+
+    def _typing_html(self) -> str:
+        """The concierge's answer as it is written, else who is typing."""
+        draft = self.client.drafts.get(self.client.conversation_id or "")
+        if draft:
+            return (
+                "<div style='color:#374151;background:#eef2ff;border-radius:8px;"
+                f"padding:4px 8px;opacity:0.8'><b>Concierge</b> {_escaped(draft)} ▍</div>"
             )
+        active = [s for s, on in self.client.typing.items() if on and s != "guest"]
+        who = {"ai": "The concierge", "staff": self.client.assigned_to or "Staff"}
+        if not active:
+            return ""
+        return f"<i style='color:#6b7280'>{_escaped(who.get(active[0], active[0]))} is typing…</i>"
 
     def refresh(self) -> None:
         client = self.client
