@@ -126,7 +126,9 @@ async def _process(
 
 # How the benchmarks run trio-chat serve: no rate limit, no heartbeat, the concierge
 # answering at once.
-BENCH_SERVER_FLAGS: Final = ("--typing-delay", "0", "--rate-limit", "0", "--heartbeat", "0")
+BENCH_SERVER_FLAGS: Final = (
+    "--typing-delay", "0", "--rate-limit", "0", "--rate-limit-per-ip", "0", "--heartbeat", "0",
+)  # fmt: skip
 
 
 def chat_server_args(port: int, db: Path, concierge: str = "off", engine: str = "") -> list[str]:
