@@ -24,6 +24,7 @@ __all__ = [
     "Ack",
     "ConversationChanged",
     "ConversationSummary",
+    "Draft",
     "History",
     "Pong",
     "Pushed",
@@ -225,6 +226,16 @@ class Subscribed:
 
 
 @dataclass(frozen=True, slots=True)
+class Draft:
+    """The concierge's answer so far (an extension of protocol v1): shown while it is
+    written, replaced by the one stored ``message`` that ends it."""
+
+    conversation_id: str
+    sender: Sender
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownFrame:
     """A frame type this client does not know: ignored, per the protocol."""
 
@@ -246,6 +257,7 @@ ServerFrame: TypeAlias = (
     | Queue
     | ConversationChanged
     | Subscribed
+    | Draft
     | UnknownFrame
 )
 
@@ -416,6 +428,11 @@ _PARSERS: dict[str, Callable[[_Reader], ServerFrame]] = {
     ),
     "queue": _queue,
     "conversation": lambda f: ConversationChanged(_summary(f.obj)),
+    "draft": lambda f: Draft(
+        conversation_id=f.text("conversation_id"),
+        sender=cast(Sender, f.one_of("sender", _SENDERS)),
+        text=f.text("text"),
+    ),
     "subscribed": lambda f: Subscribed(
         conversation_id=f.text("conversation_id"),
         last_seq=f.integer("last_seq", 0),

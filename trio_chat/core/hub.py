@@ -35,6 +35,7 @@ from .conversation import ConversationState, Event, apply_event
 from .errors import ProtocolError, StorageError
 from .protocol import CloseCode, ErrorCode, Message, Reader, Role
 from .ratelimit import BucketTable, TokenBucket
+from .registration import RegistrationLimiter
 from .storage import (
     Appended,
     AppendMessage,
@@ -43,6 +44,7 @@ from .storage import (
     Operation,
     SetRead,
     StaffSignIn,
+    TouchGuest,
 )
 from .tokens import TokenSigner
 
@@ -63,6 +65,9 @@ BAD_FRAME_LIMIT: Final = 20
 FLOOD_CLOSE_AFTER: Final = 10.0
 FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
 QUEUE_LIMIT: Final = 500
+# A guest's sign-in is recorded (one small write) only when the last one recorded is
+# older than this: reconnection storms write nothing, idle expiry stays exact to a day.
+GUEST_SEEN_REFRESH: Final = 3600.0
 PREVIEW_CHARS: Final = 120
 # Rate-limit tokens per frame (a chat message, escalate or a staff action costs 1): a
 # history page is a read and up to 1 MiB out; typing, read marks and pings are cheap.
@@ -74,6 +79,10 @@ FRAME_COSTS: Final[dict[type[proto.ClientFrame], float]] = {
 }
 HELLO_COST: Final = 1.0  # from the address's bucket: a hello may create a guest
 HISTORY_RETRY_MS: Final = 250  # told to a client asking for history before its last reply left
+# What a staff console is told when it is closed (4401) or refused at hello.
+STAFF_REMOVED: Final = "this staff member was removed"
+STAFF_TOKEN_REVOKED: Final = "this staff token was revoked; ask for your new sign-in link"
+SECRET_ROTATED: Final = "this token no longer works: the server's token secret was changed"
 
 
 # ------------------------------------------------------------------------- actions
@@ -154,6 +163,12 @@ class HubConfig:
     # session from it (a hotel's guests may all come from one NAT address). 0 = off.
     rate_limit_per_ip: float = 300.0
     rate_burst_per_ip: int = 3000
+    # staff hardening: a guest token unused (no sign-in, no message) this long no
+    # longer signs in; 0 = never expires.
+    guest_token_idle_s: float = 0.0
+    # http hardening: new guest identities per network address (0 = unlimited)
+    registrations_per_minute: float = 0.0
+    registration_burst: int = 60
 
 
 # ------------------------------------------------------------------------ state
@@ -243,13 +258,17 @@ class Session:
         "id",
         "last_limited",
         "name",
+        "revoked",
         "role",
         "staff_id",
         "subscriptions",
+        "token",
+        "token_generation",
     )
 
-    def __init__(self, session_id: int) -> None:
+    def __init__(self, session_id: int, address: str | None = None) -> None:
         self.id = session_id
+        self.address = address  # the peer's network address, for per-address limits
         self.role: Role | None = None  # once hello succeeded
         self.staff_id: str | None = None
         self.name: str | None = None
@@ -259,13 +278,17 @@ class Session:
         # client address's bucket, shared by everyone there (None: no limit).
         self.bucket: TokenBucket | None = None
         self.bucket_key = ""
-        self.address: str | None = None
         self.address_bucket: TokenBucket | None = None
         # From a history request until its reply has left the server.
         self.history_pending = False
         self.bad_frames = 0
         self.flood_since: float | None = None
         self.last_limited = 0.0
+        self.token: str | None = None  # the token it signed in with (or was given)
+        self.token_generation = 0  # a staff token's generation
+        # Closed for a revocation: nothing more it sends, or that comes back for it, is
+        # acted on (its Close is on its way).
+        self.revoked = False
 
 
 class _Deferred(Exception):
@@ -296,6 +319,9 @@ class Hub:
         self._signing_in: dict[int, dict[str, dict[str, Any]]] = {}
         self._buckets = BucketTable(config.rate_limit, config.rate_burst)
         self._address_buckets = BucketTable(config.rate_limit_per_ip, config.rate_burst_per_ip)
+        self.registrations = RegistrationLimiter(
+            config.registrations_per_minute, config.registration_burst
+        )
         self._out: list[Action] = []
         self._now = 0.0
         self._wall = 0.0
@@ -305,10 +331,9 @@ class Hub:
     def opened(self, session_id: int, address: str | None = None, now: float = 0.0) -> None:
         """A connection was accepted (its first frame must be ``hello``) from the client
         ``address`` (None: not a network peer, no per-address limit), at ``now``."""
-        session = self.sessions[session_id] = Session(session_id)
+        session = self.sessions[session_id] = Session(session_id, address)
         self._buckets.forget_idle(now)
         if address is not None and self.config.rate_limit_per_ip > 0:
-            session.address = address
             session.address_bucket = self._address_buckets.hold(address, now)
 
     def buckets_held(self) -> tuple[int, int]:
@@ -328,7 +353,7 @@ class Hub:
         """A WebSocket message from a session."""
         self._begin(now, wall)
         session = self.sessions.get(session_id)
-        if session is not None:
+        if session is not None and not session.revoked:
             if session.role is None:
                 self._hello_phase(session, raw)
             else:
@@ -388,6 +413,16 @@ class Hub:
             self._concierge_answer(conv, text, escalate)
         return self._end()
 
+    def drafted(self, conversation_id: str, text: str, now: float, wall: float) -> list[Action]:
+        """The concierge's answer to the :class:`StartReply` of ``conversation_id`` so
+        far: shown to the conversation's subscribers while it is still the concierge's
+        to give (a conversation staff took over gets no more drafts)."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is not None and conv.replying and conv.decided.status == "ai":
+            self._broadcast(conv, proto.draft_frame(conversation_id, text))
+        return self._end()
+
     def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
         """At start-up: ``message`` never got the concierge's answer (the server stopped
         first)."""
@@ -419,6 +454,69 @@ class Hub:
                 self._address_buckets.let_go(session.address, now)
         return self._end()
 
+    # -- revocation (staff hardening) ----------------------------------------------------
+
+    def staff_removed(self, staff_id: str, now: float, wall: float) -> list[Action]:
+        """The staff member ``staff_id`` was removed (found in storage: possibly by
+        another process). Their consoles are closed (4401) and every conversation they
+        hold goes back to ``waiting``, with a system message the guest reads."""
+        self._begin(now, wall)
+        self._revoke(lambda s: s.staff_id == staff_id, STAFF_REMOVED)
+        self._hand_back(staff_id)
+        return self._end()
+
+    def staff_revoked(
+        self, staff_id: str, generation: int, now: float, wall: float
+    ) -> list[Action]:
+        """``staff_id``'s tokens older than ``generation`` were revoked: consoles that
+        signed in with one are closed (4401). What they hold stays theirs: the same
+        person signs in again with the new token."""
+        self._begin(now, wall)
+        self._revoke(
+            lambda s: s.staff_id == staff_id and s.token_generation < generation,
+            STAFF_TOKEN_REVOKED,
+        )
+        return self._end()
+
+    def secret_rotated(self, signer: TokenSigner, now: float, wall: float) -> list[Action]:
+        """The token secret changed: from now on tokens verify under ``signer``, and
+        every session whose token no longer does is closed (4401), guests included."""
+        self._begin(now, wall)
+        self.signer = signer
+        self._revoke(
+            lambda s: s.token is not None and signer.verify_generation(s.token) is None,
+            SECRET_ROTATED,
+        )
+        return self._end()
+
+    def _revoke(self, affected: Callable[[Session], bool], why: str) -> None:
+        """Close every session ``affected`` picks, signed in or still signing in."""
+        for session in self.sessions.values():
+            if session.revoked or not affected(session):
+                continue
+            session.revoked = True
+            self._signing_in.pop(session.id, None)
+            self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, None))
+            self._close(session.id, CloseCode.AUTH_FAILED, why)
+
+    def _hand_back(self, staff_id: str) -> None:
+        """Every conversation ``staff_id`` holds back to ``waiting``: those in memory
+        as decided so far (a claim still being written included), then those only in
+        storage; a conversation met twice changes once (the second finds it waiting)."""
+
+        def hand_back(conv: LiveConversation) -> None:
+            if not self._transition(conv, "staff_removed", staff_id=staff_id):
+                self._release(conv)
+
+        for conv in list(self.conversations.values()):
+            hand_back(conv)
+
+        def found(rows: list[ConversationRow]) -> None:
+            for row in rows:
+                hand_back(self._live(row))
+
+        self._read(None, "held_conversations", (staff_id,), found, ref="staff_removed")
+
     # -- plumbing ----------------------------------------------------------------------
 
     def _begin(self, now: float, wall: float) -> None:
@@ -438,8 +536,8 @@ class Hub:
 
     def _continue(self, session_id: int | None, then: Callable[[Any], None], result: Any) -> None:
         session = self.sessions.get(session_id) if session_id is not None else None
-        if session_id is not None and session is None:
-            return  # the session is gone: nothing to answer
+        if session_id is not None and (session is None or session.revoked):
+            return  # the session is gone (or on its way out): nothing to answer
         if session is None:
             then(result)
             return
@@ -611,6 +709,11 @@ class Hub:
                     session, "this server issues guest tokens at the desk; registration is closed"
                 )
                 return
+            if session.address is not None:
+                wait_ms = self.registrations.try_register(session.address, self._now)
+                if wait_ms:
+                    self._registration_limited(session, wait_ms)
+                    return
 
             def created(row: ConversationRow) -> None:
                 if session.id in self.sessions:
@@ -619,19 +722,28 @@ class Hub:
             self._write(CreateGuest(name=hello.name), created, session=session, wait=True,
                         ref="hello")  # fmt: skip
             return
-        verified = self.signer.verify(hello.token)
+        verified = self.signer.verify_generation(hello.token)
         if verified is None:
             self._auth_failed(session, "unknown or invalid token")
             return
-        kind, ident = verified
+        kind, ident, generation = verified
         token = hello.token
+        # Known before the read returns, so a revocation meanwhile finds this session.
+        session.token = token
         if kind == "g":
 
             def found_guest(row: ConversationRow | None) -> None:
                 if row is None:
                     self._auth_failed(session, "unknown guest")
+                elif self._guest_token_expired(row):
+                    self._auth_failed(
+                        session,
+                        f"this guest link was not used for "
+                        f"{self.config.guest_token_idle_s / 86400:g} days and has expired",
+                    )
                 else:
                     self._attach_guest(session, row, token)
+                    self._note_guest_seen(row)
 
             self._read(session, "conversation_of_guest", (ident,), found_guest, ref="hello")
         else:
@@ -641,19 +753,45 @@ class Hub:
                     return  # the session closed while its read was in flight
                 if found.member is None:
                     del self._signing_in[session.id]
-                    self._auth_failed(session, "this staff member was removed")
+                    self._auth_failed(session, STAFF_REMOVED)
+                elif found.member.generation != generation:
+                    del self._signing_in[session.id]
+                    self._auth_failed(session, STAFF_TOKEN_REVOKED)
                 else:
                     self._attach_staff(session, found, token)
 
+            session.staff_id = ident
+            session.token_generation = generation
             self._signing_in[session.id] = {}
             self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
+
+    def _registration_limited(self, session: Session, wait_ms: int) -> None:
+        """Too many new guests from this address: not a bad frame; the client comes
+        back after ``retry_after_ms`` (close 4429, as the protocol says)."""
+        exc = ProtocolError(
+            ErrorCode.RATE_LIMITED, "too many new guests from this address; retry later", "hello"
+        )
+        self._error(session, exc, wait_ms)
+        self._close(session.id, CloseCode.RATE_LIMITED, "too many registrations")
 
     def _auth_failed(self, session: Session, why: str) -> None:
         self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))
         self._close(session.id, CloseCode.AUTH_FAILED, "authentication failed")
 
+    def _guest_token_expired(self, row: ConversationRow) -> bool:
+        idle = self.config.guest_token_idle_s
+        return idle > 0 and self._wall - max(row.updated_ts, row.last_seen_ts) > idle
+
+    def _note_guest_seen(self, row: ConversationRow) -> None:
+        """Record the sign-in, if idle expiry is on and the record is old enough."""
+        if self.config.guest_token_idle_s > 0 and (
+            self._wall - row.last_seen_ts > GUEST_SEEN_REFRESH
+        ):
+            self._write(TouchGuest(guest_id=row.guest_id, at=self._wall), None)
+
     def _attach_guest(self, session: Session, row: ConversationRow, token: str) -> None:
         conv = self._live(row)
+        session.token = token
         session.role = "guest"
         session.conversation = conv
         session.name = conv.guest_name
@@ -690,6 +828,7 @@ class Hub:
     def _attach_staff(self, session: Session, found: StaffSignIn, token: str) -> None:
         member = found.member
         assert member is not None
+        session.token = token
         session.role = "staff"
         session.staff_id = member.staff_id
         session.name = member.name
@@ -1214,7 +1353,7 @@ class Hub:
             def subscribe_claimer(_: Appended) -> None:
                 # Runs right after the system message and status reached the existing
                 # subscribers, so the claimer's last_seq includes that message.
-                if session.id in self.sessions:
+                if session.id in self.sessions and not session.revoked:
                     self._subscribe(session, conv)
 
             changed = self._transition(

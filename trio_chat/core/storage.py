@@ -22,11 +22,14 @@ __all__ = [
     "Appended",
     "ConversationRow",
     "CreateGuest",
+    "ExpireSilentGuests",
     "Operation",
+    "Revocation",
     "SetRead",
     "StaffMember",
     "StaffSignIn",
     "StorageBackend",
+    "TouchGuest",
 ]
 
 T = TypeVar("T")
@@ -36,6 +39,7 @@ T = TypeVar("T")
 class StaffMember:
     staff_id: str
     name: str
+    generation: int = 0  # tokens of an older generation were revoked (tokens.py)
 
 
 @dataclass(slots=True)
@@ -52,6 +56,7 @@ class ConversationRow:
     read_seq: int
     updated_ts: float
     preview: str
+    last_seen_ts: float = 0.0  # the guest's last sign-in that was recorded (TouchGuest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,21 @@ class Appended:
     message: Message
     duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
     at: float = 0.0  # when it was committed (POSIX time); 0 for a duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A fact about tokens, recorded by whoever changed them (the command line in
+    another process, or the server's own API) and found by the server's poll.
+
+    ``kind`` is ``removed`` (the staff member is gone), ``revoked`` (their tokens
+    older than ``generation`` no longer count) or ``secret`` (the token secret was
+    replaced: no token signed before verifies). ``seq`` only grows."""
+
+    seq: int
+    kind: str
+    staff_id: str | None = None
+    generation: int = 0
 
 
 # ---------------------------------------------------------------------- operations
@@ -126,6 +146,32 @@ class CreateGuest(Operation[ConversationRow]):
         return db.create_guest(self.name)
 
 
+@dataclass(eq=False)
+class TouchGuest(Operation[None]):
+    """Record that a guest signed in at ``at`` (POSIX time): a guest token expires
+    after a long enough time without a sign-in or a message."""
+
+    guest_id: str = ""
+    at: float = 0.0
+
+    def apply(self, db: StorageBackend) -> None:
+        db.touch_guest(self)
+
+
+@dataclass(eq=False)
+class ExpireSilentGuests(Operation[list[str]]):
+    """Forget the guests created before ``before`` (POSIX time) who never wrote a
+    message, with their conversations, unless their conversation is waiting for or
+    held by staff, or the guest is in ``keep`` (signed in now). The result is the
+    guest ids forgotten: their tokens fail from then on."""
+
+    before: float = 0.0
+    keep: frozenset[str] = frozenset()
+
+    def apply(self, db: StorageBackend) -> list[str]:
+        return db.expire_silent_guests(self.before, self.keep)
+
+
 class StorageBackend(Protocol):
     """What every store implements. Writes run in one writer, in batches; reads may run
     beside it. Every method raises :class:`StorageError` when the storage fails."""
@@ -141,6 +187,11 @@ class StorageBackend(Protocol):
     def set_read(self, op: SetRead) -> None: ...
 
     def create_guest(self, name: str | None) -> ConversationRow: ...
+
+    def touch_guest(self, op: TouchGuest) -> None: ...
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        """See :class:`ExpireSilentGuests` (inside a batch, like every write)."""
+        ...
 
     # -- reads --------------------------------------------------------------------------
     def secret(self) -> bytes: ...
@@ -160,5 +211,14 @@ class StorageBackend(Protocol):
     ) -> Message | None: ...
 
     def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]: ...
+
+    def held_conversations(self, staff_id: str) -> list[ConversationRow]:
+        """Every conversation in ``staff`` assigned to ``staff_id``."""
+        ...
+
+    def revocations_since(self, after_seq: int) -> list[Revocation]:
+        """Every revocation recorded with a ``seq`` above ``after_seq``, oldest first
+        (cheap: the server asks twice a second)."""
+        ...
 
     def close(self) -> None: ...

@@ -202,6 +202,7 @@ export class Chat {
       error: this.onError,
       status: this.onStatus,
       typing: this.onTyping,
+      draft: (f) => { if (typeof f.text === "string") this.view.setDraft(f.text); },
       read: this.onRead,
       reconnect: (f) => { this.hintMs = Math.max(0, Number(f.after_ms) || 0); },
     };
@@ -252,6 +253,8 @@ export class Chat {
   }
 
   onMessage(message, fromHistory = false) {
+    // The stored answer replaces the concierge's draft of it.
+    if (message.sender === "ai") this.view.clearDraft();
     if (!this.transcript.add(message)) return; // a message we already hold
     this.draw(message);
     if (!fromHistory && message.seq > this.transcript.held) this.requestHistory(); // a gap
@@ -315,6 +318,7 @@ export class Chat {
   onTyping(frame) {
     if (!frame.active) {
       this.view.setTyping("");
+      if (frame.sender === "ai") this.view.clearDraft();
     } else if (frame.sender === "ai") {
       this.view.setTyping("The concierge is typing…");
     } else if (frame.sender === "staff") {
