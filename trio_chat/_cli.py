@@ -116,7 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=10.0,
         metavar="PER_SECOND",
-        help="messages per second per connection (0 = off)",
+        help="tokens per second per guest or staff member, all tabs together; a message "
+        "costs 1, typing/read/ping 0.1, history 4 (0 = off)",
+    )
+    # -- memory and rate limits (docs/security-memory.md) --
+    serve.add_argument(
+        "--rate-burst", type=int, default=20, metavar="TOKENS", help="burst per guest or staff"
+    )
+    serve.add_argument(
+        "--rate-limit-per-ip",
+        type=_non_negative,
+        default=300.0,
+        metavar="PER_SECOND",
+        help="tokens per second shared by all sessions from one address; size it for a "
+        "hotel behind one NAT address (0 = off)",
+    )
+    serve.add_argument(
+        "--rate-burst-per-ip", type=int, default=3000, metavar="TOKENS", help="burst per address"
+    )
+    serve.add_argument(
+        "--outbox-limit-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="bytes one connection may leave unread before it is cut off with 1013",
     )
     serve.add_argument(
         "--no-open-registration",
@@ -389,6 +412,10 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         concierge=args.concierge,
         rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        rate_limit_per_ip=args.rate_limit_per_ip,
+        rate_burst_per_ip=args.rate_burst_per_ip,
+        outbox_limit_bytes=args.outbox_limit_bytes,
         open_registration=not args.no_open_registration,
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,

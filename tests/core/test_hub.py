@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 
 from trio_chat.core.errors import StorageError
-from trio_chat.core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from trio_chat.core.hub import (
+    Action,
+    Close,
+    Hub,
+    HubConfig,
+    Read,
+    ReportWritten,
+    Send,
+    StartReply,
+    Write,
+)
 from trio_chat.core.protocol import CloseCode
 from trio_chat.core.storage import AppendMessage, CreateGuest, SetRead
 from trio_chat.core.tokens import TokenSigner
@@ -56,6 +66,8 @@ class Driver:
                 self.closes.setdefault(action.session, (action.code, action.reason))
             elif isinstance(action, StartReply):
                 self.replies.append(action)
+            elif isinstance(action, ReportWritten):  # an instant socket
+                self.run(self.hub.written(action.session, self.now, WALL))
             elif isinstance(action, Read):
                 result = getattr(self.backend, action.method)(*action.args)
                 self.run(self.hub.loaded(action, result, self.now, WALL))

@@ -127,7 +127,7 @@ async def _process(
 # How the benchmarks run trio-chat serve: no rate limit, no heartbeat, the concierge
 # answering at once.
 BENCH_SERVER_FLAGS: Final = (
-    "--typing-delay", "0", "--rate-limit", "0", "--heartbeat", "0",
+    "--typing-delay", "0", "--rate-limit", "0", "--rate-limit-per-ip", "0", "--heartbeat", "0",
     # thousands of guests from loopback: no per-address or total caps
     "--max-connections", "0", "--max-connections-per-ip", "0",
     "--registrations-per-minute", "0",

@@ -793,7 +793,17 @@ class ChatClient:
             if waiter is not None:
                 waiter.finish(error=MessageRejected(code, frame.message))
             return
+        if ref == "history" and code == ErrorCode.RATE_LIMITED and self._nursery is not None:
+            # One page at a time, and pages cost: ask again for what is still missing.
+            self._nursery.start_soon(self._history_later, (frame.retry_after_ms or 1000) / 1000)
+            return
         self._on_request_error(code, ref, frame.message)
+
+    async def _history_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        for conversation_id in list(self._history_pending):
+            self._history_pending.discard(conversation_id)
+            self._request_history(conversation_id, self._transcript(conversation_id).held)
 
     def _on_request_error(self, code: str, ref: Any, message: str) -> None:
         """An error about a request (not a message); staff clients resolve waiters."""

@@ -34,7 +34,7 @@ from . import protocol as proto
 from .conversation import ConversationState, Event, apply_event
 from .errors import ProtocolError, StorageError
 from .protocol import CloseCode, ErrorCode, Message, Reader, Role
-from .ratelimit import TokenBucket
+from .ratelimit import BucketTable, TokenBucket
 from .registration import RegistrationLimiter
 from .storage import (
     Appended,
@@ -55,6 +55,7 @@ __all__ = [
     "HubConfig",
     "LiveConversation",
     "Read",
+    "ReportWritten",
     "Send",
     "StartReply",
     "Write",
@@ -68,6 +69,16 @@ QUEUE_LIMIT: Final = 500
 # older than this: reconnection storms write nothing, idle expiry stays exact to a day.
 GUEST_SEEN_REFRESH: Final = 3600.0
 PREVIEW_CHARS: Final = 120
+# Rate-limit tokens per frame (a chat message, escalate or a staff action costs 1): a
+# history page is a read and up to 1 MiB out; typing, read marks and pings are cheap.
+FRAME_COSTS: Final[dict[type[proto.ClientFrame], float]] = {
+    proto.HistoryRequest: 4.0,
+    proto.Typing: 0.1,
+    proto.Read: 0.1,
+    proto.Ping: 0.1,
+}
+HELLO_COST: Final = 1.0  # from the address's bucket: a hello may create a guest
+HISTORY_RETRY_MS: Final = 250  # told to a client asking for history before its last reply left
 # What a staff console is told when it is closed (4401) or refused at hello.
 STAFF_REMOVED: Final = "this staff member was removed"
 STAFF_TOKEN_REVOKED: Final = "this staff token was revoked; ask for your new sign-in link"
@@ -130,7 +141,15 @@ class StartReply:
     message: Message
 
 
-Action = Send | Close | Write | Read | StartReply
+@dataclass(frozen=True, slots=True)
+class ReportWritten:
+    """Call :meth:`Hub.written` once everything queued for ``session`` so far has been
+    written to its socket (a history reply: the next one waits until then)."""
+
+    session: int
+
+
+Action = Send | Close | Write | Read | StartReply | ReportWritten
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +157,12 @@ class HubConfig:
     heartbeat_s: float = 20.0
     server_name: str = "trio-chat"
     open_registration: bool = True
-    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    rate_limit: float = 10.0  # tokens per second per guest or staff member; 0 = off
     rate_burst: int = 20
+    # Memory and rate limits: one more bucket per client address, shared by every
+    # session from it (a hotel's guests may all come from one NAT address). 0 = off.
+    rate_limit_per_ip: float = 300.0
+    rate_burst_per_ip: int = 3000
     # staff hardening: a guest token unused (no sign-in, no message) this long no
     # longer signs in; 0 = never expires.
     guest_token_idle_s: float = 0.0
@@ -225,10 +248,13 @@ class Session:
 
     __slots__ = (
         "address",
+        "address_bucket",
         "bad_frames",
         "bucket",
+        "bucket_key",
         "conversation",
         "flood_since",
+        "history_pending",
         "id",
         "last_limited",
         "name",
@@ -248,7 +274,13 @@ class Session:
         self.name: str | None = None
         self.conversation: LiveConversation | None = None  # a guest's own
         self.subscriptions: set[LiveConversation] | None = None  # a staff member's
+        # The guest's or staff member's bucket, shared by all their sessions, and the
+        # client address's bucket, shared by everyone there (None: no limit).
         self.bucket: TokenBucket | None = None
+        self.bucket_key = ""
+        self.address_bucket: TokenBucket | None = None
+        # From a history request until its reply has left the server.
+        self.history_pending = False
         self.bad_frames = 0
         self.flood_since: float | None = None
         self.last_limited = 0.0
@@ -285,6 +317,8 @@ class Hub:
         # changed meanwhile: a conversation may change and leave memory before the read
         # returns, and the console is not in the staff room yet to hear of it.
         self._signing_in: dict[int, dict[str, dict[str, Any]]] = {}
+        self._buckets = BucketTable(config.rate_limit, config.rate_burst)
+        self._address_buckets = BucketTable(config.rate_limit_per_ip, config.rate_burst_per_ip)
         self.registrations = RegistrationLimiter(
             config.registrations_per_minute, config.registration_burst
         )
@@ -294,10 +328,18 @@ class Hub:
 
     # -- events ------------------------------------------------------------------------
 
-    def opened(self, session_id: int, address: str | None = None) -> None:
-        """A connection was accepted (its first frame must be ``hello``); ``address``
-        is the peer's network address (``None``: unknown, no per-address limit)."""
-        self.sessions[session_id] = Session(session_id, address)
+    def opened(self, session_id: int, address: str | None = None, now: float = 0.0) -> None:
+        """A connection was accepted (its first frame must be ``hello``) from the client
+        ``address`` (None: not a network peer, no per-address limit), at ``now``."""
+        session = self.sessions[session_id] = Session(session_id, address)
+        self._buckets.forget_idle(now)
+        if address is not None and self.config.rate_limit_per_ip > 0:
+            session.address_bucket = self._address_buckets.hold(address, now)
+
+    def buckets_held(self) -> tuple[int, int]:
+        """How many rate-limit buckets are in memory: per guest or staff member, and
+        per address (for ``/healthz`` and tests: they must not pile up)."""
+        return len(self._buckets), len(self._address_buckets)
 
     def signed_in(self, session_id: int) -> bool:
         session = self.sessions.get(session_id)
@@ -355,6 +397,8 @@ class Hub:
 
     def read_failed(self, read: Read, error: StorageError, now: float, wall: float) -> list[Action]:
         self._begin(now, wall)
+        if read.method == "history" and read.session in self.sessions:
+            self.sessions[read.session].history_pending = False
         self._internal(read.session, read.ref)
         self._unpin(read.conversation)
         return self._end()
@@ -388,6 +432,15 @@ class Hub:
         self._release(conv)  # unless an answer (or a reopening) now holds it
         return self._end()
 
+    def written(self, session_id: int, now: float, wall: float) -> list[Action]:
+        """What was queued for ``session_id`` up to its :class:`ReportWritten` has been
+        written: its next history request is welcome."""
+        self._begin(now, wall)
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.history_pending = False
+        return self._end()
+
     def closed(self, session_id: int, now: float, wall: float) -> list[Action]:
         """The connection is gone (for whatever reason)."""
         self._begin(now, wall)
@@ -395,6 +448,10 @@ class Hub:
         self._signing_in.pop(session_id, None)
         if session is not None:
             self._detach(session)
+            if session.bucket is not None:
+                self._buckets.let_go(session.bucket_key, now)
+            if session.address is not None:
+                self._address_buckets.let_go(session.address, now)
         return self._end()
 
     # -- revocation (staff hardening) ----------------------------------------------------
@@ -616,6 +673,20 @@ class Hub:
     # -- hello -----------------------------------------------------------------------
 
     def _hello_phase(self, session: Session, raw: str | bytes) -> None:
+        bucket = session.address_bucket
+        if bucket is not None:
+            wait_ms = bucket.try_take(self._now, HELLO_COST)
+            if wait_ms:
+                # Not signed in, the client has nothing to retry on this connection.
+                self._error(
+                    session,
+                    ProtocolError(
+                        ErrorCode.RATE_LIMITED, "too many requests from your address", "hello"
+                    ),
+                    retry_after_ms=wait_ms,
+                )
+                self._close(session.id, CloseCode.RATE_LIMITED, "too many requests from address")
+                return
         try:
             frame = proto.parse_client_frame(raw)
         except ProtocolError as exc:
@@ -724,8 +795,7 @@ class Hub:
         session.role = "guest"
         session.conversation = conv
         session.name = conv.guest_name
-        if self.config.rate_limit > 0:
-            session.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst, self._now)
+        self._hold_bucket(session, "g:" + conv.guest_id)
         # Subscribing and reading last_seq happen in one step: every later commit
         # reaches this session live.
         conv.subscribers.add(session.id)
@@ -763,6 +833,7 @@ class Hub:
         session.staff_id = member.staff_id
         session.name = member.name
         session.subscriptions = set()
+        self._hold_bucket(session, "s:" + member.staff_id)
         self._send(
             session.id,
             proto.encode(
@@ -810,6 +881,11 @@ class Hub:
         except ProtocolError as exc:
             self._bad_frame(session, exc)
             return
+        if session.bucket is not None or session.address_bucket is not None:
+            wait_ms = self._charge(session, FRAME_COSTS.get(type(frame), 1.0))
+            if wait_ms:
+                self._over_limit(session, frame, wait_ms)
+                return
         if session.role == "guest":
             self._guarded(session, lambda: self._guest_frame(session, frame))
         else:
@@ -853,11 +929,6 @@ class Hub:
         self, session: Session, conv: LiveConversation, frame: proto.SendMessage
     ) -> None:
         author_key = "g:" + conv.guest_id
-        if session.bucket is not None:
-            wait_ms = session.bucket.try_take(self._now)
-            if wait_ms:
-                self._rate_limited(session, conv, frame, author_key, wait_ms)
-                return
         self._post(
             session,
             conv,
@@ -872,12 +943,75 @@ class Hub:
             after=lambda message: self._after_guest_message(conv, message),
         )
 
-    def _rate_limited(
+    # -- rate limits -------------------------------------------------------------------
+
+    def _hold_bucket(self, session: Session, key: str) -> None:
+        """Share the bucket of ``key`` (a guest, a staff member) with their other
+        sessions: a second tab does not bring a second allowance."""
+        if self.config.rate_limit > 0:
+            session.bucket_key = key
+            session.bucket = self._buckets.hold(key, self._now)
+
+    def _charge(self, session: Session, cost: float) -> int:
+        """Take ``cost`` from the session's buckets if both have it; else take nothing
+        and return the wait in ms."""
+        now = self._now
+        bucket = session.bucket
+        address_bucket = session.address_bucket
+        wait_ms = bucket.wait_ms(now, cost) if bucket is not None else 0
+        if address_bucket is not None:
+            wait_ms = max(wait_ms, address_bucket.wait_ms(now, cost))
+        if wait_ms:
+            return wait_ms
+        if bucket is not None:
+            bucket.take(cost)
+        if address_bucket is not None:
+            address_bucket.take(cost)
+        return 0
+
+    def _over_limit(self, session: Session, frame: proto.ClientFrame, wait_ms: int) -> None:
+        """Refuse a frame over the limit (``rate_limited``, not a bad frame)."""
+        if isinstance(frame, proto.SendMessage):
+            if session.role == "guest":
+                conv = session.conversation
+                assert conv is not None
+                self._message_over_limit(
+                    session, conv.conversation_id, "g:" + conv.guest_id, frame, wait_ms
+                )
+                return
+            if frame.conversation_id is not None and session.staff_id is not None:
+                self._message_over_limit(
+                    session, frame.conversation_id, "s:" + session.staff_id, frame, wait_ms
+                )
+                return
+        self._refuse(
+            session,
+            ProtocolError(ErrorCode.RATE_LIMITED, "slow down: too many requests", _ref(frame)),
+            wait_ms,
+        )
+
+    def _refuse(
+        self, session: Session, exc: ProtocolError, wait_ms: int, now: float | None = None
+    ) -> None:
+        """Answer ``rate_limited``; a session still refused 10 s into a flood is closed.
+        ``now``: when the refused frame came (default: now)."""
+        if now is None:
+            now = self._now
+        # A flood ends only after a quiet spell; frames that squeeze through at the
+        # refill rate do not end it.
+        if session.flood_since is None or now - session.last_limited > FLOOD_QUIET:
+            session.flood_since = now
+        session.last_limited = now
+        if now - session.flood_since >= FLOOD_CLOSE_AFTER:
+            self._close(session.id, CloseCode.RATE_LIMITED, "still flooding after being told")
+        self._error(session, exc, retry_after_ms=wait_ms)
+
+    def _message_over_limit(
         self,
         session: Session,
-        conv: LiveConversation,
-        frame: proto.SendMessage,
+        conversation_id: str,
         author_key: str,
+        frame: proto.SendMessage,
         wait_ms: int,
     ) -> None:
         now = self._now
@@ -887,30 +1021,23 @@ class Hub:
             if stored is not None:
                 self._send(session.id, proto.ack_frame(stored))
                 return
-            # A flood ends only after a quiet spell; messages that squeeze through at
-            # the refill rate do not end it.
-            if session.flood_since is None or now - session.last_limited > FLOOD_QUIET:
-                session.flood_since = now
-            session.last_limited = now
-            if now - session.flood_since >= FLOOD_CLOSE_AFTER:
-                self._close(session.id, CloseCode.RATE_LIMITED, "still flooding after being told")
-            self._error(
+            self._refuse(
                 session,
                 ProtocolError(
                     ErrorCode.RATE_LIMITED, "slow down: too many messages", frame.client_msg_id
                 ),
-                retry_after_ms=wait_ms,
+                wait_ms,
+                now,
             )
 
         self._read(
             session,
             "message_by_client_id",
-            (conv.conversation_id, author_key, frame.client_msg_id),
+            (conversation_id, author_key, frame.client_msg_id),
             looked_up,
             ref=frame.client_msg_id,
-            conv=conv,
+            conv=self.conversations.get(conversation_id),
         )
-        raise _Deferred
 
     def _post(
         self,
@@ -1082,6 +1209,21 @@ class Hub:
     def _history(
         self, session: Session, conv: LiveConversation, frame: proto.HistoryRequest
     ) -> None:
+        if session.history_pending:
+            # One page of up to 1 MiB at a time per connection: a client that does
+            # not read its replies must not make the server hold more of them.
+            self._refuse(
+                session,
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "one history request at a time: wait for the reply",
+                    "history",
+                ),
+                HISTORY_RETRY_MS,
+            )
+            return
+        session.history_pending = True
+
         def found(messages: list[Message]) -> None:
             last_seq = max(conv.last_seq, messages[-1].seq if messages else 0)
             full_page = len(messages) >= frame.limit
@@ -1089,6 +1231,7 @@ class Hub:
                 session.id,
                 proto.history_frame(conv.conversation_id, messages, last_seq, full_page=full_page),
             )
+            self._out.append(ReportWritten(session.id))
 
         self._read(
             session,

@@ -65,6 +65,22 @@ class PrefixStream(trio.abc.Stream):
     def can_send_without_blocking(self) -> bool:
         return self._socket is not None
 
+    @property
+    def held_back(self) -> int:
+        """How many bytes :meth:`send_without_blocking` left for the next send."""
+        return len(self._unsent)
+
+    @property
+    def peer_address(self) -> str | None:
+        """The peer's IP address (None when the stream is not an IP socket)."""
+        if self._socket is None:
+            return None
+        try:
+            peer = self._socket.getpeername()
+        except OSError:
+            return None
+        return str(peer[0]) if isinstance(peer, tuple) else None
+
     def send_without_blocking(self, data: bytes) -> bool:
         """Write ``data`` now, as much as the socket takes without waiting.
 

@@ -46,7 +46,17 @@ import trio
 from .._version import __version__
 from ..core import protocol as proto
 from ..core.errors import ConnectionLost, ProtocolError, StorageError
-from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from ..core.hub import (
+    Action,
+    Close,
+    Hub,
+    HubConfig,
+    Read,
+    ReportWritten,
+    Send,
+    StartReply,
+    Write,
+)
 from ..core.protocol import CloseCode, ErrorCode
 from ..core.storage import ExpireSilentGuests, Revocation, StorageBackend
 from ..core.tokens import TokenSigner
@@ -96,7 +106,7 @@ class ServerConfig:
     hello_timeout: float = 10.0
     heartbeat: float = 20.0
     concierge: str = "rules"  # "rules", "llm" (needs ``llm``) or "off"
-    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    rate_limit: float = 10.0  # tokens (a message: 1) per second per guest/staff; 0 = off
     rate_burst: int = 20
     open_registration: bool = True
     max_frame_bytes: int = proto.MAX_FRAME_BYTES
@@ -117,6 +127,14 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
+    # -- memory and rate limits (docs/security-memory.md) --
+    # Bytes one connection may make the server hold (outbox, the write under way, what
+    # the socket did not take) before it is cut off with 1013; one frame always fits.
+    outbox_limit_bytes: int = 4 * 1024 * 1024
+    # A second bucket per client address, shared by all its sessions (a hotel's NAT):
+    # tokens per second and burst; 0 = off.
+    rate_limit_per_ip: float = 300.0
+    rate_burst_per_ip: int = 3000
     # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
     secret_file: str | Path | None = None  # the token secret's own file; None = the database
     revocation_poll: float = 0.5  # how often to look for removed/revoked staff; 0 = never
@@ -175,6 +193,7 @@ class ChatServer:
         # While commit callbacks run: connections with frames to write at the end.
         self.corked: list[Connection] | None = None
         self.closes: Counter[int] = Counter()  # connections closed, by close code
+        self.outbox_peak_bytes = 0  # the most one connection has made us hold
         self._sessions = itertools.count(1)
         self._random = random.Random(self.config.seed)
         self._shutdown = trio.Event()
@@ -263,6 +282,8 @@ class ChatServer:
                     open_registration=self.config.open_registration,
                     rate_limit=self.config.rate_limit,
                     rate_burst=self.config.rate_burst,
+                    rate_limit_per_ip=self.config.rate_limit_per_ip,
+                    rate_burst_per_ip=self.config.rate_burst_per_ip,
                     guest_token_idle_s=self.config.guest_token_idle_days * 86400,
                     registrations_per_minute=self.config.registrations_per_minute,
                     registration_burst=self.config.registration_burst,
@@ -404,6 +425,7 @@ class ChatServer:
                 "staff_online": roles.count("staff"),
                 "conversations_loaded": len(hub.conversations) if hub else 0,
                 "closes": {str(code): n for code, n in sorted(self.closes.items())},
+                **self._memory_health(),
                 "tcp_connections": self.limits.active,
                 "refused": {
                     **self.limits.refused,
@@ -412,6 +434,22 @@ class ChatServer:
                 "expired_guests": self.expired_guests,
             }
         )
+
+    def outbox_bytes(self) -> tuple[int, int]:
+        """Bytes queued for clients now: in total, and for the most behind connection."""
+        queued = [conn.queued_bytes for conn in self.connections.values()]
+        return sum(queued), max(queued, default=0)
+
+    def _memory_health(self) -> dict[str, Any]:
+        total, largest = self.outbox_bytes()
+        buckets = self._hub.buckets_held() if self._hub else (0, 0)
+        return {
+            "outbox_bytes": total,
+            "outbox_bytes_max": largest,
+            "outbox_peak_bytes": self.outbox_peak_bytes,
+            "outbox_limit_bytes": self.config.outbox_limit_bytes,
+            "rate_buckets": {"identities": buckets[0], "addresses": buckets[1]},
+        }
 
     # -- connections ---------------------------------------------------------------
 
@@ -448,7 +486,7 @@ class ChatServer:
         async with trio.open_nursery() as nursery:
             conn = Connection(self, ws, nursery, next(self._sessions))
             self.connections[conn.session_id] = conn
-            hub.opened(conn.session_id, peer_address(stream))
+            hub.opened(conn.session_id, peer_address(stream), trio.current_time())
             try:
                 with conn.reader_scope:
                     if self._admit(conn):
@@ -562,7 +600,7 @@ class ChatServer:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: Send | Close | StartReply) -> None:
+    def _carry_out(self, action: Send | Close | ReportWritten | StartReply) -> None:
         if isinstance(action, Send):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -571,8 +609,16 @@ class ChatServer:
             conn = self.connections.get(action.session)
             if conn is not None:
                 conn.request_close(action.code, action.reason)
+        elif isinstance(action, ReportWritten):
+            conn = self.connections.get(action.session)
+            if conn is not None:
+                conn.report_written()
         else:
             self._start_reply(action)
+
+    def written(self, session_id: int) -> None:
+        """A connection wrote everything queued up to its :class:`ReportWritten`."""
+        self._perform_now(self.hub.written(session_id, *self._clock()))
 
     def _operation(self, write: Write) -> Any:
         operation = write.operation

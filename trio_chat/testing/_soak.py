@@ -168,6 +168,8 @@ async def soak(
             free_port(),
             "--rate-limit",
             "0",
+            "--rate-limit-per-ip",  # every soak guest comes from loopback
+            "0",
             "--typing-delay",
             "0",
             "--heartbeat",
