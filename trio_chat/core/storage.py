@@ -52,6 +52,9 @@ class ConversationRow:
     read_seq: int
     updated_ts: float
     preview: str
+    # The staff console (extension): the room the guest gave, and how far they read.
+    guest_room: str | None = None
+    guest_read_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +124,10 @@ class SetRead(Operation[None]):
 @dataclass(eq=False)
 class CreateGuest(Operation[ConversationRow]):
     name: str | None = None
+    room: str | None = None
 
     def apply(self, db: StorageBackend) -> ConversationRow:
-        return db.create_guest(self.name)
+        return db.create_guest(self.name, self.room)
 
 
 class StorageBackend(Protocol):
@@ -140,7 +144,7 @@ class StorageBackend(Protocol):
 
     def set_read(self, op: SetRead) -> None: ...
 
-    def create_guest(self, name: str | None) -> ConversationRow: ...
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow: ...
 
     # -- reads --------------------------------------------------------------------------
     def secret(self) -> bytes: ...

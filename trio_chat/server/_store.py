@@ -137,8 +137,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
 
 _CONVERSATION_COLUMNS: Final = (
     "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
-    "c.last_seq, c.read_seq, c.updated_ts, c.preview"
+    "c.last_seq, c.read_seq, c.updated_ts, c.preview, g.room, c.guest_read_seq"
 )
+_CONVERSATION_COLUMN_COUNT: Final = 12
 
 
 # ------------------------------------------------------------------------ database
@@ -195,6 +196,15 @@ class Database:
             )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+        self._add_guest_room()
+
+    def _add_guest_room(self) -> None:
+        """Migration step (the staff console): guests.room, the room number a guest
+        gives in hello. Added to databases made before it; existing guests have none.
+        Decided by the column's presence, so it runs once whatever the schema number."""
+        columns = {r[1] for r in self.writer.execute("PRAGMA table_info(guests)")}
+        if "room" not in columns:
+            self.writer.execute("ALTER TABLE guests ADD COLUMN room TEXT")
 
     def close(self) -> None:
         self.writer.close()
@@ -359,18 +369,21 @@ class Database:
         self._execute_rows(_UPDATE_CONVERSATIONS, plain)
         self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
         conversation_id = new_id("c")
         now = time.time()
         self.writer.execute(
-            "INSERT INTO guests(guest_id, name, created_ts) VALUES (?, ?, ?)", (guest_id, name, now)
+            "INSERT INTO guests(guest_id, name, room, created_ts) VALUES (?, ?, ?, ?)",
+            (guest_id, name, room, now),
         )
         self.writer.execute(
             "INSERT INTO conversations(conversation_id, guest_id, updated_ts) VALUES (?, ?, ?)",
             (conversation_id, guest_id, now),
         )
-        return ConversationRow(conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "")
+        return ConversationRow(
+            conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "", room
+        )
 
     # -- reads (any thread, serialised) ---------------------------------------------
 
@@ -462,8 +475,8 @@ class Database:
         )
         found = []
         for r in rows:
-            row = ConversationRow(*r[:10])
-            sender, author, text, ts, cmid = r[10:]
+            row = ConversationRow(*r[:_CONVERSATION_COLUMN_COUNT])
+            sender, author, text, ts, cmid = r[_CONVERSATION_COLUMN_COUNT:]
             found.append(
                 (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
             )
@@ -514,8 +527,8 @@ class Database:
         )
         return cursor.rowcount > 0
 
-    def add_guest(self, name: str | None) -> ConversationRow:
-        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name, room=room)])[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- Trio

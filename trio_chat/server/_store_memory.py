@@ -121,10 +121,13 @@ class MemoryBackend:
             self._guest_read[op.conversation_id] = max(
                 self._guest_read.get(op.conversation_id, 0), op.seq
             )
+            row.guest_read_seq = self._guest_read[op.conversation_id]
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
-        row = ConversationRow(new_id("c"), guest_id, name, "ai", None, None, 0, 0, time.time(), "")
+        row = ConversationRow(
+            new_id("c"), guest_id, name, "ai", None, None, 0, 0, time.time(), "", room
+        )
         self._guest_names[guest_id] = name
         self._rows[row.conversation_id] = row
         self._of_guest[guest_id] = row.conversation_id
@@ -149,9 +152,9 @@ class MemoryBackend:
                     return True
             return False
 
-    def add_guest(self, name: str | None) -> ConversationRow:
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         with self._lock:
-            return self.create_guest(name)
+            return self.create_guest(name, room)
 
     # -- reads -------------------------------------------------------------------------
 
