@@ -48,9 +48,10 @@ from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Wr
 from ..core.protocol import CloseCode, ErrorCode
 from ..core.storage import StorageBackend
 from ..core.tokens import TokenSigner
-from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
+from ._concierge import KnowledgeBase, Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
+from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
 from ._wire import (
     DEFAULT_ENGINE,
@@ -242,7 +243,12 @@ class ChatServer:
         )
         self.port = listeners[0].socket.getsockname()[1]
         front = HttpFront(
-            {"/": self._index, "/healthz": self._healthz},
+            {
+                "/": self._index,
+                "/healthz": self._healthz,
+                "/staff": staff_page,
+                "/staff/canned.json": self._canned,
+            },
             self._websocket,
             idle_timeout=self.config.handshake_timeout,
             server_header=SERVER_NAME,
@@ -329,6 +335,16 @@ class ChatServer:
 
     def _index(self) -> Any:
         return static_response("index.html") or text_response(200, "trio-chat\n")
+
+    def _canned(self) -> Any:
+        """The staff console's canned replies: the concierge's own knowledge base, or
+        the shipped hotel's when another responder (or none) answers guests."""
+        responder = self._responder
+        if isinstance(responder, RulesResponder):
+            kb = responder.concierge.kb
+        else:
+            kb = KnowledgeBase.default()
+        return canned_response(kb)
 
     def _healthz(self) -> Any:
         hub = self._hub
