@@ -52,6 +52,7 @@ $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   if (chat.submit(view.input.value)) {
     view.input.value = "";
+    setTyping(false); // clearing the box fires no input event
     if (!intro.hidden) closeIntro(); // writing first is a choice too
   }
   view.input.focus();
@@ -63,10 +64,10 @@ view.input.addEventListener("keydown", (event) => {
   }
 });
 let typing = false;
-view.input.addEventListener("input", () => {
-  const active = view.input.value.trim() !== "";
+function setTyping(active) {
   if (active !== typing && chat.send(frames.typing(active))) typing = active;
-});
+}
+view.input.addEventListener("input", () => setTyping(view.input.value.trim() !== ""));
 $("escalate").addEventListener("click", () => chat.askForPerson());
 window.addEventListener("offline", () => chat.goOffline());
 window.addEventListener("online", () => chat.goOnline());

@@ -103,7 +103,10 @@ export class Desk extends Connection {
       this.inbox.update({ ...entry, status: frame.status, assigned_to: frame.assigned_to });
       this.view.renderInbox();
     }
-    this.settle(frame.conversation_id, frame.status === "staff" ? ["claim"] : ["release", "resolve"]);
+    // Someone else's claim settles nothing of ours: our own claim's conflict is still
+    // on its way, and must find the conversation it was about.
+    if (frame.status !== "staff") this.settle(frame.conversation_id, ["release", "resolve"]);
+    else if (frame.assigned_to === this.me) this.settle(frame.conversation_id, ["claim"]);
     if (frame.conversation_id === this.openId) this.view.renderHeader();
   }
 
@@ -156,7 +159,7 @@ export class Desk extends Connection {
     const thread = this.thread(id);
     thread.knowLast(frame.last_seq);
     thread.guestReadSeq = Math.max(thread.guestReadSeq, Number(frame.guest_read_seq) || 0);
-    this.settle(id, ["claim", "watch"]);
+    this.settle(id, this.holds(id) || frame.assigned_to === this.me ? ["claim", "watch"] : ["watch"]);
     this.fill(id);
     if (id === this.openId) {
       this.view.renderHeader();
