@@ -24,6 +24,7 @@ from .server._concierge import RulesResponder
 from .server._llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
 from .server._secrets import SECRET_FILE_ENV
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
+from .server._staff_console import DEFAULT_PUBLIC_URL, sign_in_link
 from .server._tls import server_ssl_context
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
@@ -239,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     add = staff_commands.add_parser("add", help="add a staff member and print their token")
     add.add_argument("name")
     add.add_argument("--db", default=DEFAULT_DB)
+    # The staff console's sign-in link (the token stays alone on the last line).
+    add.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
+    link = staff_commands.add_parser(
+        "link", help="print a staff member's sign-in link for the browser console"
+    )
+    link.add_argument("name")
+    link.add_argument("--db", default=DEFAULT_DB)
+    link.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
     listing = staff_commands.add_parser("list", help="list staff members")
     listing.add_argument("--db", default=DEFAULT_DB)
     remove = staff_commands.add_parser("remove", help="remove a staff member (by name or id)")
@@ -709,11 +718,16 @@ def _staff(args: argparse.Namespace) -> int:
     with opened(args.db) as db:
         if args.staff_command == "add":
             try:
+                sign_in_link(args.url, "")  # a bad --url adds nobody
                 member, token = add_staff(db, args.name, args.secret_file)
             except ValueError as exc:
                 err_console.print(f"[red]error:[/red] {exc}")
                 return 1
-            err_console.print(f"added staff member {member.name} ({member.staff_id}); token:")
+            err_console.print(
+                f"added staff member {member.name} ({member.staff_id}); "
+                "sign-in link (keep it private), then the token:"
+            )
+            print(sign_in_link(args.url, token))
             print(token)
         elif args.staff_command == "list":
             members = db.list_staff()
@@ -729,6 +743,16 @@ def _staff(args: argparse.Namespace) -> int:
                 f"removed {args.name}; their tokens no longer work, a running server closes "
                 "their consoles and hands their conversations back to the queue"
             )
+        elif args.staff_command == "link":
+            found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
+            if not found:
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            try:
+                print(sign_in_link(args.url, staff_token(db, found[0])))
+            except ValueError as exc:
+                err_console.print(f"[red]error:[/red] {exc}")
+                return 1
         elif args.staff_command == "token":
             found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
             if not found:

@@ -486,7 +486,7 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
     token = d.hub.signer.issue("s", member.staff_id)
     anna = d.connect()
     d.send(anna, type="hello", token=token)
-    signed_in, queue = d.take(anna)
+    signed_in, queue, _presence = d.take(anna)
     assert signed_in == {
         "type": "welcome",
         "role": "staff",
@@ -507,6 +507,7 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
         "read_seq": 0,
         "guest_online": True,
         "preview": "You asked to talk to a person. A member of our team will be with you shortly.",
+        "guest_room": None,
     }
     d.send(anna, type="claim", conversation_id=cid)
     d.take(anna)
@@ -514,13 +515,14 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
     again = d.connect()
     d.send(again, type="hello", token=token)
     frames = d.take(again)
-    assert types(frames) == ["welcome", "queue", "subscribed"]
-    assert frames[2] == {
+    assert types(frames) == ["welcome", "queue", "staff_presence", "subscribed"]
+    assert frames[3] == {
         "type": "subscribed",
         "conversation_id": cid,
         "last_seq": 3,
         "status": "staff",
         "assigned_to": "Anna",
+        "guest_read_seq": 0,
     }
     # ... and gets every summary change from then on, with the guest's presence.
     d.run(d.hub.closed(maria, d.now, WALL))

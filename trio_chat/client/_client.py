@@ -61,8 +61,8 @@ class ClientEvent:
     ``ack``, ``status``, ``typing``, ``read``, ``draft`` (the concierge's answer so
     far as ``text``; ``None`` once the stored answer replaced it), ``error``, ``pong``,
     ``closed`` (a connection ended), and for staff ``queue`` (``conversations``: a list of
-    :class:`ConversationSummary`), ``conversation`` (``summary``: one entry changed)
-    and ``subscribed``.
+    :class:`ConversationSummary`), ``conversation`` (``summary``: one entry changed),
+    ``subscribed`` and ``presence`` (``staff``: the names of the staff on duty).
     ``at`` is Trio's clock (virtual under ``MockClock``), ``wall`` the POSIX time.
     """
 
@@ -128,11 +128,13 @@ class ChatClient:
         connect_timeout: float = 10.0,
         healthy_after: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        room: str | None = None,
     ) -> None:
         self.url = url
         self.ssl_context = ssl_context
         self.token = token
         self.name = name
+        self.room = room  # a new guest's room number, shown to staff (extension)
         self.backoff = backoff if backoff is not None else Backoff(spread=CRASH_SPREAD)
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -582,7 +584,7 @@ class ChatClient:
         )
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> wire.Welcome:
-        await ws.send_message(wire.hello_frame(self.token, self.name))
+        await ws.send_message(wire.hello_frame(self.token, self.name, self.room))
         while True:
             frame = wire.parse_server_frame(await ws.get_message())
             if isinstance(frame, wire.Welcome):
@@ -838,6 +840,7 @@ class StaffClient(ChatClient):
         self.queue: dict[str, wire.ConversationSummary] = {}
         self.queue_ready = False  # the current connection's queue has arrived
         self.subscribed: set[str] = set()
+        self.on_duty: tuple[str, ...] = ()  # staff signed in, by name (staff_presence)
         self._watching: set[str] = set()
         self._action_waiters: dict[str, deque[tuple[str, _Waiter]]] = {}
 
@@ -857,6 +860,9 @@ class StaffClient(ChatClient):
             self.queue = {c.conversation_id: c for c in frame.conversations}
             self.queue_ready = True
             self._emit("queue", conversations=list(frame.conversations))
+        elif isinstance(frame, wire.StaffPresence):
+            self.on_duty = frame.staff
+            self._emit("presence", staff=list(frame.staff))
         elif isinstance(frame, wire.ConversationChanged):
             summary = frame.summary
             self.queue[summary.conversation_id] = summary

@@ -188,6 +188,8 @@ class LiveConversation:
         "conversation_id",
         "guest_id",
         "guest_name",
+        "guest_read_seq",
+        "guest_room",
         "guest_sessions",
         "last_seq",
         "preview",
@@ -212,6 +214,8 @@ class LiveConversation:
         self.read_seq = row.read_seq
         self.updated_ts = row.updated_ts
         self.preview = row.preview
+        self.guest_room = row.guest_room
+        self.guest_read_seq = row.guest_read_seq
         self.subscribers: set[int] = set()
         self.guest_sessions = 0
         self.busy = 0  # writes, reads and replies in flight that still need this object
@@ -240,6 +244,7 @@ class LiveConversation:
             "updated_ts": proto.format_ts(self.updated_ts),
             "guest_online": self.guest_sessions > 0,
             "preview": self.preview,
+            "guest_room": self.guest_room,
         }
 
 
@@ -638,6 +643,29 @@ class Hub:
             for session_id in self.staff_room:
                 self._send(session_id, frame)
 
+    # -- presence (extension: who else is on duty) ---------------------------------------
+
+    def _on_duty(self, also: Session | None = None) -> list[str]:
+        """The names of the staff members signed in (and ``also``'s), each once however
+        many consoles they have open, sorted."""
+        names = {self.sessions[sid].name for sid in self.staff_room if sid in self.sessions}
+        if also is not None:
+            names.add(also.name)
+        return sorted(name for name in names if name is not None)
+
+    def _presence_frame(self) -> str:
+        return proto.encode({"type": "staff_presence", "staff": self._on_duty()})
+
+    def _presence_changed(self, before: list[str], skip: int | None = None) -> None:
+        """Tell the staff room who is on duty, when that changed (a second console of
+        someone already on duty changes nothing)."""
+        if self._on_duty() == before or not self.staff_room:
+            return
+        frame = self._presence_frame()
+        for session_id in self.staff_room:
+            if session_id != skip:
+                self._send(session_id, frame)
+
     def _subscribe(self, session: Session, conv: LiveConversation) -> None:
         assert session.subscriptions is not None
         conv.subscribers.add(session.id)
@@ -651,6 +679,9 @@ class Hub:
                     "last_seq": conv.last_seq,
                     "status": conv.status,
                     "assigned_to": conv.assigned_name,
+                    # Extension: where the guest's read mark stands (staff consoles
+                    # draw it; later moves arrive as ``read`` frames).
+                    "guest_read_seq": conv.guest_read_seq,
                 }
             ),
         )
@@ -664,11 +695,14 @@ class Hub:
                 self._summary_changed(conv)
             self._release(conv)
         elif session.role == "staff" and session.subscriptions is not None:
+            # The session has already left ``sessions``: count it in by hand.
+            was_on_duty = self._on_duty(also=session)
             self.staff_room.discard(session.id)
             for conv in session.subscriptions:
                 conv.subscribers.discard(session.id)
                 self._release(conv)
             session.subscriptions.clear()
+            self._presence_changed(was_on_duty)
 
     # -- hello -----------------------------------------------------------------------
 
@@ -719,8 +753,8 @@ class Hub:
                 if session.id in self.sessions:
                     self._attach_guest(session, row, self.signer.issue("g", row.guest_id))
 
-            self._write(CreateGuest(name=hello.name), created, session=session, wait=True,
-                        ref="hello")  # fmt: skip
+            self._write(CreateGuest(name=hello.name, room=hello.room), created, session=session,
+                        wait=True, ref="hello")  # fmt: skip
             return
         verified = self.signer.verify_generation(hello.token)
         if verified is None:
@@ -866,7 +900,10 @@ class Hub:
         self._send(
             session.id, proto.encode({"type": "queue", "conversations": ordered[:QUEUE_LIMIT]})
         )
+        was_on_duty = self._on_duty()
         self.staff_room.add(session.id)
+        self._send(session.id, self._presence_frame())
+        self._presence_changed(was_on_duty, skip=session.id)
         for conv in held:
             if conv.status == "staff" and conv.assigned_to == member.staff_id:
                 self._subscribe(session, conv)
@@ -1250,6 +1287,8 @@ class Hub:
         if reader == "staff" and seq > conv.read_seq:
             conv.read_seq = seq
             self._summary_changed(conv)
+        elif reader == "guest":
+            conv.guest_read_seq = max(conv.guest_read_seq, seq)
         self._broadcast(conv, proto.read_frame(conv.conversation_id, reader, seq), session.id)
         self._write(
             SetRead(conversation_id=conv.conversation_id, reader=reader, seq=seq),

@@ -45,6 +45,7 @@ DEFAULT_HISTORY_LIMIT: Final = 200
 MAX_HISTORY_LIMIT: Final = 500
 MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
 MAX_INTEGER_FIELD: Final = 2**63 - 1  # an integer field beyond is out of range (SQLite's)
+MAX_ROOM_CHARS: Final = 20  # hello's room (extension): "412", "Garden Suite 3"
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+\Z")
 
@@ -114,6 +115,7 @@ def format_ts(epoch: float | None = None) -> str:
 class Hello:
     token: str | None
     name: str | None
+    room: str | None = None  # extension: the guest's room number, shown to staff
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +283,10 @@ def _parse_hello(f: _Fields) -> Hello:
     name = f.string("name", optional=True)
     if name is not None:
         name = _NAME_CONTROLS.sub("", name).strip()[:80] or None
-    return Hello(token=token, name=name)
+    room = f.string("room", optional=True)
+    if room is not None:
+        room = _NAME_CONTROLS.sub("", room).strip()[:MAX_ROOM_CHARS] or None
+    return Hello(token=token, name=name, room=room)
 
 
 def _parse_message(f: _Fields) -> SendMessage:

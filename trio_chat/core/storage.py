@@ -57,6 +57,9 @@ class ConversationRow:
     updated_ts: float
     preview: str
     last_seen_ts: float = 0.0  # the guest's last sign-in that was recorded (TouchGuest)
+    # The staff console (extension): the room the guest gave, and how far they read.
+    guest_room: str | None = None
+    guest_read_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +144,10 @@ class SetRead(Operation[None]):
 @dataclass(eq=False)
 class CreateGuest(Operation[ConversationRow]):
     name: str | None = None
+    room: str | None = None
 
     def apply(self, db: StorageBackend) -> ConversationRow:
-        return db.create_guest(self.name)
+        return db.create_guest(self.name, self.room)
 
 
 @dataclass(eq=False)
@@ -186,7 +190,7 @@ class StorageBackend(Protocol):
 
     def set_read(self, op: SetRead) -> None: ...
 
-    def create_guest(self, name: str | None) -> ConversationRow: ...
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow: ...
 
     def touch_guest(self, op: TouchGuest) -> None: ...
     def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:

@@ -68,11 +68,12 @@ from ._admission import (
     peer_address,
     serve_listeners_with_backoff,
 )
-from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
+from ._concierge import KnowledgeBase, Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._llm import LlmResponder, LlmSettings
 from ._secrets import token_secret
+from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
 from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
@@ -313,7 +314,12 @@ class ChatServer:
         )
         self.port = listeners[0].socket.getsockname()[1]
         front = HttpFront(
-            {"/": self._index, "/healthz": self._healthz},
+            {
+                "/": self._index,
+                "/healthz": self._healthz,
+                "/staff": staff_page,
+                "/staff/canned.json": self._canned,
+            },
             self._websocket,
             idle_timeout=self.config.handshake_timeout,
             server_header=SERVER_NAME,
@@ -410,6 +416,16 @@ class ChatServer:
 
     def _index(self) -> Any:
         return static_response("index.html") or text_response(200, "trio-chat\n")
+
+    def _canned(self) -> Any:
+        """The staff console's canned replies: the concierge's own knowledge base, or
+        the shipped hotel's when another responder (or none) answers guests."""
+        responder = self._responder
+        if isinstance(responder, RulesResponder):
+            kb = responder.concierge.kb
+        else:
+            kb = KnowledgeBase.default()
+        return canned_response(kb)
 
     def _healthz(self) -> Any:
         hub = self._hub

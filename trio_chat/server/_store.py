@@ -149,9 +149,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
 
 _CONVERSATION_COLUMNS: Final = (
     "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
-    "c.last_seq, c.read_seq, c.updated_ts, c.preview, g.last_seen_ts"
+    "c.last_seq, c.read_seq, c.updated_ts, c.preview, g.last_seen_ts, g.room, c.guest_read_seq"
 )
-_CONVERSATION_FIELDS: Final = 11
+_CONVERSATION_FIELDS: Final = 13
 
 # Schema 1 -> 2, run once under the write lock (existing rows keep working: generation 0
 # is the three-part token every existing staff member holds).
@@ -253,6 +253,15 @@ class Database:
                     )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+        self._add_guest_room()
+
+    def _add_guest_room(self) -> None:
+        """Migration step (the staff console): guests.room, the room number a guest
+        gives in hello. Added to databases made before it; existing guests have none.
+        Decided by the column's presence, so it runs once whatever the schema number."""
+        columns = {r[1] for r in self.writer.execute("PRAGMA table_info(guests)")}
+        if "room" not in columns:
+            self.writer.execute("ALTER TABLE guests ADD COLUMN room TEXT")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -429,20 +438,21 @@ class Database:
         self._execute_rows(_UPDATE_CONVERSATIONS, plain)
         self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
         conversation_id = new_id("c")
         now = time.time()
         self.writer.execute(
-            "INSERT INTO guests(guest_id, name, created_ts, last_seen_ts) VALUES (?, ?, ?, ?)",
-            (guest_id, name, now, now),
+            "INSERT INTO guests(guest_id, name, room, created_ts, last_seen_ts) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (guest_id, name, room, now, now),
         )
         self.writer.execute(
             "INSERT INTO conversations(conversation_id, guest_id, updated_ts) VALUES (?, ?, ?)",
             (conversation_id, guest_id, now),
         )
         return ConversationRow(
-            conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "", now
+            conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "", now, room
         )
 
     def touch_guest(self, op: TouchGuest) -> None:
@@ -678,8 +688,8 @@ class Database:
             )
             self._record("secret")
 
-    def add_guest(self, name: str | None) -> ConversationRow:
-        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name, room=room)])[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- Trio

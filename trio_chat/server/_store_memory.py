@@ -125,11 +125,14 @@ class MemoryBackend:
             self._guest_read[op.conversation_id] = max(
                 self._guest_read.get(op.conversation_id, 0), op.seq
             )
+            row.guest_read_seq = self._guest_read[op.conversation_id]
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
         now = time.time()
-        row = ConversationRow(new_id("c"), guest_id, name, "ai", None, None, 0, 0, now, "", now)
+        row = ConversationRow(
+            new_id("c"), guest_id, name, "ai", None, None, 0, 0, now, "", now, room
+        )
         self._guest_names[guest_id] = name
         self._guest_created[guest_id] = row.updated_ts
         self._rows[row.conversation_id] = row
@@ -209,9 +212,9 @@ class MemoryBackend:
             self._secret = os.urandom(32)
             self._record("secret")
 
-    def add_guest(self, name: str | None) -> ConversationRow:
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         with self._lock:
-            return self.create_guest(name)
+            return self.create_guest(name, room)
 
     # -- reads -------------------------------------------------------------------------
 
