@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from trio_chat import ChatServer
-from trio_chat.server import _store
 from trio_chat.server._concierge import KnowledgeBase
 from trio_chat.server._staff_console import canned_replies, sign_in_link
 from trio_chat.server._store import Database
 
 from ..helpers import connect, staff_token
+from .test_hardening_staff import SCHEMA_1
 from .test_http import exchange, get
 
 
@@ -75,7 +75,7 @@ async def test_a_guest_s_room_reaches_a_staff_console_over_real_sockets(
 def test_a_database_from_before_rooms_opens_and_keeps_its_guests(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     old_db = sqlite3.connect(path)
-    old_db.executescript(_store._SCHEMA)  # the tables as they were: guests without room
+    old_db.executescript(SCHEMA_1)  # the first release's tables: guests without room
     old_db.executescript(
         "INSERT INTO meta VALUES ('schema', '1'), ('secret', '" + "ab" * 32 + "');"
         "INSERT INTO guests VALUES ('g_old', 'Old Guest', 1.0);"
