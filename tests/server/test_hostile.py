@@ -290,25 +290,22 @@ def _serving(db: Path, *flags: str) -> Iterator[tuple[int, ServerLog]]:
     assert "Traceback" not in log.text, log.text[-4000:]
 
 
-@pytest.fixture(scope="module")
-def hostile_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[int, Path, ServerLog]]:
-    """One server for every attack: what one attack leaves behind must not hurt the
-    next witness either."""
-    db = tmp_path_factory.mktemp("hostile") / "chat.db"
+@pytest.fixture
+def hostile_server(tmp_path: Path) -> Iterator[tuple[int, Path, ServerLog]]:
+    """A server of the defaults for each attack: every attack comes from 127.0.0.1,
+    and one attack's use of the address's budgets (new guests, connections) must not
+    decide the next one's answer."""
+    db = tmp_path / "chat.db"
     with _serving(db) as (port, log):
         yield port, db, log
 
 
-@pytest.fixture(scope="module")
-def hostile_tls_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[int, Path, ServerLog, ssl.SSLContext]]:
+@pytest.fixture
+def hostile_tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, ServerLog, ssl.SSLContext]]:
     """The same on TLS (a test CA), and the context the witnesses trust it with."""
     import trustme
 
-    base = tmp_path_factory.mktemp("hostile-tls")
+    base = tmp_path
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
     leaf.private_key_and_cert_chain_pem.write_to_path(str(base / "server.pem"))
