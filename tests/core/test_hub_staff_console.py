@@ -15,7 +15,7 @@ from trio_chat.core.client_protocol import (
     parse_server_frame,
 )
 
-from .test_hub import Driver, types
+from .test_hub import WALL, Driver, types
 
 
 def staff_hello(d: Driver, name: str) -> tuple[int, str]:
@@ -239,3 +239,32 @@ def test_the_guest_s_read_mark_is_stored_and_read_back_after_the_conversation_le
     d.send(anna, type="watch", conversation_id=cid)
     [subscribed] = [f for f in d.take(anna) if f["type"] == "subscribed"]
     assert subscribed["guest_read_seq"] == 1
+
+
+def test_a_console_that_asks_also_gets_what_was_resolved_in_the_last_day() -> None:
+    # The contract's queue lists no resolved conversation; a console's "resolved
+    # today" needs them after a reload, so its hello asks ("resolved": an extension).
+    d = Driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.send(guest, type="message", client_msg_id="m1", text="Towels, please")
+    d.send(guest, type="escalate")
+    desk = d.staff("Anna")
+    d.send(desk, type="claim", conversation_id=cid)
+    d.send(desk, type="resolve", conversation_id=cid)
+    for session in (guest, desk):
+        d.run(d.hub.closed(session, 0.0, WALL))
+    assert cid not in d.hub.conversations  # nobody in it: only storage knows it now
+
+    desks = iter(range(100))
+
+    def queued(**hello: object) -> list[tuple[str, str]]:
+        member = d.backend.add_staff(f"Desk {next(desks)}")
+        session = d.connect()
+        d.send(session, type="hello", token=d.hub.signer.issue("s", member.staff_id), **hello)
+        queue = next(f for f in d.take(session) if f["type"] == "queue")
+        return [(c["conversation_id"], c["status"]) for c in queue["conversations"]]
+
+    assert queued() == []
+    assert queued(resolved=True) == [(cid, "resolved")]
+    assert queued(resolved=False) == []

@@ -267,6 +267,14 @@ def test_a_hand_off_from_escalation_to_resolve_at_the_keyboard(
     )
     assert guest_seqs == staff_seqs
 
+    # The guest leaves; a reloaded console still lists the conversation under
+    # "Resolved today": its hello asks for those resolved in the last day.
+    guest.close()
+    anna.reload()
+    anna.wait_for_selector('#status[data-state="connected"]')
+    anna.click("#filter-resolved")
+    anna.wait_for_selector(row(anna, "Maria Lopez · 412"), timeout=5_000)
+
 
 def test_a_guest_asked_once_for_name_and_room_reaches_staff_with_them(
     shared: tuple[Path, int], contexts: Any

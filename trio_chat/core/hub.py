@@ -65,6 +65,7 @@ BAD_FRAME_LIMIT: Final = 20
 FLOOD_CLOSE_AFTER: Final = 10.0
 FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
 QUEUE_LIMIT: Final = 500
+DAY: Final = 86_400.0  # seconds: how far back a console's "resolved today" reaches
 # A guest's sign-in is recorded (one small write) only when the last one recorded is
 # older than this: reconnection storms write nothing, idle expiry stays exact to a day.
 GUEST_SEEN_REFRESH: Final = 3600.0
@@ -792,7 +793,7 @@ class Hub:
                     del self._signing_in[session.id]
                     self._auth_failed(session, STAFF_TOKEN_REVOKED)
                 else:
-                    self._attach_staff(session, found, token)
+                    self._attach_staff(session, found, token, resolved=hello.resolved)
 
             session.staff_id = ident
             session.token_generation = generation
@@ -859,7 +860,9 @@ class Hub:
         if conv.guest_sessions == 1:
             self._summary_changed(conv)
 
-    def _attach_staff(self, session: Session, found: StaffSignIn, token: str) -> None:
+    def _attach_staff(
+        self, session: Session, found: StaffSignIn, token: str, *, resolved: bool = False
+    ) -> None:
         member = found.member
         assert member is not None
         session.token = token
@@ -885,7 +888,13 @@ class Hub:
         # One step: the queue, the staff room and re-subscription, so no summary change
         # falls between the queue and the live pushes.
         held = [self._live(row) for row in found.held]
-        summaries = {r.conversation_id: LiveConversation(r).summary() for r in found.queue}
+        # Storage lists conversations resolved in the last day too; only a console that
+        # asked for them (hello's "resolved") gets them: the contract's queue has none.
+        summaries = {
+            r.conversation_id: LiveConversation(r).summary()
+            for r in found.queue
+            if resolved or r.status != "resolved"
+        }
         # Changed since the read began: just updated, so active by any measure.
         summaries.update(self._signing_in.pop(session.id, {}))
         for conv in self.conversations.values():
@@ -894,6 +903,7 @@ class Hub:
                 conv.status in ("waiting", "staff")
                 or conv.guest_sessions
                 or conv.conversation_id in summaries
+                or (resolved and conv.status == "resolved" and conv.updated_ts > self._wall - DAY)
             ):
                 summaries[conv.conversation_id] = conv.summary()
         ordered = sorted(summaries.values(), key=lambda s: s["updated_ts"], reverse=True)

@@ -116,6 +116,9 @@ class Hello:
     token: str | None
     name: str | None
     room: str | None = None  # extension: the guest's room number, shown to staff
+    # Extension, staff only: the queue also lists conversations resolved in the last
+    # 24 hours (a console's "resolved today"); the contract's queue leaves them out.
+    resolved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +289,8 @@ def _parse_hello(f: _Fields) -> Hello:
     room = f.string("room", optional=True)
     if room is not None:
         room = _NAME_CONTROLS.sub("", room).strip()[:MAX_ROOM_CHARS] or None
-    return Hello(token=token, name=name, room=room)
+    resolved = f.boolean("resolved") if "resolved" in f.obj else False
+    return Hello(token=token, name=name, room=room, resolved=resolved)
 
 
 def _parse_message(f: _Fields) -> SendMessage:

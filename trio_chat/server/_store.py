@@ -524,13 +524,16 @@ class Database:
         return [r[0] for r in rows]
 
     def queue(self, now: float, limit: int = 500) -> list[ConversationRow]:
-        """Every waiting and staff conversation, and ai ones active in the last 24 h."""
+        """Every waiting and staff conversation, ai ones active in the last 24 h, and
+        those resolved in the last 24 h (the hub passes them on only to a console that
+        asks: the contract's queue has none)."""
         rows = self._read(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
             "WHERE c.status IN ('waiting', 'staff') "
             "OR (c.status = 'ai' AND c.last_seq > 0 AND c.updated_ts > ?) "
+            "OR (c.status = 'resolved' AND c.updated_ts > ?) "
             "ORDER BY c.updated_ts DESC LIMIT ?",
-            (now - 86400, limit),
+            (now - 86400, now - 86400, limit),
         )
         return [ConversationRow(*r) for r in rows]
 

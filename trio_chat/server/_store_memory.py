@@ -250,6 +250,7 @@ class MemoryBackend:
                 for r in self._rows.values()
                 if r.status in ("waiting", "staff")
                 or (r.status == "ai" and r.last_seq > 0 and r.updated_ts > now - 86400)
+                or (r.status == "resolved" and r.updated_ts > now - 86400)
             ]
             rows.sort(key=lambda r: r.updated_ts, reverse=True)
             return rows[:limit]

@@ -32,7 +32,8 @@ export class Desk extends Connection {
     this.failed = new Map(); // client_msg_id -> why, for messages refused for good
   }
 
-  helloFrame() { return frames.hello(this.token); }
+  // "resolved" (an extension): the queue also lists what was resolved in the last day.
+  helloFrame() { return { ...frames.hello(this.token), resolved: true }; }
 
   get handlers() {
     return {

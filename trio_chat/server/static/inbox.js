@@ -54,8 +54,9 @@ export class Inbox {
       seen.add(entry.conversation_id);
       if (this.put(entry) && !first) fresh.push(entry.conversation_id);
     }
-    // What the queue no longer lists is gone from the server's view (an old ai chat),
-    // except what this console saw resolved today, which the queue never lists.
+    // What the queue no longer lists is gone from the server's view (an old ai chat).
+    // The queue lists what was resolved in the last day (hello's "resolved"); one
+    // resolved here before a reconnect stays too, if the server's list was cut short.
     for (const [id, entry] of this.entries) {
       if (!seen.has(id) && entry.status !== "resolved") {
         this.entries.delete(id);
