@@ -10,7 +10,6 @@ import base64
 import hashlib
 import logging
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trio_chat import Backoff, ChatClient, ChatServer, StaffClient
 
+from ..browser import launch, require_chromium
 from ..conftest import make_config
 from ..helpers import free_port, server_process, staff_token
 
@@ -331,8 +331,6 @@ def test_serve_refuses_a_certificate_it_cannot_use(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- Chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 
 def spki_sha256(leaf: trustme.LeafCert) -> str:
     """What Chromium's --ignore-certificate-errors-spki-list takes: the base64 SHA-256
@@ -346,26 +344,12 @@ def spki_sha256(leaf: trustme.LeafCert) -> str:
 
 @pytest.fixture
 def tls_browser(leaf: trustme.LeafCert, tmp_path: Path) -> Iterator[Any]:
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Chromium is required under CI=true", pytrace=False)
-        pytest.skip("Chromium is not installed")
+    require_chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         # Chromium accepts our certificate only because its key is pinned here: a
         # different certificate (or plain HTTP) would fail the page load.
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--ignore-certificate-errors-spki-list={spki_sha256(leaf)}",
-            ],
-        )
+        browser = launch(playwright, f"--ignore-certificate-errors-spki-list={spki_sha256(leaf)}")
         yield browser
         browser.close()
 

@@ -7,8 +7,6 @@ is a failure. Screenshots of each state land in test-artifacts/page/.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,17 +18,14 @@ import trio
 
 from trio_chat import StaffClient
 
+from ..browser import launch, require_chromium
 from ..helpers import free_port, server_process, staff_token
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "page"
 
-if CHROMIUM is None:
-    if os.environ.get("CI") == "true":
-        pytest.fail("Chromium is required under CI=true (apt-get install chromium)", pytrace=False)
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium(module=True)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -53,17 +48,7 @@ document.addEventListener("DOMContentLoaded", () => {
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch(playwright)
         yield browser
         browser.close()
 

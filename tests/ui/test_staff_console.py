@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import trio
 
+from ..browser import launch
 from ..helpers import connect, free_port, server_process, staff_token
-from .test_page import CHROMIUM, sync_api
+from .test_page import sync_api
 
 pytestmark = pytest.mark.slow
 
@@ -66,19 +67,10 @@ Object.defineProperty(document, "hidden", {get: () => Boolean(window.__hidden)})
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-sync",
-                # A document the test fulfils (to add the CSP header) has no address
-                # space of its own, and Chromium's local-network checks would then
-                # refuse its WebSocket to 127.0.0.1. Real pages come from the server.
-                "--disable-features=LocalNetworkAccessChecks",
-            ],
-        )
+        # A document the test fulfils (to add the CSP header) has no address space of
+        # its own, and Chromium's local-network checks would then refuse its WebSocket
+        # to 127.0.0.1. Real pages come from the server.
+        browser = launch(playwright, "--disable-features=LocalNetworkAccessChecks")
         yield browser
         browser.close()
 

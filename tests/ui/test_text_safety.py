@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +28,7 @@ from trio_chat.core import protocol as proto
 from trio_chat.ui._terminal import TerminalChat
 from trio_chat.ui._text import printable
 
+from ..browser import launch, require_chromium
 from ..conftest import make_config
 from ..helpers import free_port, server_process, staff_token
 
@@ -231,23 +230,17 @@ async def test_the_widgets_show_hostile_text_escaped(nursery: trio.Nursery, tmp_
 
 # ------------------------------------------------------------------------ the page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE_TEXT: Final = "<img src=x onerror=alert(1)> [link=http://evil]click[/link] <b>bold</b>"
 
 
 @pytest.mark.slow
 def test_the_page_shows_hostile_text_as_text(tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("Chromium is required under CI=true", pytrace=False)
-        pytest.skip("Chromium is not installed")
+    require_chromium()
     sync_api = pytest.importorskip("playwright.sync_api")
     port = free_port()
     db = tmp_path / "chat.db"
     with server_process(db, port, "--concierge", "off"), sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
-        )
+        browser = launch(pw)
         try:
             page = browser.new_page()
             dialogs: list[str] = []

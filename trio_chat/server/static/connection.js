@@ -178,6 +178,15 @@ export class Connection {
 
   // -- frames --
 
+  // A message the server did not refuse but postponed (rate_limited, internal): it
+  // stays in the outbox and goes again after retry_after_ms. True if that is so.
+  retryLater(pending, frame) {
+    if (frame.code !== "rate_limited" && frame.code !== "internal") return false;
+    pending.sentOn = null;
+    setTimeout(() => this.flush(), Number(frame.retry_after_ms) || 1000);
+    return true;
+  }
+
   send(frame) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     this.ws.send(JSON.stringify(frame));

@@ -275,11 +275,7 @@ export class Desk extends Connection {
   onError(frame) {
     const pending = this.outbox.find(frame.ref);
     if (pending) {
-      if (frame.code === "rate_limited" || frame.code === "internal") {
-        pending.sentOn = null; // not refused: try again a little later
-        setTimeout(() => this.flush(), Number(frame.retry_after_ms) || 1000);
-        return;
-      }
+      if (this.retryLater(pending, frame)) return;
       this.outbox.remove(pending.client_msg_id);
       this.saveOutbox();
       const entry = this.inbox.get(pending.conversation_id);

@@ -121,11 +121,7 @@ export class Chat extends Connection {
   onError(frame) {
     const pending = this.outbox.find(frame.ref);
     if (!pending) return;
-    if (frame.code === "rate_limited" || frame.code === "internal") {
-      pending.sentOn = null; // not refused: try again a little later
-      setTimeout(() => this.flush(), Number(frame.retry_after_ms) || 1000);
-      return;
-    }
+    if (this.retryLater(pending, frame)) return;
     // Refused for good: it leaves the outbox so it never blocks the others.
     this.outbox.remove(pending.client_msg_id);
     this.saveOutbox();
