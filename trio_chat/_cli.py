@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -17,6 +16,7 @@ from rich.console import Console
 from ._version import __version__
 from .core.errors import StorageError
 from .server._admin import add_guest, add_staff, opened, staff_token
+from .server._backends import describe_db, init_db
 from .server._concierge import RulesResponder
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
 from .server._wire import DEFAULT_ENGINE, ENGINES
@@ -40,6 +40,17 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _add_db_argument(parser: argparse.ArgumentParser) -> None:
+    """``--db``, the same for every command: a SQLite file or a PostgreSQL URL (what it
+    names is decided in one place, ``server._backends.open_backend``)."""
+    parser.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH|URL",
+        help="SQLite file (created if missing), or postgresql://user@host/db for a cluster",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-chat", description="Live guest chat for hotels, on Trio."
@@ -50,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the chat server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--db", default=DEFAULT_DB, help="SQLite file (created if missing)")
+    _add_db_argument(serve)
     serve.add_argument("--hello-timeout", type=_positive, default=10.0, metavar="SECONDS")
     serve.add_argument(
         "--heartbeat",
@@ -93,15 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
     add = staff_commands.add_parser("add", help="add a staff member and print their token")
     add.add_argument("name")
-    add.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(add)
     listing = staff_commands.add_parser("list", help="list staff members")
-    listing.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(listing)
     remove = staff_commands.add_parser("remove", help="remove a staff member (by name or id)")
     remove.add_argument("name")
-    remove.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(remove)
     token = staff_commands.add_parser("token", help="print an existing staff member's token")
     token.add_argument("name")
-    token.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(token)
 
     from .bench import build_parser as build_bench_parser
 
@@ -164,11 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mock.add_argument("--staff-name", default="Sam")
 
+    # -- scale-out: the database's schema --------------------------------------------
+    db = commands.add_parser("db", help="the database's schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_init = db_commands.add_parser(
+        "init", help="create or migrate the schema (idempotent; serve also does it)"
+    )
+    _add_db_argument(db_init)
+
     guest = commands.add_parser("guest", help="issue guest tokens")
     guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
     guest_add.add_argument("name")
-    guest_add.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(guest_add)
     return parser
 
 
@@ -178,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "staff": _staff,
         "guest": _guest,
+        "db": _db,
         "bench": _bench,
         "chat": _chat,
         "soak": _soak,
@@ -242,7 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
     # ones far more rarely keep the pauses short; reference counting still frees all
     # garbage that is not a cycle at once.
     gc.set_threshold(*GC_THRESHOLDS)
-    trio.run(_run_server, config, Path(config.db_path).resolve())
+    trio.run(_run_server, config, describe_db(config.db_path))
     return 0
 
 
@@ -323,7 +343,7 @@ async def _mock_faults(mock: Any, console: Console) -> None:
             console.print("  faults: " + ", ".join(MOCK_FAULTS), style="dim")
 
 
-async def _run_server(config: ServerConfig, data_path: Path) -> None:
+async def _run_server(config: ServerConfig, data_path: str) -> None:
     console = Console()
     server = ChatServer(config)
     async with trio.open_nursery() as nursery:
@@ -502,6 +522,11 @@ def _staff(args: argparse.Namespace) -> int:
                 return 1
             print(staff_token(db, found[0]))
         return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    err_console.print(init_db(args.db))
+    return 0
 
 
 def _guest(args: argparse.Namespace) -> int:

@@ -69,6 +69,13 @@ class Appended:
     message: Message
     duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
     at: float = 0.0  # when it was committed (POSIX time); 0 for a duplicate
+    # A status change whose ``expect`` was no longer the stored state: nothing was
+    # written (``message`` is what would have been) and this is the stored state
+    # (status, assigned staff id, assigned name).
+    conflict: tuple[Status, str | None, str | None] | None = None
+    # The conversation as this commit left it, from backends that have it at hand
+    # (PostgreSQL: a cluster's notifications carry it); None otherwise.
+    row: ConversationRow | None = None
 
 
 # ---------------------------------------------------------------------- operations
@@ -92,7 +99,10 @@ class AppendMessage(Operation[Appended]):
     status in the same commit (``status`` is ``(status, assigned_staff_id,
     assigned_name)``, for a transition's system message). A ``client_msg_id`` the same
     ``author_key`` already used in the conversation stores nothing: the result is the
-    original, marked ``duplicate``."""
+    original, marked ``duplicate``. With ``expect`` (``(status, assigned_staff_id)``,
+    the state a transition was decided against), the write happens only if that is
+    still the stored state; otherwise nothing is stored and the result's ``conflict``
+    is the stored state (another server process changed it first)."""
 
     conversation_id: str = ""
     sender: Sender = "guest"
@@ -101,6 +111,7 @@ class AppendMessage(Operation[Appended]):
     text: str = ""
     client_msg_id: str | None = None
     status: tuple[Status, str | None, str | None] | None = None
+    expect: tuple[Status, str | None] | None = None
 
     def apply(self, db: StorageBackend) -> Appended:
         return db.append(self)

@@ -48,6 +48,7 @@ from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Wr
 from ..core.protocol import CloseCode, ErrorCode
 from ..core.storage import StorageBackend
 from ..core.tokens import TokenSigner
+from ._backends import open_backend
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
@@ -75,7 +76,7 @@ SERVER_NAME: Final = f"trio-chat/{__version__}"
 class ServerConfig:
     """Everything ``trio-chat serve`` can set. Times are in seconds."""
 
-    db_path: str | Path = "trio-chat.db"
+    db_path: str | Path = "trio-chat.db"  # or a postgresql:// URL (scale-out)
     host: str = "127.0.0.1"
     port: int = 8765
     hello_timeout: float = 10.0
@@ -205,7 +206,7 @@ class ChatServer:
             db = self._storage
         else:
             db = await trio.to_thread.run_sync(
-                lambda: Database(self.config.db_path, synchronous=self.config.synchronous)
+                lambda: open_backend(self.config.db_path, synchronous=self.config.synchronous)
             )
         try:
             self._hub = Hub(
@@ -220,7 +221,9 @@ class ChatServer:
                 concierge=self._responder is not None,
             )
             self._store = Store(
-                db, threaded=isinstance(db, Database), callbacks_context=self._corked
+                db,
+                threaded=isinstance(db, Database) or getattr(db, "blocking", False),
+                callbacks_context=self._corked,
             )
             async with trio.open_nursery() as storage:
                 await storage.start(self._store.run)

@@ -291,6 +291,10 @@ class Database:
         return last + 1
 
     def append(self, op: AppendMessage) -> Appended:
+        if op.expect is not None:
+            conflict = self._conflict(op)
+            if conflict is not None:
+                return conflict
         seq = self._next_seq(op.conversation_id)
         now = time.time()
         message = Message(
@@ -340,6 +344,30 @@ class Database:
         status = op.status if op.status is not None else (touched[3] if touched else None)
         self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
         return Appended(message, duplicate=False, at=now)
+
+    def _conflict(self, op: AppendMessage) -> Appended | None:
+        """A status change decided against a state that is no longer the stored one
+        (the state as this batch left it so far, else the row). Only transitions carry
+        ``expect``, so the common message costs nothing here."""
+        touched = self._touched.get(op.conversation_id)
+        if touched is not None and touched[3] is not None:
+            stored: tuple[Any, ...] = touched[3]
+        else:
+            row = self.writer.execute(
+                "SELECT status, assigned_staff_id, assigned_name FROM conversations "
+                "WHERE conversation_id = ?",
+                (op.conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"no conversation {op.conversation_id}")
+            stored = tuple(row)
+        if op.expect == (stored[0], stored[1]):
+            return None
+        return Appended(
+            Message(0, op.conversation_id, op.sender, op.author, op.text, "", None),
+            duplicate=False,
+            conflict=(stored[0], stored[1], stored[2]),
+        )
 
     def set_read(self, op: SetRead) -> None:
         column = "read_seq" if op.reader == "staff" else "guest_read_seq"

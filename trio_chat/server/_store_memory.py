@@ -91,6 +91,12 @@ class MemoryBackend:
         key = (op.conversation_id, op.author_key, op.client_msg_id or "")
         if op.client_msg_id is not None and key in self._by_key:
             return Appended(self._by_key[key], duplicate=True)
+        if op.expect is not None and op.expect != (row.status, row.assigned_staff_id):
+            return Appended(
+                Message(0, op.conversation_id, op.sender, op.author, op.text, "", None),
+                duplicate=False,
+                conflict=(row.status, row.assigned_staff_id, row.assigned_name),
+            )
         now = time.time()
         message = Message(
             row.last_seq + 1,
@@ -140,6 +146,10 @@ class MemoryBackend:
             member = StaffMember(new_id("s"), name)
             self._staff[member.staff_id] = member
             return member
+
+    def list_staff(self) -> list[StaffMember]:
+        with self._lock:
+            return sorted(self._staff.values(), key=lambda m: m.name)
 
     def remove_staff(self, name_or_id: str) -> bool:
         with self._lock:
