@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
     )
     serve.add_argument("-v", "--verbose", action="store_true")
+    # -- scale-out ----------------------------------------------------------------------
+    serve.add_argument(
+        "--bus",
+        default=None,
+        metavar="URL",
+        help="redis://host:port/0: run as one node of a cluster (needs a postgresql:// --db)",
+    )
+    serve.add_argument(
+        "--poll-interval",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="while the bus is unreachable, read the database this often",
+    )
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
@@ -254,6 +268,8 @@ def _serve(args: argparse.Namespace) -> int:
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
         frame_engine=args.frame_engine,
+        bus=args.bus,
+        poll_interval=args.poll_interval,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500

@@ -44,11 +44,12 @@ import trio
 from .._version import __version__
 from ..core import protocol as proto
 from ..core.errors import ConnectionLost, ProtocolError, StorageError
-from ..core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from ..core.hub import Action, Close, Fill, Hub, HubConfig, Read, Relay, Send, StartReply, Write
 from ..core.protocol import CloseCode, ErrorCode
 from ..core.storage import StorageBackend
 from ..core.tokens import TokenSigner
 from ._backends import open_backend
+from ._cluster import Cluster
 from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
@@ -103,6 +104,9 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
+    # -- scale-out: several processes on one PostgreSQL (db_path = postgresql://...) ----
+    bus: str | None = None  # redis://... : fan-out between the processes; None = alone
+    poll_interval: float = 1.0  # while the bus is down, read the database this often
 
 
 # -------------------------------------------------------------------------- server
@@ -152,6 +156,7 @@ class ChatServer:
         self._idle = trio.Event()  # set whenever a handler or background task ends
         self._replies_done = trio.Event()  # set whenever a concierge reply ends
         self._froze_gc = False
+        self._cluster: Cluster | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -220,6 +225,13 @@ class ChatServer:
                 ),
                 concierge=self._responder is not None,
             )
+            if self.config.bus:
+                if not hasattr(db, "changes_since"):
+                    raise StorageError("a cluster (--bus) needs a postgresql:// database")
+                self._cluster = Cluster(
+                    self, self.config.bus, poll_interval=self.config.poll_interval
+                )
+                self._hub.cluster = True
             self._store = Store(
                 db,
                 threaded=isinstance(db, Database) or getattr(db, "blocking", False),
@@ -254,9 +266,13 @@ class ChatServer:
             self._work = work
             work.start_soon(self._accept, listeners, front)
             work.start_soon(self._heartbeat_sweeper)
+            if self._cluster is not None:
+                await work.start(self._cluster.run)
             await self._answer_unanswered()
             task_status.started(self.port)
             await self._shutdown.wait()
+            if self._cluster is not None:
+                self._cluster.stop()
             await self._drain_for_shutdown()
             work.cancel_scope.cancel()
 
@@ -336,6 +352,9 @@ class ChatServer:
     def _healthz(self) -> Any:
         hub = self._hub
         roles = [hub.role(sid) if hub else None for sid in self.connections]
+        cluster = self._cluster_health()
+        # A node that cannot store is taken out of a load balancer's rotation.
+        status = 503 if cluster.get("status") == "degraded" else 200
         return json_response(
             {
                 "status": "ok",
@@ -347,8 +366,23 @@ class ChatServer:
                 "staff_online": roles.count("staff"),
                 "conversations_loaded": len(hub.conversations) if hub else 0,
                 "closes": {str(code): n for code, n in sorted(self.closes.items())},
-            }
+                **cluster,
+            },
+            status,
         )
+
+    def _cluster_health(self) -> dict[str, Any]:
+        """Scale-out: the storage's and the bus's state (absent on a single process)."""
+        if self._cluster is None:
+            return {}
+        db = self._store.db if self._store is not None else None
+        storage_ok = self._cluster.storage_ok and bool(getattr(db, "healthy", True))
+        bus = self._cluster.health()
+        return {
+            "storage": {"state": "ok" if storage_ok else "unreachable"},
+            "bus": bus,
+            "status": "ok" if storage_ok else "degraded",
+        }
 
     # -- connections ---------------------------------------------------------------
 
@@ -495,7 +529,7 @@ class ChatServer:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: Send | Close | StartReply) -> None:
+    def _carry_out(self, action: Send | Close | StartReply | Fill | Relay) -> None:
         if isinstance(action, Send):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -504,8 +538,13 @@ class ChatServer:
             conn = self.connections.get(action.session)
             if conn is not None:
                 conn.request_close(action.code, action.reason)
-        else:
+        elif isinstance(action, StartReply):
             self._start_reply(action)
+        elif self._cluster is not None:  # Fill, Relay: only a cluster's hub asks
+            if isinstance(action, Fill):
+                self._cluster.fill(action.conversation_id)
+            else:
+                self._cluster.relay(action)
 
     def _operation(self, write: Write) -> Any:
         operation = write.operation
@@ -513,6 +552,8 @@ class ChatServer:
 
         def committed(result: Any) -> None:
             self._perform_now(hub.stored(write, result, *self._clock()))
+            if self._cluster is not None:
+                self._cluster.committed(operation, result)
 
         def failed(error: StorageError) -> None:
             log.error("storage failed: %s", error)
