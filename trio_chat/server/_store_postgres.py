@@ -215,13 +215,18 @@ class PostgresBackend:
         self._write_lock = threading.Lock()
         self._locked: dict[str, _Locked] = {}  # inside a batch
         self._secret: bytes | None = None
+        # After any failure both connections are replaced before their next use: a
+        # connection to a restarted server looks fine until it fails a real request.
+        self._reader_stale = False
+        self._writer_stale = False
         self._reader_conn()  # fail now, not at the first read, if unreachable
         self.healthy = True  # the last call reached the database
 
     # -- connections -------------------------------------------------------------------
 
     def _reader_conn(self) -> psycopg.Connection[Any]:
-        if self._reader is None or self._reader.closed or self._reader.broken:
+        if self._reader_stale or self._reader is None or self._reader.closed or self._reader.broken:
+            self._reader_stale = False
             if self._reader is not None:
                 self._reader.close()
             self._reader = None
@@ -229,7 +234,8 @@ class PostgresBackend:
         return self._reader
 
     def _writer_conn(self) -> psycopg.Connection[Any]:
-        if self._writer is None or self._writer.closed or self._writer.broken:
+        if self._writer_stale or self._writer is None or self._writer.closed or self._writer.broken:
+            self._writer_stale = False
             if self._writer is not None:
                 self._writer.close()
             self._writer = None
@@ -247,6 +253,7 @@ class PostgresBackend:
             yield
         except psycopg.Error as exc:
             self.healthy = False
+            self._reader_stale = self._writer_stale = True
             raise StorageError(f"database {what} failed: {_first_line(exc)}") from exc
         self.healthy = True
 
