@@ -96,7 +96,20 @@ class RawClient:
         messages: list[dict[str, Any]] = []
         while len(messages) < last_seq:
             await self.send(type="history", after_seq=len(messages), limit=500)
-            messages += (await self.expect("history"))["messages"]
+            reply = await self._take(
+                lambda f: (
+                    f["type"] == "history"
+                    or (
+                        f["type"] == "error"
+                        and f["ref"] == "history"
+                        and f["code"] == "rate_limited"
+                    )
+                )
+            )
+            if reply["type"] == "error":  # history costs tokens too: ask again later
+                await trio.sleep(reply["retry_after_ms"] / 1000)
+                continue
+            messages += reply["messages"]
         return messages
 
     async def closed(self, within: float = 3 * RECV_TIMEOUT) -> trio_websocket.CloseReason:

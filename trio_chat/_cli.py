@@ -5,20 +5,27 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 
 from ._version import __version__
 from .core.errors import StorageError
-from .server._admin import add_guest, add_staff, opened, staff_token
+from .server._admin import add_guest, add_staff, opened, revoke_staff, rotate_secret, staff_token
 from .server._backends import describe_db, init_db
 from .server._concierge import RulesResponder
+from .server._llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
+from .server._secrets import SECRET_FILE_ENV
 from .server._server import GC_THRESHOLDS, ChatServer, ServerConfig
+from .server._staff_console import DEFAULT_PUBLIC_URL, sign_in_link
+from .server._tls import server_ssl_context
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
 DEFAULT_DB = "trio-chat.db"
@@ -51,6 +58,23 @@ def _add_db_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _secret_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-file",
+        default=os.environ.get(SECRET_FILE_ENV) or None,
+        metavar="PATH",
+        help=f"the token secret's own file, created 0600 if missing (default: ${SECRET_FILE_ENV}, "
+        "else the secret in the database)",
+    )
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-chat", description="Live guest chat for hotels, on Trio."
@@ -70,13 +94,64 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="WebSocket ping interval (0 = off)",
     )
-    serve.add_argument("--concierge", choices=["rules", "off"], default="rules")
+    serve.add_argument(
+        "--concierge",
+        choices=["rules", "llm", "off"],
+        default="rules",
+        help="who answers guests first: the rules over the knowledge base, a language "
+        "model (--llm-url, --llm-model), or nobody (staff only)",
+    )
+    llm = serve.add_argument_group(
+        "language-model concierge (--concierge llm)",
+        "Any OpenAI-compatible chat completions endpoint. The API key is read from the "
+        "environment variable named by --llm-api-key-env, never from a flag.",
+    )
+    llm.add_argument(
+        "--llm-url", metavar="URL", help="the API's base URL, e.g. http://127.0.0.1:11434/v1"
+    )
+    llm.add_argument("--llm-model", metavar="NAME")
+    llm.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", metavar="VARIABLE")
+    llm.add_argument(
+        "--llm-system-prompt", metavar="FILE", help="the hotel's own prompt ({hotel}, {knowledge})"
+    )
+    llm.add_argument("--llm-max-tokens", type=int, default=300, metavar="N")
+    llm.add_argument("--llm-first-token-timeout", type=_positive, default=10.0, metavar="SECONDS")
+    llm.add_argument("--llm-timeout", type=_positive, default=25.0, metavar="SECONDS")
+    llm.add_argument(
+        "--llm-guest-per-minute", type=_non_negative, default=6.0, metavar="N", help="0 = no limit"
+    )
+    llm.add_argument(
+        "--llm-per-minute", type=_non_negative, default=120.0, metavar="N", help="0 = no limit"
+    )
     serve.add_argument(
         "--rate-limit",
         type=_non_negative,
         default=10.0,
         metavar="PER_SECOND",
-        help="messages per second per connection (0 = off)",
+        help="tokens per second per guest or staff member, all tabs together; a message "
+        "costs 1, typing/read/ping 0.1, history 4 (0 = off)",
+    )
+    # -- memory and rate limits (docs/security-memory.md) --
+    serve.add_argument(
+        "--rate-burst", type=int, default=20, metavar="TOKENS", help="burst per guest or staff"
+    )
+    serve.add_argument(
+        "--rate-limit-per-ip",
+        type=_non_negative,
+        default=300.0,
+        metavar="PER_SECOND",
+        help="tokens per second shared by all sessions from one address; size it for a "
+        "hotel behind one NAT address (0 = off)",
+    )
+    serve.add_argument(
+        "--rate-burst-per-ip", type=int, default=3000, metavar="TOKENS", help="burst per address"
+    )
+    serve.add_argument(
+        "--outbox-limit-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="bytes one connection may leave unread before it is cut off with 1013",
     )
     serve.add_argument(
         "--no-open-registration",
@@ -97,6 +172,77 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ENGINES),
         default=DEFAULT_ENGINE,
         help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
+    )
+    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    _secret_file_option(serve)
+    serve.add_argument(
+        "--guest-token-idle-days",
+        type=_non_negative,
+        default=30.0,
+        metavar="DAYS",
+        help="a guest token unused (no sign-in, no message) this long expires (0 = never)",
+    )
+    serve.add_argument(
+        "--revocation-poll",
+        type=_non_negative,
+        default=0.5,
+        metavar="SECONDS",
+        help="how often to look for removed or revoked staff and a new secret (0 = never)",
+    )
+    # http hardening: admission and abuse limits (each has an "off": 0)
+    serve.add_argument(
+        "--max-connections",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="open connections in all (default: the open-file limit less 64; 0 = off)",
+    )
+    serve.add_argument(
+        "--max-connections-per-ip",
+        type=_count,
+        default=500,
+        metavar="N",
+        help="open connections from one address (default 500; 0 = off)",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web page origin that may open WebSockets, e.g. https://chat.hotel.example "
+        "(repeatable; the server's own origin always may; none given: loopback pages too)",
+    )
+    serve.add_argument(
+        "--registrations-per-minute",
+        type=_non_negative,
+        default=30.0,
+        metavar="N",
+        help="new guests per address, with bursts of 60 (default 30; 0 = off)",
+    )
+    serve.add_argument(
+        "--expire-silent-guests",
+        type=_non_negative,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="forget guests who never wrote after this long (default 7 days; 0 = never)",
+    )
+    # TLS (hardening: tls)
+    serve.add_argument(
+        "--certfile",
+        metavar="PATH",
+        help="serve https:// and wss:// with this certificate chain (PEM)",
+    )
+    serve.add_argument(
+        "--keyfile",
+        metavar="PATH",
+        help="the certificate's private key (PEM; default: in --certfile)",
+    )
+    serve.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose TLS handshake is not done by then",
     )
     serve.add_argument("-v", "--verbose", action="store_true")
     # -- scale-out ----------------------------------------------------------------------
@@ -119,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     add = staff_commands.add_parser("add", help="add a staff member and print their token")
     add.add_argument("name")
     _add_db_argument(add)
+    # The staff console's sign-in link (the token stays alone on the last line).
+    add.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
+    link = staff_commands.add_parser(
+        "link", help="print a staff member's sign-in link for the browser console"
+    )
+    link.add_argument("name")
+    _add_db_argument(link)
+    link.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
     listing = staff_commands.add_parser("list", help="list staff members")
     _add_db_argument(listing)
     remove = staff_commands.add_parser("remove", help="remove a staff member (by name or id)")
@@ -127,6 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     token = staff_commands.add_parser("token", help="print an existing staff member's token")
     token.add_argument("name")
     _add_db_argument(token)
+    revoke = staff_commands.add_parser(
+        "revoke",
+        help="invalidate a staff member's tokens (closing their open consoles) and print a new one",
+    )
+    revoke.add_argument("name")
+    _add_db_argument(revoke)
+    for command in (add, token, revoke):
+        _secret_file_option(command)
+
+    secret = commands.add_parser("secret", help="the token secret")
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    rotate = secret_commands.add_parser(
+        "rotate", help="replace the token secret: EVERY staff and guest token stops working"
+    )
+    _add_db_argument(rotate)
+    rotate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _secret_file_option(rotate)
 
     from .bench import build_parser as build_bench_parser
 
@@ -166,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--token", help="come back as this guest")
     chat.add_argument("--name", help="your name, shown to staff")
     chat.add_argument("--staff", metavar="TOKEN", help="chat as staff, with this staff token")
+    chat.add_argument(
+        "--cafile",
+        metavar="PATH",
+        help="trust the CA certificates in this PEM file for wss:// (default: the system's)",
+    )
 
     mock = commands.add_parser(
         "mock",
@@ -202,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
     guest_add.add_argument("name")
     _add_db_argument(guest_add)
+    _secret_file_option(guest_add)
     return parser
 
 
@@ -210,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _serve,
         "staff": _staff,
+        "secret": _secret,
         "guest": _guest,
         "db": _db,
         "bench": _bench,
@@ -256,6 +434,19 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.keyfile is not None and args.certfile is None:
+        err_console.print("[red]error:[/red] --keyfile needs --certfile")
+        return 2
+    tls: ssl.SSLContext | None = None
+    if args.certfile is not None:
+        try:
+            tls = server_ssl_context(args.certfile, args.keyfile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                "[red]error:[/red] cannot use the certificate "
+                f"{escape(args.certfile)}: {escape(str(exc))}"
+            )
+            return 2
     config = ServerConfig(
         db_path=args.db,
         host=args.host,
@@ -264,10 +455,25 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         concierge=args.concierge,
         rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        rate_limit_per_ip=args.rate_limit_per_ip,
+        rate_burst_per_ip=args.rate_burst_per_ip,
+        outbox_limit_bytes=args.outbox_limit_bytes,
         open_registration=not args.no_open_registration,
         typing_delay=args.typing_delay,
         synchronous=args.synchronous,
         frame_engine=args.frame_engine,
+        secret_file=args.secret_file,
+        guest_token_idle_days=args.guest_token_idle_days,
+        revocation_poll=args.revocation_poll,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        allowed_origins=tuple(args.allowed_origin),
+        registrations_per_minute=args.registrations_per_minute,
+        expire_silent_guests=args.expire_silent_guests,
+        ssl_context=tls,
+        tls_handshake_timeout=args.tls_handshake_timeout,
+        llm=_llm_settings(args),
         bus=args.bus,
         poll_interval=args.poll_interval,
     )
@@ -280,6 +486,30 @@ def _serve(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     trio.run(_run_server, config, describe_db(config.db_path))
     return 0
+
+
+def _llm_settings(args: argparse.Namespace) -> LlmSettings | None:
+    if args.concierge != "llm":
+        return None
+    if not args.llm_url or not args.llm_model:
+        raise SystemExit("--concierge llm needs --llm-url and --llm-model")
+    prompt = DEFAULT_SYSTEM_PROMPT
+    if args.llm_system_prompt:
+        try:
+            prompt = LlmSettings.read_prompt(args.llm_system_prompt)
+        except OSError as exc:
+            raise SystemExit(f"cannot read {args.llm_system_prompt}: {exc.strerror}") from None
+    return LlmSettings(
+        url=args.llm_url,
+        model=args.llm_model,
+        api_key=os.environ.get(args.llm_api_key_env) or None,
+        system_prompt=prompt,
+        max_tokens=args.llm_max_tokens,
+        first_token_timeout=args.llm_first_token_timeout,
+        answer_timeout=args.llm_timeout,
+        guest_per_minute=args.llm_guest_per_minute,
+        global_per_minute=args.llm_per_minute,
+    )
 
 
 MOCK_FAULTS: Final = {
@@ -365,10 +595,11 @@ async def _run_server(config: ServerConfig, data_path: str) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         host = config.host if ":" not in config.host else f"[{config.host}]"
+        secure = "s" if config.ssl_context is not None else ""
         console.print(f"[bold green]trio-chat {__version__}[/bold green] is serving")
-        console.print(f"  chat page   http://{host}:{port}/")
-        console.print(f"  websocket   ws://{host}:{port}/ws")
-        console.print(f"  health      http://{host}:{port}/healthz")
+        console.print(f"  chat page   http{secure}://{host}:{port}/")
+        console.print(f"  websocket   ws{secure}://{host}:{port}/ws")
+        console.print(f"  health      http{secure}://{host}:{port}/healthz")
         console.print(f"  data        {data_path}")
         console.print(
             f"  concierge   {config.concierge}   rate limit "
@@ -501,7 +732,16 @@ def _proxy_schedule(spec: str) -> list[tuple[float, str, tuple[Any, ...]]]:
 def _chat(args: argparse.Namespace) -> int:
     from .ui._terminal import main as terminal_main
 
-    return trio.run(terminal_main, args.url, args.token, args.name, args.staff)
+    tls = None
+    if args.cafile is not None:
+        try:
+            tls = ssl.create_default_context(cafile=args.cafile)
+        except OSError as exc:  # ssl.SSLError included
+            err_console.print(
+                f"[red]error:[/red] cannot read {escape(args.cafile)}: {escape(str(exc))}"
+            )
+            return 2
+    return trio.run(terminal_main, args.url, args.token, args.name, args.staff, tls)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -514,11 +754,16 @@ def _staff(args: argparse.Namespace) -> int:
     with opened(args.db) as db:
         if args.staff_command == "add":
             try:
-                member, token = add_staff(db, args.name)
+                sign_in_link(args.url, "")  # a bad --url adds nobody
+                member, token = add_staff(db, args.name, args.secret_file)
             except ValueError as exc:
                 err_console.print(f"[red]error:[/red] {exc}")
                 return 1
-            err_console.print(f"added staff member {member.name} ({member.staff_id}); token:")
+            err_console.print(
+                f"added staff member {member.name} ({member.staff_id}); "
+                "sign-in link (keep it private), then the token:"
+            )
+            print(sign_in_link(args.url, token))
             print(token)
         elif args.staff_command == "list":
             members = db.list_staff()
@@ -530,13 +775,37 @@ def _staff(args: argparse.Namespace) -> int:
             if not db.remove_staff(args.name):
                 err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
                 return 1
-            err_console.print(f"removed {args.name}; their tokens no longer work")
+            err_console.print(
+                f"removed {args.name}; their tokens no longer work, a running server closes "
+                "their consoles and hands their conversations back to the queue"
+            )
+        elif args.staff_command == "link":
+            found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
+            if not found:
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            try:
+                print(sign_in_link(args.url, staff_token(db, found[0])))
+            except ValueError as exc:
+                err_console.print(f"[red]error:[/red] {exc}")
+                return 1
         elif args.staff_command == "token":
             found = [m for m in db.list_staff() if args.name in (m.name, m.staff_id)]
             if not found:
                 err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
                 return 1
-            print(staff_token(db, found[0]))
+            print(staff_token(db, found[0], args.secret_file))
+        elif args.staff_command == "revoke":
+            revoked = revoke_staff(db, args.name, args.secret_file)
+            if revoked is None:
+                err_console.print(f"[red]error:[/red] no staff member {args.name!r}")
+                return 1
+            member, token = revoked
+            err_console.print(
+                f"revoked every earlier token of {member.name}; their open consoles close. "
+                "New token:"
+            )
+            print(token)
         return 0
 
 
@@ -545,9 +814,36 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+ROTATE_WARNING: Final = """\
+Rotating the token secret signs EVERYONE out, at once:
+  * every staff token stops working: print each member's new one with
+    'trio-chat staff token NAME' and hand it over;
+  * every guest token stops working: guests lose access to their conversations
+    (the history stays in the database, but no link reaches it any more); guests
+    who come back start a new conversation;
+  * a running server closes every connection signed in with an old token (4401).
+If the server uses --secret-file, pass the same --secret-file here."""
+
+
+def _secret(args: argparse.Namespace) -> int:
+    err_console.print(ROTATE_WARNING, style="yellow", highlight=False)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            err_console.print("[red]error:[/red] not rotated: pass --yes to confirm")
+            return 1
+        answer = input("Type 'rotate' to go ahead: ")
+        if answer.strip() != "rotate":
+            err_console.print("not rotated")
+            return 1
+    with opened(args.db) as db:
+        rotate_secret(db, args.secret_file)
+    err_console.print("rotated: every earlier token is invalid now")
+    return 0
+
+
 def _guest(args: argparse.Namespace) -> int:
     with opened(args.db) as db:
-        row, token = add_guest(db, args.name.strip() or None)
+        row, token = add_guest(db, args.name.strip() or None, args.secret_file)
         err_console.print(f"added guest {row.guest_name} ({row.guest_id}); token:")
         print(token)
         return 0

@@ -32,6 +32,8 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
             "50",
             "--rounds",
             "1",
+            "--messages",
+            "5",
             "--out",
             str(out),
             "--plots",
@@ -78,6 +80,8 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
     assert any(n.startswith("answered messages/s, 24 guests") for n in names)  # 4 x crowd
     assert any(n.startswith("event-loop CPU per message (6 guests") for n in names)
     assert any("idle RSS" in n for n in names)
+    cost = [f for f in figures if f["name"].startswith("instructions per message")]
+    assert [f["baseline_name"] for f in cost] == ["bare trio-websocket echo", "concierge off"]
     steady = [f for f in figures if "(6 guests, 50 msg/s)" in f["name"]]
     assert (
         sorted(f["name"].split(" latency")[0] for f in steady)
@@ -94,7 +98,7 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
             # Six connections can fit in memory a process already holds: growth may be 0.
             assert figure["baseline"] >= 0 and figure["value"] >= 0
             continue
-        assert figure["baseline"] > 0 and figure["value"] > 0
+        assert figure["baseline"] > 0 and figure["value"] > 0, figure
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"])
         if figure["bounded"] and figure["target"]:
             assert figure["verdict"] == "bounded by the generator"

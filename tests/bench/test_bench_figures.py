@@ -134,6 +134,13 @@ OLD = f"{SITE}/trio_chat/_server.py"  # before the session core: the rules lived
         (f"_guest_message ({HUB}:600);checkpoint ({SITE}/trio/_core/_run.py:2900)", "scheduler"),
         ("", "scheduler"),
         (f"_guest_message ({HUB}:600);debug ({PY}/logging/__init__.py:1)", "hub"),
+        # The tree by layer: the shell under trio_chat/server/.
+        (f"deliver ({SITE}/trio_chat/server/_connection.py:150);"
+         f"text_frame ({SITE}/trio_chat/server/_wire.py:70)", "encode"),
+        (f"flush ({SITE}/trio_chat/server/_connection.py:170)", "write"),
+        (f"_perform ({SITE}/trio_chat/server/_server.py:640);"
+         f"enqueue ({SITE}/trio_chat/server/_store.py:762)", "store (loop side)"),
+        (f"_frame ({SITE}/trio_chat/server/_server.py:500)", "hub"),
         # The layout before the session core, for --compare-with.
         (f"_dispatch ({OLD}:1030);_loads ({SITE}/trio_chat/_protocol.py:180)", "parse"),
         (f"_guest_message ({OLD}:1090)", "hub"),

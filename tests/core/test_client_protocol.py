@@ -130,8 +130,8 @@ def test_a_queue_entry_labels_the_guest_by_name_else_by_id() -> None:
 
 
 def test_an_unknown_type_is_kept_aside_not_refused() -> None:
-    frame = wire.parse_server_frame('{"type":"draft","conversation_id":"c_1","text":"Brea"}')
-    assert frame == wire.UnknownFrame("draft", {"conversation_id": "c_1", "text": "Brea"})
+    frame = wire.parse_server_frame('{"type":"poll","conversation_id":"c_1","options":[1]}')
+    assert frame == wire.UnknownFrame("poll", {"conversation_id": "c_1", "options": [1]})
 
 
 @pytest.mark.parametrize(

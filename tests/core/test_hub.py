@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 
 from trio_chat.core.errors import StorageError
-from trio_chat.core.hub import Action, Close, Hub, HubConfig, Read, Send, StartReply, Write
+from trio_chat.core.hub import (
+    Action,
+    Close,
+    Hub,
+    HubConfig,
+    Read,
+    ReportWritten,
+    Send,
+    StartReply,
+    Write,
+)
 from trio_chat.core.protocol import CloseCode
 from trio_chat.core.storage import AppendMessage, CreateGuest, SetRead
 from trio_chat.core.tokens import TokenSigner
@@ -56,6 +66,8 @@ class Driver:
                 self.closes.setdefault(action.session, (action.code, action.reason))
             elif isinstance(action, StartReply):
                 self.replies.append(action)
+            elif isinstance(action, ReportWritten):  # an instant socket
+                self.run(self.hub.written(action.session, self.now, WALL))
             elif isinstance(action, Read):
                 result = getattr(self.backend, action.method)(*action.args)
                 self.run(self.hub.loaded(action, result, self.now, WALL))
@@ -476,7 +488,7 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
     token = d.hub.signer.issue("s", member.staff_id)
     anna = d.connect()
     d.send(anna, type="hello", token=token)
-    signed_in, queue = d.take(anna)
+    signed_in, queue, _presence = d.take(anna)
     assert signed_in == {
         "type": "welcome",
         "role": "staff",
@@ -497,6 +509,7 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
         "read_seq": 0,
         "guest_online": True,
         "preview": "You asked to talk to a person. A member of our team will be with you shortly.",
+        "guest_room": None,
     }
     d.send(anna, type="claim", conversation_id=cid)
     d.take(anna)
@@ -504,13 +517,14 @@ def test_a_staff_console_signs_in_to_the_whole_queue_and_what_it_holds() -> None
     again = d.connect()
     d.send(again, type="hello", token=token)
     frames = d.take(again)
-    assert types(frames) == ["welcome", "queue", "subscribed"]
-    assert frames[2] == {
+    assert types(frames) == ["welcome", "queue", "staff_presence", "subscribed"]
+    assert frames[3] == {
         "type": "subscribed",
         "conversation_id": cid,
         "last_seq": 3,
         "status": "staff",
         "assigned_to": "Anna",
+        "guest_read_seq": 0,
     }
     # ... and gets every summary change from then on, with the guest's presence.
     d.run(d.hub.closed(maria, d.now, WALL))

@@ -253,7 +253,7 @@ def test_a_conversation_reloaded_from_storage_still_knows_who_holds_it() -> None
     # Anna's console is subscribed again and may write: she still holds it.
     again = d.connect()
     d.send(again, type="hello", token=token)
-    assert types(d.take(again)) == ["welcome", "queue", "subscribed"]
+    assert types(d.take(again)) == ["welcome", "queue", "staff_presence", "subscribed"]
     d.send(again, type="message", conversation_id=cid, client_msg_id="s1", text="Back.")
     assert types(d.take(again)) == ["ack", "message", "conversation"]
 
@@ -542,6 +542,7 @@ def test_claiming_a_conversation_whose_guest_is_away_loads_it_from_storage() -> 
         "last_seq": 1,
         "status": "staff",
         "assigned_to": "Anna",
+        "guest_read_seq": 0,
     }
 
 
@@ -561,6 +562,7 @@ def test_claiming_ones_own_conversation_again_subscribes_again_and_stores_nothin
             "last_seq": 1,
             "status": "staff",
             "assigned_to": "Anna",
+            "guest_read_seq": 0,
         }
     ]
     assert d.take(guest) == []
@@ -700,7 +702,7 @@ def test_the_queue_is_newest_first_with_stored_times_and_previews(store_clock: S
     _, token = staff_member(d, "Anna")
     anna = d.connect()
     d.send(anna, type="hello", token=token)
-    _, queue = d.take(anna)
+    _, queue, _presence = d.take(anna)
     newest_first = sorted(written, key=lambda entry: entry[1], reverse=True)
     assert [
         (c["conversation_id"], c["updated_ts"], c["preview"]) for c in queue["conversations"]
@@ -726,7 +728,7 @@ def test_a_guest_online_now_is_queued_even_before_writing() -> None:
     _, token = staff_member(d, "Anna")
     anna = d.connect()
     d.send(anna, type="hello", token=token)
-    _, queue = d.take(anna)
+    _, queue, _presence = d.take(anna)
     assert [(c["conversation_id"], c["guest_online"]) for c in queue["conversations"]] == [
         (welcome["conversation_id"], True)
     ]
@@ -741,7 +743,7 @@ def test_a_watched_conversation_nobody_wrote_in_is_not_queued_once_its_guest_lef
     _, token = staff_member(d, "Ben")
     ben = d.connect()
     d.send(ben, type="hello", token=token)
-    _, queue = d.take(ben)
+    _, queue, _presence = d.take(ben)
     assert queue["conversations"] == []
 
 
@@ -766,7 +768,7 @@ def test_a_sign_in_read_that_missed_a_commit_still_queues_the_live_state(change:
     answer = hello_answered_later(d, anna, token)  # storage: a silent conversation in ai
     d.commit()  # nobody tells Anna: she is not in the staff room yet
     answer()
-    _, queue = d.take(anna)
+    _, queue, _presence = d.take(anna)
     queued = [(c["conversation_id"], c["status"], c["assigned_to"]) for c in queue["conversations"]]
     assert queued == [(cid, *expected)]
 
@@ -782,7 +784,7 @@ def test_a_sign_in_read_that_missed_an_escalation_nobody_watches_still_queues_it
     answer = hello_answered_later(d, anna, token)  # storage: a silent conversation in ai
     d.commit()  # waiting now, and out of memory: nobody is in it
     answer()
-    _, queue = d.take(anna)
+    _, queue, _presence = d.take(anna)
     assert [(c["conversation_id"], c["status"]) for c in queue["conversations"]] == [
         (welcome["conversation_id"], "waiting")
     ]
@@ -803,7 +805,7 @@ def test_a_sign_in_read_that_missed_a_takeover_does_not_resubscribe_the_console(
     d.send(ben, type="claim", conversation_id=cid)
     answer()
     frames = d.take(phone)
-    assert types(frames) == ["welcome", "queue"]
+    assert types(frames) == ["welcome", "queue", "staff_presence"]
     [entry] = frames[1]["conversations"]
     assert (entry["status"], entry["assigned_to"]) == ("staff", "Ben")
 

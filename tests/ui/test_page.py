@@ -329,3 +329,43 @@ def test_after_a_crash_the_first_retry_is_spread_over_5_s(tmp_path: Path, browse
     # 0.9 of 5 s, where full jitter alone would give 0.9 of 0.5 s.
     assert page.evaluate("window.trioChat.retryDelay") == pytest.approx(4_500)
     context.close()
+
+
+def test_the_concierge_s_answer_grows_on_the_page_and_gives_way_to_the_stored_one(
+    tmp_path: Path, page_for: Any
+) -> None:
+    from ..server.fake_llm import FakeLlm, Stream
+
+    fake = FakeLlm()
+    fake.script["What time is breakfast?"] = [Stream(["Breakfast ", "is from ", "seven."], gap=0.4)]
+    started = threading.Event()
+    running: list[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = []
+
+    async def run_fake() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fake.run)
+            running.append((trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+            started.set()
+
+    thread = threading.Thread(target=trio.run, args=(run_fake,), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    port = free_port()
+    flags = ["--concierge", "llm", "--llm-url", fake.url, "--llm-model", "fake"]
+    try:
+        with server_process(tmp_path / "chat.db", port, *flags):
+            page = page_for(port)
+            wait_state(page, "connected")
+            say(page, "What time is breakfast?")
+            draft = page.wait_for_selector("#messages > li.draft")
+            assert draft is not None
+            grown = draft.inner_text()
+            page.wait_for_selector('#messages > li[data-sender="ai"][data-seq="2"]')
+            assert page.eval_on_selector_all("#messages > li.draft", "l => l.length") == 0
+            [stored] = [m for m in stored_messages(page) if m["sender"] == "ai"]
+            assert stored["text"] == "Breakfast is from seven."
+            assert "Breakfast" in grown
+    finally:
+        trio_token, scope = running[0]
+        trio_token.run_sync_soon(scope.cancel)
+        thread.join(10)

@@ -106,3 +106,31 @@ async def test_staff_console_lists_claims_replies_and_resolves(
         console.queue.value = None
         console.claim_button.click()
         assert "Select a conversation first" in console.errors.value
+
+
+async def test_guest_widget_shows_the_concierge_s_draft_as_text(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from trio_chat.server._llm import LlmSettings
+
+    from ..server.fake_llm import FakeLlm, Stream
+
+    fake = FakeLlm()
+    await nursery.start(fake.run)
+    fake.script["What time is breakfast?"] = [
+        Stream(["<b>Breakfast</b> ", "is from seven."], gap=0.3)
+    ]
+    llm = LlmSettings(url=fake.url, model="fake", draft_interval=0.0)
+    server = ChatServer(make_config(tmp_path, concierge="llm", llm=llm))
+    await nursery.start(server.run)
+    shown: list[str] = []
+    async with ChatClient(f"ws://127.0.0.1:{server.port}/ws") as client:
+        widget = widgets.GuestChatWidget(client, nursery.start_soon)
+        client.add_listener(lambda e: shown.append(widget.typing.value))
+        await client.send("What time is breakfast?")
+        with trio.fail_after(10):
+            await client.wait_until(lambda: any(m.sender == "ai" for m in client.transcript))
+    drafted = [v for v in shown if "Concierge" in v]
+    assert drafted and "&lt;b&gt;Breakfast&lt;/b&gt;" in drafted[0]  # text, not markup
+    assert "<b>Breakfast" not in "".join(drafted)
+    assert widget.typing.value == ""  # the stored answer took the draft's place

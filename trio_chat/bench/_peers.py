@@ -107,7 +107,7 @@ def code_env(code: str) -> dict[str, str] | None:
 
 @asynccontextmanager
 async def _process(
-    argv: Sequence[str], port: int, env: dict[str, str] | None = None
+    argv: Sequence[str], port: int, env: dict[str, str] | None = None, within: float = 30
 ) -> AsyncIterator[trio.Process]:
     proc = await trio.lowlevel.open_process(
         list(argv),
@@ -116,7 +116,7 @@ async def _process(
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
-        await _wait_listening(port, proc)
+        await _wait_listening(port, proc, within)
         yield proc
     finally:
         if proc.returncode is None:
@@ -126,7 +126,12 @@ async def _process(
 
 # How the benchmarks run trio-chat serve: no rate limit, no heartbeat, the concierge
 # answering at once.
-BENCH_SERVER_FLAGS: Final = ("--typing-delay", "0", "--rate-limit", "0", "--heartbeat", "0")
+BENCH_SERVER_FLAGS: Final = (
+    "--typing-delay", "0", "--rate-limit", "0", "--rate-limit-per-ip", "0", "--heartbeat", "0",
+    # thousands of guests from loopback: no per-address or total caps
+    "--max-connections", "0", "--max-connections-per-ip", "0",
+    "--registrations-per-minute", "0",
+)  # fmt: skip
 
 
 def chat_server_args(port: int, db: Path, concierge: str = "off", engine: str = "") -> list[str]:
@@ -148,10 +153,17 @@ def chat_server_process(db: Path, code: str = "") -> ServerProcess:
 
 @asynccontextmanager
 async def serving(
-    target: Target, workdir: Path, peer: Path | None = None
+    target: Target,
+    workdir: Path,
+    peer: Path | None = None,
+    *,
+    wrap: Sequence[str] = (),
+    within: float = 30,
 ) -> AsyncIterator[tuple[str, trio.Process]]:
     """Start ``target``; yields the URL to load it at and its process. ``workdir`` holds
-    trio-chat's database; ``peer`` is the peers' interpreter (for ``socketio``)."""
+    trio-chat's database; ``peer`` is the peers' interpreter (for ``socketio``); ``wrap``
+    goes before the command (a profiler such as valgrind), ``within`` is how long it
+    may take to listen."""
     port = free_port()
     if target.kind == "chat":
         argv = [
@@ -170,5 +182,5 @@ async def serving(
     else:
         argv = [sys.executable, *worker_args("echo-server", engine=target.kind, port=port)]
         path = "/"
-    async with _process(argv, port, code_env(target.code)) as proc:
+    async with _process([*wrap, *argv], port, code_env(target.code), within) as proc:
         yield f"ws://127.0.0.1:{port}{path}", proc

@@ -28,7 +28,8 @@ __all__ = ["STAGES", "classify", "py_spy", "scenario_profile"]
 # (where the frame's file lies, which functions (None: all), the stage). Matched
 # against each sample's frames from the innermost outwards; the first hit decides.
 # Both the current tree and earlier ones (``--compare-with``) are covered: before the
-# session core, the codec was ``trio_chat/_protocol.py`` and the rules ``_server.py``.
+# session core, the codec was ``trio_chat/_protocol.py`` and the rules ``_server.py``;
+# before the tree by layer, the shell's modules lay at the package's top.
 _PARSING: Final = frozenset({"_loads", "_parse_float", "_reject_constant"})
 _VALIDATING: Final = frozenset(
     {"parse_client_frame", "__init__", "bad", "string", "integer", "boolean", "identifier"}
@@ -51,18 +52,28 @@ _RULES: Final[tuple[tuple[str, frozenset[str] | None, str], ...]] = (
     ("wsproto/", None, "parse"),
     ("websockets/", None, "parse"),
     ("trio_websocket/", None, "parse"),
-    ("trio_chat/_wire.py", frozenset({"text_frame", "_frame", "close_frame"}), "encode"),
-    ("trio_chat/_wire.py", frozenset({"write_now", "send", "send_texts"}), "write"),
-    ("trio_chat/_wire.py", None, "parse"),  # receive, the engines
+    *(
+        rule
+        for wire in ("trio_chat/server/_wire.py", "trio_chat/_wire.py")
+        for rule in (
+            (wire, frozenset({"text_frame", "_frame", "close_frame"}), "encode"),
+            (wire, frozenset({"write_now", "send", "send_texts", "send_frames"}), "write"),
+            (wire, None, "parse"),  # receive, the engines
+        )
+    ),
+    ("trio_chat/server/_connection.py", None, "write"),  # the outbox and its writer
     ("trio_chat/_server.py", frozenset({"text_frame", "_serialize"}), "encode"),
     ("trio_chat/_server.py", frozenset({"_oversized"}), "validate"),
     ("trio_chat/_server.py", _SERVER_WRITES, "write"),
+    ("trio_chat/server/_http.py", None, "write"),
     ("trio_chat/_http.py", None, "write"),
     ("trio/_socket.py", None, "write"),
     ("trio/_highlevel_socket.py", None, "write"),
+    ("trio_chat/server/_store.py", None, "store (loop side)"),
     ("trio_chat/_store.py", None, "store (loop side)"),
     ("trio_chat/core/hub.py", None, "hub"),
-    ("trio_chat/_server.py", None, "hub"),  # the shell's dispatch (all of it, before)
+    ("trio_chat/server/_server.py", None, "hub"),  # the shell's dispatch
+    ("trio_chat/_server.py", None, "hub"),  # (all of it, before the session core)
     ("trio_chat/core/conversation.py", None, "hub"),
     ("trio_chat/_conversation.py", None, "hub"),
     ("trio_chat/core/ratelimit.py", None, "hub"),

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import trio
 
+from ._cost import scenario_cost
 from ._peers import Target, peer_python
 from ._profile import STAGES, WRITER, scenario_profile
 from ._scenarios import (
@@ -29,11 +30,12 @@ from ._scenarios import (
 
 __all__ = ["bench_command", "build_parser", "report", "write_plots"]
 
-SCENARIOS: Final = ("throughput", "profile", "idle", "steady", "storm", "engines")
+SCENARIOS: Final = ("throughput", "profile", "cost", "idle", "steady", "storm", "engines")
 DEFAULT_GUESTS: Final = {
     "throughput": 50,
     "engines": 50,
     "profile": 200,
+    "cost": 20,
     "idle": 18_000,
     "steady": 10_000,
     "storm": 10_000,
@@ -47,8 +49,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--guests",
         type=int,
         default=None,
-        help="connections (throughput: 50 and 4 times as many, profile: 200, idle: 18000, "
-        "steady: 10000, storm: 10000)",
+        help="connections (throughput: 50 and 4 times as many, profile: 200, cost: 20, "
+        "idle: 18000, steady: 10000, storm: 10000)",
+    )
+    parser.add_argument(
+        "--messages", type=int, default=50, help="cost: messages per guest in each round"
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load")
     parser.add_argument(
@@ -62,7 +67,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "storm use at least 4, each from its own source address)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="throughput: measure each setup this many times"
+        "--rounds",
+        type=int,
+        default=3,
+        help="throughput and cost: measure each setup this many times",
     )
     parser.add_argument(
         "--no-socketio",
@@ -120,6 +128,8 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
                     name="engines",
                     figures_of=engine_figures,
                 )
+            elif name == "cost":
+                result = await scenario_cost(guests, args.messages, args.rounds, steps, old)
             elif name == "profile":
                 result = await scenario_profile(guests, args.duration, args.workers, steps, old)
             elif name == "idle":

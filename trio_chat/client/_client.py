@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import logging
 import random
+import ssl
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -56,10 +58,11 @@ class ClientEvent:
     """Something that happened to a client.
 
     ``kind`` is one of ``state``, ``queued`` (a message entered the outbox), ``message``,
-    ``ack``, ``status``, ``typing``, ``read``, ``error``, ``pong``, ``closed`` (a
-    connection ended), and for staff ``queue`` (``conversations``: a list of
-    :class:`ConversationSummary`), ``conversation`` (``summary``: one entry changed)
-    and ``subscribed``.
+    ``ack``, ``status``, ``typing``, ``read``, ``draft`` (the concierge's answer so
+    far as ``text``; ``None`` once the stored answer replaced it), ``error``, ``pong``,
+    ``closed`` (a connection ended), and for staff ``queue`` (``conversations``: a list of
+    :class:`ConversationSummary`), ``conversation`` (``summary``: one entry changed),
+    ``subscribed`` and ``presence`` (``staff``: the names of the staff on duty).
     ``at`` is Trio's clock (virtual under ``MockClock``), ``wall`` the POSIX time.
     """
 
@@ -108,7 +111,8 @@ class ChatClient:
     :class:`Backoff` with full jitter and its first retry spread over 5 s.
     ``heartbeat=None`` uses the server's ``heartbeat_s``; 0 turns the watchdog off.
     ``healthy_after`` is how long a connection must last before the backoff starts
-    again from its first delay.
+    again from its first delay. ``ssl_context`` verifies a ``wss://`` server (default:
+    the system's trusted CAs and the URL's host name).
     """
 
     role = "guest"
@@ -123,10 +127,14 @@ class ChatClient:
         heartbeat: float | None = None,
         connect_timeout: float = 10.0,
         healthy_after: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        room: str | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
         self.token = token
         self.name = name
+        self.room = room  # a new guest's room number, shown to staff (extension)
         self.backoff = backoff if backoff is not None else Backoff(spread=CRASH_SPREAD)
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -142,6 +150,8 @@ class ChatClient:
         self.assigned_to: str | None = None
         self.read_seq = 0
         self.typing: dict[str, bool] = {}
+        # The concierge's answer so far, by conversation, while it is being written.
+        self.drafts: dict[str, str] = {}
         self.transcripts: dict[str, Transcript] = {}
         self.reconnects = 0
         self.event_log: deque[ClientEvent] = deque(maxlen=EVENT_LOG)
@@ -500,9 +510,7 @@ class ChatClient:
                     # The whole attempt (TCP, WebSocket handshake, hello to welcome) has
                     # one timeout: trio-websocket 0.12's connect can hang for ever.
                     with trio.fail_after(self.connect_timeout):
-                        ws = await trio_websocket.connect_websocket_url(
-                            nursery, self.url, message_queue_size=64
-                        )
+                        ws = await self._open_websocket(nursery)
                         welcome = await self._hello(ws)
                     welcomed = True
                     connected_at = trio.current_time()
@@ -542,8 +550,41 @@ class ChatClient:
         healthy = welcomed and trio.current_time() - connected_at >= self.healthy_after
         return _Ended(code, reason, welcomed, healthy)
 
+    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        """The WebSocket connection to :attr:`url`. For ``wss://`` the TLS handshake is
+        done here first: trio-websocket's connect waits for ever when it fails (an
+        untrusted certificate), so its ``ssl.SSLError`` is raised at once instead."""
+        url = urllib.parse.urlsplit(self.url)
+        if url.scheme != "wss":
+            return await trio_websocket.connect_websocket_url(
+                nursery, self.url, message_queue_size=64
+            )
+        host, port = url.hostname or "", url.port or 443
+        context = self.ssl_context if self.ssl_context is not None else ssl.create_default_context()
+        tls = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=context, https_compatible=True
+        )
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tls)
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise exc.__cause__ from None  # names what failed: the certificate, ...
+            raise
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        return await trio_websocket.wrap_client_stream(
+            nursery,
+            tls,
+            url.netloc.rpartition("@")[2],  # the Host header: host[:port], as in the URL
+            resource,
+            message_queue_size=64,
+        )
+
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> wire.Welcome:
-        await ws.send_message(wire.hello_frame(self.token, self.name))
+        await ws.send_message(wire.hello_frame(self.token, self.name, self.room))
         while True:
             frame = wire.parse_server_frame(await ws.get_message())
             if isinstance(frame, wire.Welcome):
@@ -659,8 +700,13 @@ class ChatClient:
                 status=frame.status,
                 assigned_to=frame.assigned_to,
             )
+        elif isinstance(frame, wire.Draft):
+            self.drafts[frame.conversation_id] = frame.text
+            self._emit("draft", conversation_id=frame.conversation_id, text=frame.text)
         elif isinstance(frame, wire.TypingChanged):
             self.typing[frame.sender] = frame.active
+            if frame.sender == "ai" and not frame.active:
+                self._end_draft(frame.conversation_id)
             self._emit(
                 "typing",
                 conversation_id=frame.conversation_id,
@@ -684,7 +730,13 @@ class ChatClient:
                 self._emit("pong", id=frame.id)
         # anything else: nothing to do (any frame proves the link is alive)
 
+    def _end_draft(self, conversation_id: str) -> None:
+        if self.drafts.pop(conversation_id, None) is not None:
+            self._emit("draft", conversation_id=conversation_id, text=None)
+
     def _on_message(self, message: Message) -> None:
+        if message.sender == "ai":
+            self._end_draft(message.conversation_id)  # the stored answer replaces it
         transcript = self._transcript(message.conversation_id)
         self._emit("pushed", seq=message.seq, conversation_id=message.conversation_id)
         for added in transcript.add(message):
@@ -743,7 +795,17 @@ class ChatClient:
             if waiter is not None:
                 waiter.finish(error=MessageRejected(code, frame.message))
             return
+        if ref == "history" and code == ErrorCode.RATE_LIMITED and self._nursery is not None:
+            # One page at a time, and pages cost: ask again for what is still missing.
+            self._nursery.start_soon(self._history_later, (frame.retry_after_ms or 1000) / 1000)
+            return
         self._on_request_error(code, ref, frame.message)
+
+    async def _history_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        for conversation_id in list(self._history_pending):
+            self._history_pending.discard(conversation_id)
+            self._request_history(conversation_id, self._transcript(conversation_id).held)
 
     def _on_request_error(self, code: str, ref: Any, message: str) -> None:
         """An error about a request (not a message); staff clients resolve waiters."""
@@ -778,6 +840,7 @@ class StaffClient(ChatClient):
         self.queue: dict[str, wire.ConversationSummary] = {}
         self.queue_ready = False  # the current connection's queue has arrived
         self.subscribed: set[str] = set()
+        self.on_duty: tuple[str, ...] = ()  # staff signed in, by name (staff_presence)
         self._watching: set[str] = set()
         self._action_waiters: dict[str, deque[tuple[str, _Waiter]]] = {}
 
@@ -797,6 +860,9 @@ class StaffClient(ChatClient):
             self.queue = {c.conversation_id: c for c in frame.conversations}
             self.queue_ready = True
             self._emit("queue", conversations=list(frame.conversations))
+        elif isinstance(frame, wire.StaffPresence):
+            self.on_duty = frame.staff
+            self._emit("presence", staff=list(frame.staff))
         elif isinstance(frame, wire.ConversationChanged):
             summary = frame.summary
             self.queue[summary.conversation_id] = summary

@@ -24,6 +24,7 @@ __all__ = [
     "Ack",
     "ConversationChanged",
     "ConversationSummary",
+    "Draft",
     "History",
     "Pong",
     "Pushed",
@@ -33,6 +34,7 @@ __all__ = [
     "ServerError",
     "ServerFrame",
     "StaffAction",
+    "StaffPresence",
     "StatusChanged",
     "Subscribed",
     "TypingChanged",
@@ -61,10 +63,12 @@ def _with_conversation(frame: dict[str, Any], conversation_id: str | None) -> st
     return encode(frame)
 
 
-def hello_frame(token: str | None, name: str | None = None) -> str:
+def hello_frame(token: str | None, name: str | None = None, room: str | None = None) -> str:
     frame: dict[str, Any] = {"type": "hello", "token": token}
     if name:
         frame["name"] = name
+    if room:
+        frame["room"] = room  # extension: older servers ignore it
     return encode(frame)
 
 
@@ -199,11 +203,14 @@ class ConversationSummary:
     updated_ts: str
     guest_online: bool
     preview: str | None
+    guest_room: str | None = None  # extension: absent from older servers
 
     @property
     def guest_label(self) -> str:
-        """How staff see the guest: the name they gave, else their id."""
-        return self.guest_name or self.guest_id
+        """How staff see the guest: the name they gave (else their id), and the room
+        where given: ``Maria Lopez · 412``."""
+        who = self.guest_name or self.guest_id
+        return f"{who} · {self.guest_room}" if self.guest_room else who
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +229,23 @@ class Subscribed:
     last_seq: int
     status: Status
     assigned_to: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """The concierge's answer so far (an extension of protocol v1): shown while it is
+    written, replaced by the one stored ``message`` that ends it."""
+
+    conversation_id: str
+    sender: Sender
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StaffPresence:
+    """Extension: the staff members on duty (signed in), by name."""
+
+    staff: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +270,8 @@ ServerFrame: TypeAlias = (
     | Queue
     | ConversationChanged
     | Subscribed
+    | Draft
+    | StaffPresence
     | UnknownFrame
 )
 
@@ -325,6 +351,7 @@ def _summary(obj: Any) -> ConversationSummary:
         updated_ts=f.text("updated_ts"),
         guest_online=f.flag("guest_online", False),
         preview=f.text_or_none("preview"),
+        guest_room=f.text_or_none("guest_room"),
     )
 
 
@@ -374,6 +401,13 @@ def _queue(f: _Reader) -> Queue:
     return Queue(tuple(_summary(entry) for entry in raw))
 
 
+def _presence(f: _Reader) -> StaffPresence:
+    raw = f.obj.get("staff", [])
+    if not isinstance(raw, list) or not all(isinstance(name, str) for name in raw):
+        raise f._fail("staff", "a list of names")
+    return StaffPresence(tuple(raw))
+
+
 def _error(f: _Reader) -> ServerError:
     retry = f.obj.get("retry_after_ms")
     return ServerError(
@@ -416,6 +450,12 @@ _PARSERS: dict[str, Callable[[_Reader], ServerFrame]] = {
     ),
     "queue": _queue,
     "conversation": lambda f: ConversationChanged(_summary(f.obj)),
+    "draft": lambda f: Draft(
+        conversation_id=f.text("conversation_id"),
+        sender=cast(Sender, f.one_of("sender", _SENDERS)),
+        text=f.text("text"),
+    ),
+    "staff_presence": _presence,
     "subscribed": lambda f: Subscribed(
         conversation_id=f.text("conversation_id"),
         last_seq=f.integer("last_seq", 0),

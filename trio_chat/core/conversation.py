@@ -26,6 +26,7 @@ Event: TypeAlias = Literal[
     "release",
     "resolve",
     "guest_message",  # a guest writes (reopens a resolved conversation)
+    "staff_removed",  # the holder was removed or revoked: back in the queue
 ]
 
 # (state, event) -> new state. A pair missing from the table is "no change" for the
@@ -40,6 +41,7 @@ TRANSITIONS: Final[dict[tuple[Status, Event], Status]] = {
     ("staff", "release"): "ai",
     ("staff", "resolve"): "resolved",
     ("resolved", "guest_message"): "ai",
+    ("staff", "staff_removed"): "waiting",
 }
 
 
@@ -80,6 +82,8 @@ def _system_text(event: str, new: ConversationState, old: ConversationState) -> 
         return f"{old.assigned_name} marked this conversation as resolved. Write again any time."
     if event == "guest_message":
         return "Welcome back! Our concierge is here to help again."
+    if event == "staff_removed":
+        return f"{old.assigned_name} has left; someone else from our team will be with you shortly."
     raise AssertionError(event)
 
 
@@ -92,7 +96,9 @@ def apply_event(
 ) -> Transition | None:
     """Apply ``event`` to ``state``.
 
-    Needs ``staff_id`` and ``staff_name`` for ``claim``, ``release`` and ``resolve``.
+    Needs ``staff_id`` and ``staff_name`` for ``claim``, ``release`` and ``resolve``;
+    ``staff_id`` for ``staff_removed``, which changes only a conversation that staff
+    member holds (the server's own event, never refused).
     Returns the :class:`Transition`, or ``None`` when the event changes nothing (an
     escalation of a conversation already waiting or with staff, a claim by the holder,
     a guest message outside ``resolved``). Raises :class:`ProtocolError` with
@@ -101,6 +107,11 @@ def apply_event(
     """
     if event in ("claim", "release", "resolve") and (staff_id is None or staff_name is None):
         raise ValueError(f"{event} needs staff_id and staff_name")
+    if event == "staff_removed":
+        if staff_id is None:
+            raise ValueError("staff_removed needs staff_id")
+        if state.status != "staff" or state.assigned_to != staff_id:
+            return None
     if event == "claim" and state.status == "staff":
         if state.assigned_to == staff_id:
             return None

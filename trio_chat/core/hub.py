@@ -34,7 +34,8 @@ from . import protocol as proto
 from .conversation import ConversationState, Event, apply_event
 from .errors import ProtocolError, StorageError
 from .protocol import CloseCode, ErrorCode, Message, Reader, Role
-from .ratelimit import TokenBucket
+from .ratelimit import BucketTable, TokenBucket
+from .registration import RegistrationLimiter
 from .storage import (
     Appended,
     AppendMessage,
@@ -43,6 +44,7 @@ from .storage import (
     Operation,
     SetRead,
     StaffSignIn,
+    TouchGuest,
 )
 from .tokens import TokenSigner
 
@@ -55,6 +57,7 @@ __all__ = [
     "LiveConversation",
     "Read",
     "Relay",
+    "ReportWritten",
     "Send",
     "StartReply",
     "Write",
@@ -64,7 +67,24 @@ BAD_FRAME_LIMIT: Final = 20
 FLOOD_CLOSE_AFTER: Final = 10.0
 FLOOD_QUIET: Final = 1.0  # seconds without a refusal that end a flood
 QUEUE_LIMIT: Final = 500
+# A guest's sign-in is recorded (one small write) only when the last one recorded is
+# older than this: reconnection storms write nothing, idle expiry stays exact to a day.
+GUEST_SEEN_REFRESH: Final = 3600.0
 PREVIEW_CHARS: Final = 120
+# Rate-limit tokens per frame (a chat message, escalate or a staff action costs 1): a
+# history page is a read and up to 1 MiB out; typing, read marks and pings are cheap.
+FRAME_COSTS: Final[dict[type[proto.ClientFrame], float]] = {
+    proto.HistoryRequest: 4.0,
+    proto.Typing: 0.1,
+    proto.Read: 0.1,
+    proto.Ping: 0.1,
+}
+HELLO_COST: Final = 1.0  # from the address's bucket: a hello may create a guest
+HISTORY_RETRY_MS: Final = 250  # told to a client asking for history before its last reply left
+# What a staff console is told when it is closed (4401) or refused at hello.
+STAFF_REMOVED: Final = "this staff member was removed"
+STAFF_TOKEN_REVOKED: Final = "this staff token was revoked; ask for your new sign-in link"
+SECRET_ROTATED: Final = "this token no longer works: the server's token secret was changed"
 
 
 # ------------------------------------------------------------------------- actions
@@ -143,7 +163,15 @@ class Relay:
     guest_online: bool | None = None
 
 
-Action = Send | Close | Write | Read | StartReply | Fill | Relay
+@dataclass(frozen=True, slots=True)
+class ReportWritten:
+    """Call :meth:`Hub.written` once everything queued for ``session`` so far has been
+    written to its socket (a history reply: the next one waits until then)."""
+
+    session: int
+
+
+Action = Send | Close | Write | Read | StartReply | ReportWritten | Fill | Relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +179,18 @@ class HubConfig:
     heartbeat_s: float = 20.0
     server_name: str = "trio-chat"
     open_registration: bool = True
-    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    rate_limit: float = 10.0  # tokens per second per guest or staff member; 0 = off
     rate_burst: int = 20
+    # Memory and rate limits: one more bucket per client address, shared by every
+    # session from it (a hotel's guests may all come from one NAT address). 0 = off.
+    rate_limit_per_ip: float = 300.0
+    rate_burst_per_ip: int = 3000
+    # staff hardening: a guest token unused (no sign-in, no message) this long no
+    # longer signs in; 0 = never expires.
+    guest_token_idle_s: float = 0.0
+    # http hardening: new guest identities per network address (0 = unlimited)
+    registrations_per_minute: float = 0.0
+    registration_burst: int = 60
 
 
 # ------------------------------------------------------------------------ state
@@ -172,6 +210,8 @@ class LiveConversation:
         "conversation_id",
         "guest_id",
         "guest_name",
+        "guest_read_seq",
+        "guest_room",
         "guest_sessions",
         "last_seq",
         "preview",
@@ -196,6 +236,8 @@ class LiveConversation:
         self.read_seq = row.read_seq
         self.updated_ts = row.updated_ts
         self.preview = row.preview
+        self.guest_room = row.guest_room
+        self.guest_read_seq = row.guest_read_seq
         self.subscribers: set[int] = set()
         self.guest_sessions = 0
         self.busy = 0  # writes, reads and replies in flight that still need this object
@@ -224,6 +266,7 @@ class LiveConversation:
             "updated_ts": proto.format_ts(self.updated_ts),
             "guest_online": self.guest_sessions > 0,
             "preview": self.preview,
+            "guest_room": self.guest_room,
         }
 
 
@@ -231,29 +274,48 @@ class Session:
     """One connection's identity and counters."""
 
     __slots__ = (
+        "address",
+        "address_bucket",
         "bad_frames",
         "bucket",
+        "bucket_key",
         "conversation",
         "flood_since",
+        "history_pending",
         "id",
         "last_limited",
         "name",
+        "revoked",
         "role",
         "staff_id",
         "subscriptions",
+        "token",
+        "token_generation",
     )
 
-    def __init__(self, session_id: int) -> None:
+    def __init__(self, session_id: int, address: str | None = None) -> None:
         self.id = session_id
+        self.address = address  # the peer's network address, for per-address limits
         self.role: Role | None = None  # once hello succeeded
         self.staff_id: str | None = None
         self.name: str | None = None
         self.conversation: LiveConversation | None = None  # a guest's own
         self.subscriptions: set[LiveConversation] | None = None  # a staff member's
+        # The guest's or staff member's bucket, shared by all their sessions, and the
+        # client address's bucket, shared by everyone there (None: no limit).
         self.bucket: TokenBucket | None = None
+        self.bucket_key = ""
+        self.address_bucket: TokenBucket | None = None
+        # From a history request until its reply has left the server.
+        self.history_pending = False
         self.bad_frames = 0
         self.flood_since: float | None = None
         self.last_limited = 0.0
+        self.token: str | None = None  # the token it signed in with (or was given)
+        self.token_generation = 0  # a staff token's generation
+        # Closed for a revocation: nothing more it sends, or that comes back for it, is
+        # acted on (its Close is on its way).
+        self.revoked = False
 
 
 class _Deferred(Exception):
@@ -282,6 +344,11 @@ class Hub:
         # changed meanwhile: a conversation may change and leave memory before the read
         # returns, and the console is not in the staff room yet to hear of it.
         self._signing_in: dict[int, dict[str, dict[str, Any]]] = {}
+        self._buckets = BucketTable(config.rate_limit, config.rate_burst)
+        self._address_buckets = BucketTable(config.rate_limit_per_ip, config.rate_burst_per_ip)
+        self.registrations = RegistrationLimiter(
+            config.registrations_per_minute, config.registration_burst
+        )
         self._out: list[Action] = []
         self._now = 0.0
         self._wall = 0.0
@@ -292,9 +359,18 @@ class Hub:
 
     # -- events ------------------------------------------------------------------------
 
-    def opened(self, session_id: int) -> None:
-        """A connection was accepted (its first frame must be ``hello``)."""
-        self.sessions[session_id] = Session(session_id)
+    def opened(self, session_id: int, address: str | None = None, now: float = 0.0) -> None:
+        """A connection was accepted (its first frame must be ``hello``) from the client
+        ``address`` (None: not a network peer, no per-address limit), at ``now``."""
+        session = self.sessions[session_id] = Session(session_id, address)
+        self._buckets.forget_idle(now)
+        if address is not None and self.config.rate_limit_per_ip > 0:
+            session.address_bucket = self._address_buckets.hold(address, now)
+
+    def buckets_held(self) -> tuple[int, int]:
+        """How many rate-limit buckets are in memory: per guest or staff member, and
+        per address (for ``/healthz`` and tests: they must not pile up)."""
+        return len(self._buckets), len(self._address_buckets)
 
     def signed_in(self, session_id: int) -> bool:
         session = self.sessions.get(session_id)
@@ -308,7 +384,7 @@ class Hub:
         """A WebSocket message from a session."""
         self._begin(now, wall)
         session = self.sessions.get(session_id)
-        if session is not None:
+        if session is not None and not session.revoked:
             if session.role is None:
                 self._hello_phase(session, raw)
             else:
@@ -352,6 +428,8 @@ class Hub:
 
     def read_failed(self, read: Read, error: StorageError, now: float, wall: float) -> list[Action]:
         self._begin(now, wall)
+        if read.method == "history" and read.session in self.sessions:
+            self.sessions[read.session].history_pending = False
         self._internal(read.session, read.ref)
         self._unpin(read.conversation)
         return self._end()
@@ -366,6 +444,16 @@ class Hub:
             self._concierge_answer(conv, text, escalate)
         return self._end()
 
+    def drafted(self, conversation_id: str, text: str, now: float, wall: float) -> list[Action]:
+        """The concierge's answer to the :class:`StartReply` of ``conversation_id`` so
+        far: shown to the conversation's subscribers while it is still the concierge's
+        to give (a conversation staff took over gets no more drafts)."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is not None and conv.replying and conv.decided.status == "ai":
+            self._broadcast(conv, proto.draft_frame(conversation_id, text))
+        return self._end()
+
     def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
         """At start-up: ``message`` never got the concierge's answer (the server stopped
         first)."""
@@ -375,6 +463,15 @@ class Hub:
         self._release(conv)  # unless an answer (or a reopening) now holds it
         return self._end()
 
+    def written(self, session_id: int, now: float, wall: float) -> list[Action]:
+        """What was queued for ``session_id`` up to its :class:`ReportWritten` has been
+        written: its next history request is welcome."""
+        self._begin(now, wall)
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.history_pending = False
+        return self._end()
+
     def closed(self, session_id: int, now: float, wall: float) -> list[Action]:
         """The connection is gone (for whatever reason)."""
         self._begin(now, wall)
@@ -382,6 +479,10 @@ class Hub:
         self._signing_in.pop(session_id, None)
         if session is not None:
             self._detach(session)
+            if session.bucket is not None:
+                self._buckets.let_go(session.bucket_key, now)
+            if session.address is not None:
+                self._address_buckets.let_go(session.address, now)
         return self._end()
 
     # -- scale-out: what the other server processes did ---------------------------------
@@ -495,6 +596,69 @@ class Hub:
         if self.cluster:
             self._out.append(Relay(conv.conversation_id, guest_online=online))
 
+    # -- revocation (staff hardening) ----------------------------------------------------
+
+    def staff_removed(self, staff_id: str, now: float, wall: float) -> list[Action]:
+        """The staff member ``staff_id`` was removed (found in storage: possibly by
+        another process). Their consoles are closed (4401) and every conversation they
+        hold goes back to ``waiting``, with a system message the guest reads."""
+        self._begin(now, wall)
+        self._revoke(lambda s: s.staff_id == staff_id, STAFF_REMOVED)
+        self._hand_back(staff_id)
+        return self._end()
+
+    def staff_revoked(
+        self, staff_id: str, generation: int, now: float, wall: float
+    ) -> list[Action]:
+        """``staff_id``'s tokens older than ``generation`` were revoked: consoles that
+        signed in with one are closed (4401). What they hold stays theirs: the same
+        person signs in again with the new token."""
+        self._begin(now, wall)
+        self._revoke(
+            lambda s: s.staff_id == staff_id and s.token_generation < generation,
+            STAFF_TOKEN_REVOKED,
+        )
+        return self._end()
+
+    def secret_rotated(self, signer: TokenSigner, now: float, wall: float) -> list[Action]:
+        """The token secret changed: from now on tokens verify under ``signer``, and
+        every session whose token no longer does is closed (4401), guests included."""
+        self._begin(now, wall)
+        self.signer = signer
+        self._revoke(
+            lambda s: s.token is not None and signer.verify_generation(s.token) is None,
+            SECRET_ROTATED,
+        )
+        return self._end()
+
+    def _revoke(self, affected: Callable[[Session], bool], why: str) -> None:
+        """Close every session ``affected`` picks, signed in or still signing in."""
+        for session in self.sessions.values():
+            if session.revoked or not affected(session):
+                continue
+            session.revoked = True
+            self._signing_in.pop(session.id, None)
+            self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, None))
+            self._close(session.id, CloseCode.AUTH_FAILED, why)
+
+    def _hand_back(self, staff_id: str) -> None:
+        """Every conversation ``staff_id`` holds back to ``waiting``: those in memory
+        as decided so far (a claim still being written included), then those only in
+        storage; a conversation met twice changes once (the second finds it waiting)."""
+
+        def hand_back(conv: LiveConversation) -> None:
+            if not self._transition(conv, "staff_removed", staff_id=staff_id):
+                self._release(conv)
+
+        for conv in list(self.conversations.values()):
+            hand_back(conv)
+
+        def found(rows: list[ConversationRow]) -> None:
+            for row in rows:
+                hand_back(self._live(row))
+
+        self._read(None, "held_conversations", (staff_id,), found, ref="staff_removed")
+
     # -- plumbing ----------------------------------------------------------------------
 
     def _begin(self, now: float, wall: float) -> None:
@@ -514,8 +678,8 @@ class Hub:
 
     def _continue(self, session_id: int | None, then: Callable[[Any], None], result: Any) -> None:
         session = self.sessions.get(session_id) if session_id is not None else None
-        if session_id is not None and session is None:
-            return  # the session is gone: nothing to answer
+        if session_id is not None and (session is None or session.revoked):
+            return  # the session is gone (or on its way out): nothing to answer
         if session is None:
             then(result)
             return
@@ -626,6 +790,29 @@ class Hub:
             summary["guest_online"] = True  # online on another server process
         return summary
 
+    # -- presence (extension: who else is on duty) ---------------------------------------
+
+    def _on_duty(self, also: Session | None = None) -> list[str]:
+        """The names of the staff members signed in (and ``also``'s), each once however
+        many consoles they have open, sorted."""
+        names = {self.sessions[sid].name for sid in self.staff_room if sid in self.sessions}
+        if also is not None:
+            names.add(also.name)
+        return sorted(name for name in names if name is not None)
+
+    def _presence_frame(self) -> str:
+        return proto.encode({"type": "staff_presence", "staff": self._on_duty()})
+
+    def _presence_changed(self, before: list[str], skip: int | None = None) -> None:
+        """Tell the staff room who is on duty, when that changed (a second console of
+        someone already on duty changes nothing)."""
+        if self._on_duty() == before or not self.staff_room:
+            return
+        frame = self._presence_frame()
+        for session_id in self.staff_room:
+            if session_id != skip:
+                self._send(session_id, frame)
+
     def _subscribe(self, session: Session, conv: LiveConversation) -> None:
         assert session.subscriptions is not None
         conv.subscribers.add(session.id)
@@ -639,6 +826,9 @@ class Hub:
                     "last_seq": conv.last_seq,
                     "status": conv.status,
                     "assigned_to": conv.assigned_name,
+                    # Extension: where the guest's read mark stands (staff consoles
+                    # draw it; later moves arrive as ``read`` frames).
+                    "guest_read_seq": conv.guest_read_seq,
                 }
             ),
         )
@@ -653,15 +843,32 @@ class Hub:
                 self._relay_presence(conv, False)
             self._release(conv)
         elif session.role == "staff" and session.subscriptions is not None:
+            # The session has already left ``sessions``: count it in by hand.
+            was_on_duty = self._on_duty(also=session)
             self.staff_room.discard(session.id)
             for conv in session.subscriptions:
                 conv.subscribers.discard(session.id)
                 self._release(conv)
             session.subscriptions.clear()
+            self._presence_changed(was_on_duty)
 
     # -- hello -----------------------------------------------------------------------
 
     def _hello_phase(self, session: Session, raw: str | bytes) -> None:
+        bucket = session.address_bucket
+        if bucket is not None:
+            wait_ms = bucket.try_take(self._now, HELLO_COST)
+            if wait_ms:
+                # Not signed in, the client has nothing to retry on this connection.
+                self._error(
+                    session,
+                    ProtocolError(
+                        ErrorCode.RATE_LIMITED, "too many requests from your address", "hello"
+                    ),
+                    retry_after_ms=wait_ms,
+                )
+                self._close(session.id, CloseCode.RATE_LIMITED, "too many requests from address")
+                return
         try:
             frame = proto.parse_client_frame(raw)
         except ProtocolError as exc:
@@ -684,27 +891,41 @@ class Hub:
                     session, "this server issues guest tokens at the desk; registration is closed"
                 )
                 return
+            if session.address is not None:
+                wait_ms = self.registrations.try_register(session.address, self._now)
+                if wait_ms:
+                    self._registration_limited(session, wait_ms)
+                    return
 
             def created(row: ConversationRow) -> None:
                 if session.id in self.sessions:
                     self._attach_guest(session, row, self.signer.issue("g", row.guest_id))
 
-            self._write(CreateGuest(name=hello.name), created, session=session, wait=True,
-                        ref="hello")  # fmt: skip
+            self._write(CreateGuest(name=hello.name, room=hello.room), created, session=session,
+                        wait=True, ref="hello")  # fmt: skip
             return
-        verified = self.signer.verify(hello.token)
+        verified = self.signer.verify_generation(hello.token)
         if verified is None:
             self._auth_failed(session, "unknown or invalid token")
             return
-        kind, ident = verified
+        kind, ident, generation = verified
         token = hello.token
+        # Known before the read returns, so a revocation meanwhile finds this session.
+        session.token = token
         if kind == "g":
 
             def found_guest(row: ConversationRow | None) -> None:
                 if row is None:
                     self._auth_failed(session, "unknown guest")
+                elif self._guest_token_expired(row):
+                    self._auth_failed(
+                        session,
+                        f"this guest link was not used for "
+                        f"{self.config.guest_token_idle_s / 86400:g} days and has expired",
+                    )
                 else:
                     self._attach_guest(session, row, token)
+                    self._note_guest_seen(row)
 
             self._read(session, "conversation_of_guest", (ident,), found_guest, ref="hello")
         else:
@@ -714,24 +935,49 @@ class Hub:
                     return  # the session closed while its read was in flight
                 if found.member is None:
                     del self._signing_in[session.id]
-                    self._auth_failed(session, "this staff member was removed")
+                    self._auth_failed(session, STAFF_REMOVED)
+                elif found.member.generation != generation:
+                    del self._signing_in[session.id]
+                    self._auth_failed(session, STAFF_TOKEN_REVOKED)
                 else:
                     self._attach_staff(session, found, token)
 
+            session.staff_id = ident
+            session.token_generation = generation
             self._signing_in[session.id] = {}
             self._read(session, "staff_sign_in", (ident,), found_staff, ref="hello")
+
+    def _registration_limited(self, session: Session, wait_ms: int) -> None:
+        """Too many new guests from this address: not a bad frame; the client comes
+        back after ``retry_after_ms`` (close 4429, as the protocol says)."""
+        exc = ProtocolError(
+            ErrorCode.RATE_LIMITED, "too many new guests from this address; retry later", "hello"
+        )
+        self._error(session, exc, wait_ms)
+        self._close(session.id, CloseCode.RATE_LIMITED, "too many registrations")
 
     def _auth_failed(self, session: Session, why: str) -> None:
         self._send(session.id, proto.error_frame(ErrorCode.AUTH_FAILED, why, "hello"))
         self._close(session.id, CloseCode.AUTH_FAILED, "authentication failed")
 
+    def _guest_token_expired(self, row: ConversationRow) -> bool:
+        idle = self.config.guest_token_idle_s
+        return idle > 0 and self._wall - max(row.updated_ts, row.last_seen_ts) > idle
+
+    def _note_guest_seen(self, row: ConversationRow) -> None:
+        """Record the sign-in, if idle expiry is on and the record is old enough."""
+        if self.config.guest_token_idle_s > 0 and (
+            self._wall - row.last_seen_ts > GUEST_SEEN_REFRESH
+        ):
+            self._write(TouchGuest(guest_id=row.guest_id, at=self._wall), None)
+
     def _attach_guest(self, session: Session, row: ConversationRow, token: str) -> None:
         conv = self._live(row)
+        session.token = token
         session.role = "guest"
         session.conversation = conv
         session.name = conv.guest_name
-        if self.config.rate_limit > 0:
-            session.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst, self._now)
+        self._hold_bucket(session, "g:" + conv.guest_id)
         # Subscribing and reading last_seq happen in one step: every later commit
         # reaches this session live.
         conv.subscribers.add(session.id)
@@ -765,10 +1011,12 @@ class Hub:
     def _attach_staff(self, session: Session, found: StaffSignIn, token: str) -> None:
         member = found.member
         assert member is not None
+        session.token = token
         session.role = "staff"
         session.staff_id = member.staff_id
         session.name = member.name
         session.subscriptions = set()
+        self._hold_bucket(session, "s:" + member.staff_id)
         self._send(
             session.id,
             proto.encode(
@@ -803,7 +1051,10 @@ class Hub:
         self._send(
             session.id, proto.encode({"type": "queue", "conversations": ordered[:QUEUE_LIMIT]})
         )
+        was_on_duty = self._on_duty()
         self.staff_room.add(session.id)
+        self._send(session.id, self._presence_frame())
+        self._presence_changed(was_on_duty, skip=session.id)
         for conv in held:
             if conv.status == "staff" and conv.assigned_to == member.staff_id:
                 self._subscribe(session, conv)
@@ -818,6 +1069,11 @@ class Hub:
         except ProtocolError as exc:
             self._bad_frame(session, exc)
             return
+        if session.bucket is not None or session.address_bucket is not None:
+            wait_ms = self._charge(session, FRAME_COSTS.get(type(frame), 1.0))
+            if wait_ms:
+                self._over_limit(session, frame, wait_ms)
+                return
         if session.role == "guest":
             self._guarded(session, lambda: self._guest_frame(session, frame))
         else:
@@ -861,11 +1117,6 @@ class Hub:
         self, session: Session, conv: LiveConversation, frame: proto.SendMessage
     ) -> None:
         author_key = "g:" + conv.guest_id
-        if session.bucket is not None:
-            wait_ms = session.bucket.try_take(self._now)
-            if wait_ms:
-                self._rate_limited(session, conv, frame, author_key, wait_ms)
-                return
         self._post(
             session,
             conv,
@@ -880,12 +1131,75 @@ class Hub:
             after=lambda message: self._after_guest_message(conv, message),
         )
 
-    def _rate_limited(
+    # -- rate limits -------------------------------------------------------------------
+
+    def _hold_bucket(self, session: Session, key: str) -> None:
+        """Share the bucket of ``key`` (a guest, a staff member) with their other
+        sessions: a second tab does not bring a second allowance."""
+        if self.config.rate_limit > 0:
+            session.bucket_key = key
+            session.bucket = self._buckets.hold(key, self._now)
+
+    def _charge(self, session: Session, cost: float) -> int:
+        """Take ``cost`` from the session's buckets if both have it; else take nothing
+        and return the wait in ms."""
+        now = self._now
+        bucket = session.bucket
+        address_bucket = session.address_bucket
+        wait_ms = bucket.wait_ms(now, cost) if bucket is not None else 0
+        if address_bucket is not None:
+            wait_ms = max(wait_ms, address_bucket.wait_ms(now, cost))
+        if wait_ms:
+            return wait_ms
+        if bucket is not None:
+            bucket.take(cost)
+        if address_bucket is not None:
+            address_bucket.take(cost)
+        return 0
+
+    def _over_limit(self, session: Session, frame: proto.ClientFrame, wait_ms: int) -> None:
+        """Refuse a frame over the limit (``rate_limited``, not a bad frame)."""
+        if isinstance(frame, proto.SendMessage):
+            if session.role == "guest":
+                conv = session.conversation
+                assert conv is not None
+                self._message_over_limit(
+                    session, conv.conversation_id, "g:" + conv.guest_id, frame, wait_ms
+                )
+                return
+            if frame.conversation_id is not None and session.staff_id is not None:
+                self._message_over_limit(
+                    session, frame.conversation_id, "s:" + session.staff_id, frame, wait_ms
+                )
+                return
+        self._refuse(
+            session,
+            ProtocolError(ErrorCode.RATE_LIMITED, "slow down: too many requests", _ref(frame)),
+            wait_ms,
+        )
+
+    def _refuse(
+        self, session: Session, exc: ProtocolError, wait_ms: int, now: float | None = None
+    ) -> None:
+        """Answer ``rate_limited``; a session still refused 10 s into a flood is closed.
+        ``now``: when the refused frame came (default: now)."""
+        if now is None:
+            now = self._now
+        # A flood ends only after a quiet spell; frames that squeeze through at the
+        # refill rate do not end it.
+        if session.flood_since is None or now - session.last_limited > FLOOD_QUIET:
+            session.flood_since = now
+        session.last_limited = now
+        if now - session.flood_since >= FLOOD_CLOSE_AFTER:
+            self._close(session.id, CloseCode.RATE_LIMITED, "still flooding after being told")
+        self._error(session, exc, retry_after_ms=wait_ms)
+
+    def _message_over_limit(
         self,
         session: Session,
-        conv: LiveConversation,
-        frame: proto.SendMessage,
+        conversation_id: str,
         author_key: str,
+        frame: proto.SendMessage,
         wait_ms: int,
     ) -> None:
         now = self._now
@@ -895,30 +1209,23 @@ class Hub:
             if stored is not None:
                 self._send(session.id, proto.ack_frame(stored))
                 return
-            # A flood ends only after a quiet spell; messages that squeeze through at
-            # the refill rate do not end it.
-            if session.flood_since is None or now - session.last_limited > FLOOD_QUIET:
-                session.flood_since = now
-            session.last_limited = now
-            if now - session.flood_since >= FLOOD_CLOSE_AFTER:
-                self._close(session.id, CloseCode.RATE_LIMITED, "still flooding after being told")
-            self._error(
+            self._refuse(
                 session,
                 ProtocolError(
                     ErrorCode.RATE_LIMITED, "slow down: too many messages", frame.client_msg_id
                 ),
-                retry_after_ms=wait_ms,
+                wait_ms,
+                now,
             )
 
         self._read(
             session,
             "message_by_client_id",
-            (conv.conversation_id, author_key, frame.client_msg_id),
+            (conversation_id, author_key, frame.client_msg_id),
             looked_up,
             ref=frame.client_msg_id,
-            conv=conv,
+            conv=self.conversations.get(conversation_id),
         )
-        raise _Deferred
 
     def _post(
         self,
@@ -1118,6 +1425,21 @@ class Hub:
     def _history(
         self, session: Session, conv: LiveConversation, frame: proto.HistoryRequest
     ) -> None:
+        if session.history_pending:
+            # One page of up to 1 MiB at a time per connection: a client that does
+            # not read its replies must not make the server hold more of them.
+            self._refuse(
+                session,
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "one history request at a time: wait for the reply",
+                    "history",
+                ),
+                HISTORY_RETRY_MS,
+            )
+            return
+        session.history_pending = True
+
         def found(messages: list[Message]) -> None:
             last_seq = max(conv.last_seq, messages[-1].seq if messages else 0)
             full_page = len(messages) >= frame.limit
@@ -1125,6 +1447,7 @@ class Hub:
                 session.id,
                 proto.history_frame(conv.conversation_id, messages, last_seq, full_page=full_page),
             )
+            self._out.append(ReportWritten(session.id))
 
         self._read(
             session,
@@ -1143,6 +1466,8 @@ class Hub:
         if reader == "staff" and seq > conv.read_seq:
             conv.read_seq = seq
             self._summary_changed(conv)
+        elif reader == "guest":
+            conv.guest_read_seq = max(conv.guest_read_seq, seq)
         read = proto.read_frame(conv.conversation_id, reader, seq)
         self._broadcast(conv, read, session.id)
         self._relay(conv, read)
@@ -1248,7 +1573,7 @@ class Hub:
             def subscribe_claimer(_: Appended) -> None:
                 # Runs right after the system message and status reached the existing
                 # subscribers, so the claimer's last_seq includes that message.
-                if session.id in self.sessions:
+                if session.id in self.sessions and not session.revoked:
                     self._subscribe(session, conv)
 
             changed = self._transition(

@@ -44,6 +44,8 @@ MAX_FRAME_BYTES: Final = 64 * 1024
 DEFAULT_HISTORY_LIMIT: Final = 200
 MAX_HISTORY_LIMIT: Final = 500
 MAX_SERVER_FRAME_BYTES: Final = 1024 * 1024
+MAX_INTEGER_FIELD: Final = 2**63 - 1  # an integer field beyond is out of range (SQLite's)
+MAX_ROOM_CHARS: Final = 20  # hello's room (extension): "412", "Garden Suite 3"
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._-]+\Z")
 
@@ -113,6 +115,7 @@ def format_ts(epoch: float | None = None) -> str:
 class Hello:
     token: str | None
     name: str | None
+    room: str | None = None  # extension: the guest's room number, shown to staff
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,10 @@ class _Fields:
         # bool is a subclass of int in Python; the contract says booleans are not integers.
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.bad(f"field {name!r} must be an integer")
+        # Beyond what SQLite stores (its OverflowError cost the frame a traceback): no
+        # sequence number or limit is ever that large.
+        if not -MAX_INTEGER_FIELD <= value <= MAX_INTEGER_FIELD:
+            raise self.bad(f"field {name!r} is out of range")
         return value
 
     def boolean(self, name: str) -> bool:
@@ -265,12 +272,21 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
     return parser(_Fields(obj, frame_type))
 
 
+# C0 controls (ESC among them), DEL and C1 controls: in a name shown to staff they
+# could drive a terminal (clear it, retitle it, fake lines). A name is cosmetic, so they
+# are dropped rather than the hello refused.
+_NAME_CONTROLS: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _parse_hello(f: _Fields) -> Hello:
     token = f.string("token", optional=True)
     name = f.string("name", optional=True)
     if name is not None:
-        name = name.strip()[:80] or None
-    return Hello(token=token, name=name)
+        name = _NAME_CONTROLS.sub("", name).strip()[:80] or None
+    room = f.string("room", optional=True)
+    if room is not None:
+        room = _NAME_CONTROLS.sub("", room).strip()[:MAX_ROOM_CHARS] or None
+    return Hello(token=token, name=name, room=room)
 
 
 def _parse_message(f: _Fields) -> SendMessage:
@@ -443,6 +459,14 @@ def status_frame(conversation_id: str, status: Status, assigned_to: str | None) 
 def typing_frame(conversation_id: str, sender: Sender, active: bool) -> str:
     return encode(
         {"type": "typing", "conversation_id": conversation_id, "sender": sender, "active": active}
+    )
+
+
+def draft_frame(conversation_id: str, text: str) -> str:
+    """The concierge's answer so far (an extension: clients that do not know ``draft``
+    ignore it and get the same answer as one ``message`` when it is stored)."""
+    return encode(
+        {"type": "draft", "conversation_id": conversation_id, "sender": "ai", "text": text}
     )
 
 

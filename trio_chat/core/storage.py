@@ -22,11 +22,14 @@ __all__ = [
     "Appended",
     "ConversationRow",
     "CreateGuest",
+    "ExpireSilentGuests",
     "Operation",
+    "Revocation",
     "SetRead",
     "StaffMember",
     "StaffSignIn",
     "StorageBackend",
+    "TouchGuest",
 ]
 
 T = TypeVar("T")
@@ -36,6 +39,7 @@ T = TypeVar("T")
 class StaffMember:
     staff_id: str
     name: str
+    generation: int = 0  # tokens of an older generation were revoked (tokens.py)
 
 
 @dataclass(slots=True)
@@ -52,6 +56,10 @@ class ConversationRow:
     read_seq: int
     updated_ts: float
     preview: str
+    last_seen_ts: float = 0.0  # the guest's last sign-in that was recorded (TouchGuest)
+    # The staff console (extension): the room the guest gave, and how far they read.
+    guest_room: str | None = None
+    guest_read_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,21 @@ class Appended:
     # The conversation as this commit left it, from backends that have it at hand
     # (PostgreSQL: a cluster's notifications carry it); None otherwise.
     row: ConversationRow | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A fact about tokens, recorded by whoever changed them (the command line in
+    another process, or the server's own API) and found by the server's poll.
+
+    ``kind`` is ``removed`` (the staff member is gone), ``revoked`` (their tokens
+    older than ``generation`` no longer count) or ``secret`` (the token secret was
+    replaced: no token signed before verifies). ``seq`` only grows."""
+
+    seq: int
+    kind: str
+    staff_id: str | None = None
+    generation: int = 0
 
 
 # ---------------------------------------------------------------------- operations
@@ -132,9 +155,36 @@ class SetRead(Operation[None]):
 @dataclass(eq=False)
 class CreateGuest(Operation[ConversationRow]):
     name: str | None = None
+    room: str | None = None
 
     def apply(self, db: StorageBackend) -> ConversationRow:
-        return db.create_guest(self.name)
+        return db.create_guest(self.name, self.room)
+
+
+@dataclass(eq=False)
+class TouchGuest(Operation[None]):
+    """Record that a guest signed in at ``at`` (POSIX time): a guest token expires
+    after a long enough time without a sign-in or a message."""
+
+    guest_id: str = ""
+    at: float = 0.0
+
+    def apply(self, db: StorageBackend) -> None:
+        db.touch_guest(self)
+
+
+@dataclass(eq=False)
+class ExpireSilentGuests(Operation[list[str]]):
+    """Forget the guests created before ``before`` (POSIX time) who never wrote a
+    message, with their conversations, unless their conversation is waiting for or
+    held by staff, or the guest is in ``keep`` (signed in now). The result is the
+    guest ids forgotten: their tokens fail from then on."""
+
+    before: float = 0.0
+    keep: frozenset[str] = frozenset()
+
+    def apply(self, db: StorageBackend) -> list[str]:
+        return db.expire_silent_guests(self.before, self.keep)
 
 
 class StorageBackend(Protocol):
@@ -151,7 +201,12 @@ class StorageBackend(Protocol):
 
     def set_read(self, op: SetRead) -> None: ...
 
-    def create_guest(self, name: str | None) -> ConversationRow: ...
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow: ...
+
+    def touch_guest(self, op: TouchGuest) -> None: ...
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        """See :class:`ExpireSilentGuests` (inside a batch, like every write)."""
+        ...
 
     # -- reads --------------------------------------------------------------------------
     def secret(self) -> bytes: ...
@@ -171,5 +226,14 @@ class StorageBackend(Protocol):
     ) -> Message | None: ...
 
     def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]: ...
+
+    def held_conversations(self, staff_id: str) -> list[ConversationRow]:
+        """Every conversation in ``staff`` assigned to ``staff_id``."""
+        ...
+
+    def revocations_since(self, after_seq: int) -> list[Revocation]:
+        """Every revocation recorded with a ``seq`` above ``after_seq``, oldest first
+        (cheap: the server asks twice a second)."""
+        ...
 
     def close(self) -> None: ...

@@ -18,7 +18,7 @@ import math
 import re
 import tomllib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -325,13 +325,21 @@ class Concierge:
     def best_topic(self, text: str) -> tuple[Topic | None, float]:
         """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
         explains enough of the message (see ``MIN_COVERAGE``)."""
+        ranked = self._ranked(text)
+        return ranked[0] if ranked else (None, 0.0)
+
+    def topics_for(self, text: str, limit: int = 3) -> list[Topic]:
+        """The topics that explain ``text`` best, best first (what a language model is
+        given to ground its answer), at most ``limit``; smalltalk is left out."""
+        return [topic for topic, _ in self._ranked(text) if not topic.smalltalk][:limit]
+
+    def _ranked(self, text: str) -> list[tuple[Topic, float]]:
+        """Every topic that explains enough of ``text`` (``MIN_COVERAGE``), best first;
+        ties keep the knowledge base's order."""
         tokens = set(self._tokenize(text))
         information = sum(self.kb.idf.get(t, self._unknown_weight) for t in tokens)
-        best: Topic | None = None
-        best_score = 0.0
-        # In the knowledge base's order, so that ties go to the same topic as ever.
-        candidates = sorted({i for t in tokens for i in self._topics_of.get(t, ())})
-        for index in candidates:
+        scored: list[tuple[Topic, float]] = []
+        for index in sorted({i for t in tokens for i in self._topics_of.get(t, ())}):
             topic = self.kb.topics[index]
             score = sum(
                 self.kb.idf[t]
@@ -342,11 +350,10 @@ class Concierge:
             )
             if topic.smalltalk:
                 score *= SMALLTALK_WEIGHT
-            if score > best_score:
-                best, best_score = topic, score
-        if best is None or best_score < MIN_COVERAGE * information:
-            return None, 0.0
-        return best, best_score
+            if score > 0 and score >= MIN_COVERAGE * information:
+                scored.append((topic, score))
+        scored.sort(key=lambda ts: -ts[1])  # stable: ties stay in the base's order
+        return scored
 
     def reply(self, text: str, memory: ConciergeMemory) -> tuple[ConciergeAnswer, ConciergeMemory]:
         """Answer ``text``; returns the answer and the memory to keep for next time."""
@@ -412,6 +419,9 @@ class ResponderRequest:
     guest_name: str | None
     text: str
     recent: Sequence[Message] = ()
+    # A responder that generates its answer bit by bit may call this with the text so
+    # far; the guest sees it grow (``draft`` frames). Only the returned reply is stored.
+    draft: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

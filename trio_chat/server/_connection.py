@@ -5,11 +5,15 @@ A frame for a connection is queued without waiting (:meth:`Connection.deliver`);
 outbox is written at once when the socket takes it, otherwise by a writer task that
 lives only while there is something to send. A connection that falls too far behind is
 cut off and recovers from history: nobody waits for a slow consumer.
+
+"Too far behind" is counted in bytes as well as frames (a history page is up to 1 MiB):
+what waits in the outbox, what the writer is sending, and what the socket did not take
+(:attr:`Connection.queued_bytes`), so one connection never makes the server hold more
+than ``ServerConfig.outbox_limit_bytes`` (plus, on an empty outbox, one frame).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -33,9 +37,13 @@ class Connection:
     __slots__ = (
         "_drained",
         "_outbox",
+        "_queued",
+        "_report_at",
+        "_writing",
         "close_code",
         "close_reason",
         "dropped",
+        "enqueued_bytes",
         "nursery",
         "ping_in_flight",
         "reader_scope",
@@ -52,7 +60,11 @@ class Connection:
         self.ws = ws
         self.nursery = nursery
         self.session_id = session_id
-        self._outbox: deque[str] | None = None
+        self._outbox: deque[bytes] | None = None  # encoded frames
+        self._queued = 0  # bytes in the outbox
+        self._writing = 0  # bytes the writer is sending now
+        self.enqueued_bytes = 0  # bytes queued since the connection began
+        self._report_at: int | None = None  # tell the hub once written_bytes gets here
         self._drained: trio.Event | None = None
         self.writer_running = False
         self.ping_in_flight = False
@@ -69,12 +81,27 @@ class Connection:
         requested nothing more is queued: the client recovers it from history."""
         if self.close_code is not None:
             return
-        if self._outbox is None:
-            self._outbox = deque()
-        if len(self._outbox) >= self.server.config.outbox_limit:
+        data = text_frame(frame)
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        server = self.server
+        behind = self._queued + self._writing
+        if self.writer_running:
+            behind += self.ws.stream.held_back
+        # One frame, however big, always fits an empty outbox: a history page must
+        # reach a client that reads, whatever the limit.
+        if behind and (
+            behind + len(data) > server.config.outbox_limit_bytes
+            or len(outbox) >= server.config.outbox_limit
+        ):
             self.request_close(CloseCode.TRY_LATER, "too far behind; reconnect and fetch history")
             return
-        self._outbox.append(frame)
+        outbox.append(data)
+        self._queued += len(data)
+        self.enqueued_bytes += len(data)
+        if behind + len(data) > server.outbox_peak_bytes:
+            server.outbox_peak_bytes = behind + len(data)
         if not self.writer_running:
             self.writer_running = True
             corked = self.server.corked
@@ -92,11 +119,14 @@ class Connection:
         # A pong or a close the reader is sending holds the lock: then wait behind it.
         if outbox and ws.can_write_now:
             try:
-                data = b"".join([text_frame(frame) for frame in outbox])
+                data = b"".join(outbox)
                 outbox.clear()
+                self._queued = 0
                 if ws.write_now(data):
                     self._outbox = None
                     self._writer_done()
+                    if self._report_at is not None:
+                        self._report_if_written()
                     return
             except ConnectionLost:
                 self._writer_done()
@@ -109,13 +139,19 @@ class Connection:
     async def _write(self) -> None:
         outbox = self._outbox
         assert outbox is not None
+        stream = self.ws.stream
         try:
             while True:
                 # Usually an ack and its message wait together: one write for both.
-                frames = list(itertools.islice(outbox, WRITE_BATCH))
-                await self.ws.send_texts(frames)
-                for _ in frames:
-                    outbox.popleft()
+                batch = [outbox.popleft() for _ in range(min(WRITE_BATCH, len(outbox)))]
+                size = sum(map(len, batch))
+                self._queued -= size
+                # The stream sends what it held back first, in this same write.
+                self._writing = stream.held_back + size
+                await self.ws.send_frames(b"".join(batch))
+                self._writing = 0
+                if self._report_at is not None:
+                    self._report_if_written()
                 if not outbox:
                     break
             # Idle connections are the common case: do not keep an empty deque around.
@@ -124,6 +160,30 @@ class Connection:
             self.request_close(CloseCode.ABNORMAL, "connection lost")
         finally:
             self._writer_done()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes this connection makes the server hold for its client: the outbox, the
+        writer's current write and what the socket did not take."""
+        held = self.ws.stream.held_back if self.writer_running else 0
+        return self._queued + self._writing + held
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes handed to the socket since the connection began (whichever send took
+        what the socket held back: the writer's, or a ping's)."""
+        return self.enqueued_bytes - self.queued_bytes
+
+    def report_written(self) -> None:
+        """Tell the hub (:meth:`ChatServer.written`) once everything queued so far has
+        been written to the socket."""
+        self._report_at = self.enqueued_bytes
+        self._report_if_written()
+
+    def _report_if_written(self) -> None:
+        if self._report_at is not None and self.written_bytes >= self._report_at:
+            self._report_at = None
+            self.server.written(self.session_id)
 
     def _writer_done(self) -> None:
         self.writer_running = False

@@ -21,8 +21,23 @@ import trio
 
 __all__ = ["HttpFront", "PrefixStream", "Route"]
 
-MAX_HEAD_BYTES: Final = 16 * 1024
+MAX_HEAD_BYTES: Final = 16 * 1024  # a request line and headers, counted by us (431 beyond)
 RECEIVE_BYTES: Final = 16 * 1024
+# A body nobody asked for (we serve GET and HEAD) is read and dropped up to this much so
+# the connection can be kept; beyond it the connection is closed instead.
+MAX_DRAIN_BYTES: Final = 64 * 1024
+# A connection over a cap waits this long at most for the request its 503 answers:
+# refusals must not hold descriptors as long as admitted clients may.
+REFUSED_READ_TIMEOUT: Final = 1.0
+
+# Sent with every answer. The pages load scripts and styles from files only, so the
+# policy needs no 'unsafe-inline'; nobody may frame them (clickjacking), and no page
+# address leaks to other sites.
+SECURITY_HEADERS: Final = (
+    ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+)
 
 
 class PrefixStream(trio.abc.Stream):
@@ -42,8 +57,29 @@ class PrefixStream(trio.abc.Stream):
         self._unsent = b""  # what the socket did not take; goes out first in send_all
 
     @property
+    def transport_stream(self) -> trio.abc.Stream:
+        """The stream underneath (for the peer's address)."""
+        return self._stream
+
+    @property
     def can_send_without_blocking(self) -> bool:
         return self._socket is not None
+
+    @property
+    def held_back(self) -> int:
+        """How many bytes :meth:`send_without_blocking` left for the next send."""
+        return len(self._unsent)
+
+    @property
+    def peer_address(self) -> str | None:
+        """The peer's IP address (None when the stream is not an IP socket)."""
+        if self._socket is None:
+            return None
+        try:
+            peer = self._socket.getpeername()
+        except OSError:
+            return None
+        return str(peer[0]) if isinstance(peer, tuple) else None
 
     def send_without_blocking(self, data: bytes) -> bool:
         """Write ``data`` now, as much as the socket takes without waiting.
@@ -130,6 +166,23 @@ def static_response(name: str) -> Response | None:
     return Response(200, resource.read_bytes(), content_type, (("Cache-Control", "no-cache"),))
 
 
+class _Reject(Exception):
+    """The request is refused with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def _has_conflicting_length(request: h11.Request) -> bool:
+    """Both ``Content-Length`` and ``Transfer-Encoding``: a request smuggling attempt
+    (RFC 9112 6.3 allows rejecting it; h11 would let chunked win and serve the rest
+    as another request)."""
+    names = {name for name, _ in request.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _is_websocket_upgrade(request: h11.Request) -> bool:
     headers = {k.lower(): v for k, v in request.headers}
     connection_tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
@@ -156,15 +209,27 @@ class HttpFront:
         *,
         idle_timeout: float,
         server_header: str,
+        upgrade_allowed: Callable[[h11.Request], bool] | None = None,
     ) -> None:
         self.routes = routes
         self.on_websocket = on_websocket
+        # The deadline of one request's whole cycle: its head, our answer and the
+        # drain of its body. Nothing a client does before its WebSocket hello can hold
+        # the connection longer without making progress.
         self.idle_timeout = idle_timeout
         self.server_header = server_header.encode()
+        self.upgrade_allowed = upgrade_allowed
+        self.forbidden_origins = 0  # upgrades refused for their Origin (403)
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one TCP connection. Never raises for anything the peer does."""
-        upgrade = await self._serve_plain(stream)
+    async def handle(self, stream: trio.abc.Stream, refused: str | None = None) -> None:
+        """Serve one TCP connection. Never raises for anything the peer does.
+
+        ``refused`` (why: a connection cap) answers one request with 503 and closes;
+        ``/healthz`` is still answered, so monitoring sees a full server as full."""
+        try:
+            upgrade = await self._serve_plain(stream, refused)
+        except h11.RemoteProtocolError:
+            return  # cut short or broken where no answer can go any more
         # The h11 state and its buffers are gone by now: this frame stays suspended for
         # the whole WebSocket session, so it keeps nothing.
         if upgrade is not None:
@@ -172,46 +237,73 @@ class HttpFront:
             del upgrade
             await self.on_websocket(PrefixStream(stream, after), request)
 
-    async def _serve_plain(self, stream: trio.abc.Stream) -> tuple[h11.Request, bytes] | None:
+    async def _serve_plain(
+        self, stream: trio.abc.Stream, refused: str | None = None
+    ) -> tuple[h11.Request, bytes] | None:
         """Answer plain requests; return a WebSocket upgrade request with the bytes
         that followed it, or None when the connection is done."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        timeout = self.idle_timeout if refused is None else REFUSED_READ_TIMEOUT
         while True:
-            request: h11.Request | None = None
-            with trio.move_on_after(self.idle_timeout):
+            with trio.move_on_after(timeout):
                 try:
                     request = await self._read_request(stream, conn)
+                    if request is None:
+                        return None  # the peer closed between requests
+                    target = request.target.split(b"?", 1)[0]
+                    if refused is not None and target != b"/healthz":
+                        raise _Reject(503, b"the server is full; try again later\n")
+                    if (
+                        target == b"/ws"
+                        and request.method == b"GET"
+                        and _is_websocket_upgrade(request)
+                    ):
+                        if self.upgrade_allowed is not None and not self.upgrade_allowed(request):
+                            self.forbidden_origins += 1
+                            raise _Reject(403, b"forbidden: this origin may not connect\n")
+                        return request, bytes(conn.trailing_data[0])
+                    response = self._route(request, target)
+                    await self._respond(stream, conn, request, response)
                 except h11.RemoteProtocolError as exc:
-                    await self._send_error(stream, conn, exc.error_status_hint, str(exc))
+                    status = exc.error_status_hint
+                    body = b"request head too large\n" if status == 431 else b"bad request\n"
+                    await self._send_error(stream, conn, status, body)
                     return None
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except _Reject as reject:
+                    await self._send_error(stream, conn, reject.status, reject.body)
                     return None
-            if request is None:
-                return None  # idle, or the peer closed between requests
-            target = request.target.split(b"?", 1)[0]
-            if target == b"/ws" and request.method == b"GET" and _is_websocket_upgrade(request):
-                return request, bytes(conn.trailing_data[0])
-            response = self._route(request, target)
-            try:
-                await self._respond(stream, conn, request, response)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-                return None
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return None
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return None
+                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                    return None
+                if refused is not None:
+                    return None
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return None
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return None
+                continue
+            return None  # the deadline passed: idle, too slow, or an endless body
 
     async def _read_request(
         self, stream: trio.abc.Stream, conn: h11.Connection
     ) -> h11.Request | None:
+        """The next request; raises ``h11.RemoteProtocolError`` (431) for a head over
+        :data:`MAX_HEAD_BYTES`, counted here: h11 checks only an incomplete head, so a
+        whole one that came in a single read could reach twice that."""
         while True:
+            buffered = len(conn.trailing_data[0])
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if buffered > MAX_HEAD_BYTES:
+                    raise h11.RemoteProtocolError("request head too large", 431)
                 conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
                 continue
             if isinstance(event, h11.Request):
+                if buffered - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                    raise h11.RemoteProtocolError("request head too large", 431)
+                if _has_conflicting_length(event):
+                    raise h11.RemoteProtocolError("both Content-Length and chunked", 400)
                 return event
             return None  # ConnectionClosed or PAUSED without a request
 
@@ -243,7 +335,7 @@ class HttpFront:
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
             ("Server", self.server_header.decode()),
-            ("X-Content-Type-Options", "nosniff"),
+            *SECURITY_HEADERS,
             *response.headers,
         ]
         data = conn.send(h11.Response(status_code=response.status, headers=headers))
@@ -251,29 +343,36 @@ class HttpFront:
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
-        # Drain the request body, if any, so the next cycle can start.
+        # Drain the request body, if any, so the next cycle can start: within the
+        # cycle's deadline, and only so much (then the connection is closed).
+        drained = 0
         while conn.their_state is h11.SEND_BODY:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+                data = bytes(await stream.receive_some(RECEIVE_BYTES))
+                drained += len(data)
+                if drained > MAX_DRAIN_BYTES:
+                    raise trio.ClosedResourceError("request body too large to drain")
+                conn.receive_data(data)
 
     async def _send_error(
-        self, stream: trio.abc.Stream, conn: h11.Connection, status: int, why: str
+        self, stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes
     ) -> None:
+        """Answer ``status`` and close. The body is fixed text: nothing of the request
+        is echoed."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = f"bad request: {why}\n".encode()
+        headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            ("Server", self.server_header.decode()),
+            *SECURITY_HEADERS,
+        ]
+        if status == 503:
+            headers.append(("Retry-After", "5"))
         try:
-            data = conn.send(
-                h11.Response(
-                    status_code=status,
-                    headers=[
-                        ("Content-Type", "text/plain"),
-                        ("Content-Length", str(len(body))),
-                        ("Connection", "close"),
-                    ],
-                )
-            )
+            data = conn.send(h11.Response(status_code=status, headers=headers))
             data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
             await stream.send_all(data)
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -26,17 +26,19 @@ that asked for it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
 import random
+import ssl
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import h11
 import trio
@@ -44,16 +46,40 @@ import trio
 from .._version import __version__
 from ..core import protocol as proto
 from ..core.errors import ConnectionLost, ProtocolError, StorageError
-from ..core.hub import Action, Close, Fill, Hub, HubConfig, Read, Relay, Send, StartReply, Write
+from ..core.hub import (
+    Action,
+    Close,
+    Fill,
+    Hub,
+    HubConfig,
+    Read,
+    Relay,
+    ReportWritten,
+    Send,
+    StartReply,
+    Write,
+)
 from ..core.protocol import CloseCode, ErrorCode
-from ..core.storage import StorageBackend
+from ..core.storage import ExpireSilentGuests, Revocation, StorageBackend
 from ..core.tokens import TokenSigner
+from . import _admin
+from ._admission import (
+    ConnectionLimits,
+    OriginPolicy,
+    default_max_connections,
+    peer_address,
+    serve_listeners_with_backoff,
+)
 from ._backends import open_backend
 from ._cluster import Cluster
-from ._concierge import Responder, ResponderReply, ResponderRequest, RulesResponder
+from ._concierge import KnowledgeBase, Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
+from ._llm import LlmResponder, LlmSettings
+from ._secrets import token_secret
+from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
+from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
     DEFAULT_ENGINE,
     ENGINES,
@@ -72,6 +98,8 @@ GC_THRESHOLDS: Final = (50_000, 50, 1_000)
 
 SERVER_NAME: Final = f"trio-chat/{__version__}"
 
+T = TypeVar("T")
+
 
 @dataclass
 class ServerConfig:
@@ -82,8 +110,8 @@ class ServerConfig:
     port: int = 8765
     hello_timeout: float = 10.0
     heartbeat: float = 20.0
-    concierge: str = "rules"  # "rules" or "off"
-    rate_limit: float = 10.0  # messages per second per connection; 0 = off
+    concierge: str = "rules"  # "rules", "llm" (needs ``llm``) or "off"
+    rate_limit: float = 10.0  # tokens (a message: 1) per second per guest/staff; 0 = off
     rate_burst: int = 20
     open_registration: bool = True
     max_frame_bytes: int = proto.MAX_FRAME_BYTES
@@ -104,6 +132,32 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
+    # -- memory and rate limits (docs/security-memory.md) --
+    # Bytes one connection may make the server hold (outbox, the write under way, what
+    # the socket did not take) before it is cut off with 1013; one frame always fits.
+    outbox_limit_bytes: int = 4 * 1024 * 1024
+    # A second bucket per client address, shared by all its sessions (a hotel's NAT):
+    # tokens per second and burst; 0 = off.
+    rate_limit_per_ip: float = 300.0
+    rate_burst_per_ip: int = 3000
+    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    secret_file: str | Path | None = None  # the token secret's own file; None = the database
+    revocation_poll: float = 0.5  # how often to look for removed/revoked staff; 0 = never
+    guest_token_idle_days: float = 30.0  # a guest token unused this long expires; 0 = never
+    # http hardening: admission and abuse limits (each 0 = off; benchmarks turn them off)
+    max_connections: int | None = None  # open TCP connections; None = open-file limit - 64
+    max_connections_per_ip: int = 500  # generous: a hotel's guests share one NAT address
+    allowed_origins: tuple[str, ...] = ()  # besides our own; () = also loopback pages
+    registrations_per_minute: float = 30.0  # new guests per address (hello, token null)
+    registration_burst: int = 60
+    expire_silent_guests: float = 7 * 86400.0  # forget guests who never wrote after this
+    # TLS (hardening: tls). With a context, or a certificate and key (PEM), the port
+    # serves https:// and wss:// only; a handshake not done in time closes the connection.
+    ssl_context: ssl.SSLContext | None = None
+    certfile: str | Path | None = None
+    keyfile: str | Path | None = None  # None: the key is in certfile
+    tls_handshake_timeout: float = 10.0
+    llm: LlmSettings | None = None  # the language-model concierge (concierge="llm")
     # -- scale-out: several processes on one PostgreSQL (db_path = postgresql://...) ----
     bus: str | None = None  # redis://... : fan-out between the processes; None = alone
     poll_interval: float = 1.0  # while the bus is down, read the database this often
@@ -134,8 +188,12 @@ class ChatServer:
         self._storage = storage
         if responder is None and self.config.concierge == "rules":
             responder = RulesResponder()
-        elif self.config.concierge not in ("rules", "off"):
-            raise ValueError(f"unknown concierge {self.config.concierge!r} (use rules or off)")
+        elif responder is None and self.config.concierge == "llm":
+            if self.config.llm is None:
+                raise ValueError("concierge='llm' needs ServerConfig.llm (the model's address)")
+            responder = LlmResponder(self.config.llm)
+        elif self.config.concierge not in ("rules", "llm", "off"):
+            raise ValueError(f"unknown concierge {self.config.concierge!r} (use rules, llm or off)")
         self._responder = responder
         self.port: int | None = None
         self.started_at = time.monotonic()
@@ -143,6 +201,7 @@ class ChatServer:
         # While commit callbacks run: connections with frames to write at the end.
         self.corked: list[Connection] | None = None
         self.closes: Counter[int] = Counter()  # connections closed, by close code
+        self.outbox_peak_bytes = 0  # the most one connection has made us hold
         self._sessions = itertools.count(1)
         self._random = random.Random(self.config.seed)
         self._shutdown = trio.Event()
@@ -156,6 +215,16 @@ class ChatServer:
         self._idle = trio.Event()  # set whenever a handler or background task ends
         self._replies_done = trio.Event()  # set whenever a concierge reply ends
         self._froze_gc = False
+        self._revocations = trio.CancelScope()  # the revocation watcher's
+        self._revocation_kick = trio.Event()  # look now (a removal made in this process)
+        max_connections = self.config.max_connections
+        self.limits = ConnectionLimits(
+            default_max_connections() if max_connections is None else max_connections,
+            self.config.max_connections_per_ip,
+        )
+        self.origins = OriginPolicy(self.config.allowed_origins, self.config.host)
+        self.expired_guests = 0
+        self._front: HttpFront | None = None
         self._cluster: Cluster | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -215,13 +284,18 @@ class ChatServer:
             )
         try:
             self._hub = Hub(
-                TokenSigner(db.secret()),
+                TokenSigner(token_secret(db, self.config.secret_file)),
                 HubConfig(
                     heartbeat_s=self.config.heartbeat,
                     server_name=SERVER_NAME,
                     open_registration=self.config.open_registration,
                     rate_limit=self.config.rate_limit,
                     rate_burst=self.config.rate_burst,
+                    rate_limit_per_ip=self.config.rate_limit_per_ip,
+                    rate_burst_per_ip=self.config.rate_burst_per_ip,
+                    guest_token_idle_s=self.config.guest_token_idle_days * 86400,
+                    registrations_per_minute=self.config.registrations_per_minute,
+                    registration_burst=self.config.registration_burst,
                 ),
                 concierge=self._responder is not None,
             )
@@ -257,18 +331,32 @@ class ChatServer:
         )
         self.port = listeners[0].socket.getsockname()[1]
         front = HttpFront(
-            {"/": self._index, "/healthz": self._healthz},
+            {
+                "/": self._index,
+                "/healthz": self._healthz,
+                "/staff": staff_page,
+                "/staff/canned.json": self._canned,
+            },
             self._websocket,
             idle_timeout=self.config.handshake_timeout,
             server_header=SERVER_NAME,
+            upgrade_allowed=lambda request: self.origins.allows(request, self.port),
         )
+        self._front = front
+        tls = self.config.ssl_context
+        if tls is None and self.config.certfile is not None:
+            tls = server_ssl_context(self.config.certfile, self.config.keyfile)
+        if tls is not None:
+            front = TlsHttpFront(front, tls, handshake_timeout=self.config.tls_handshake_timeout)
         async with trio.open_nursery() as work:
             self._work = work
             work.start_soon(self._accept, listeners, front)
             work.start_soon(self._heartbeat_sweeper)
+            work.start_soon(self._expire_silent_guests)
             if self._cluster is not None:
                 await work.start(self._cluster.run)
             await self._answer_unanswered()
+            await work.start(self._watch_revocations)
             task_status.started(self.port)
             await self._shutdown.wait()
             if self._cluster is not None:
@@ -285,7 +373,7 @@ class ChatServer:
         # Cancelled at shutdown, serve_listeners closes the listeners: from then on
         # connection attempts are refused at once, not parked in the backlog.
         with self._accepting:
-            await trio.serve_listeners(handle, listeners, handler_nursery=self._work)
+            await serve_listeners_with_backoff(handle, listeners, handler_nursery=self._work)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown: stop accepting, tell every client to come back
@@ -320,6 +408,7 @@ class ChatServer:
 
     async def _drain_for_shutdown(self) -> None:
         self._accepting.cancel()
+        self._revocations.cancel()
         # Thousands of connections end at once: the cycle collector would rescan every
         # live object of all of them again and again (half the shutdown time with
         # 4,000 guests). Frozen, they are left to reference counting; run() unfreezes,
@@ -349,6 +438,16 @@ class ChatServer:
     def _index(self) -> Any:
         return static_response("index.html") or text_response(200, "trio-chat\n")
 
+    def _canned(self) -> Any:
+        """The staff console's canned replies: the concierge's own knowledge base, or
+        the shipped hotel's when another responder (or none) answers guests."""
+        responder = self._responder
+        if isinstance(responder, RulesResponder):
+            kb = responder.concierge.kb
+        else:
+            kb = KnowledgeBase.default()
+        return canned_response(kb)
+
     def _healthz(self) -> Any:
         hub = self._hub
         roles = [hub.role(sid) if hub else None for sid in self.connections]
@@ -366,10 +465,33 @@ class ChatServer:
                 "staff_online": roles.count("staff"),
                 "conversations_loaded": len(hub.conversations) if hub else 0,
                 "closes": {str(code): n for code, n in sorted(self.closes.items())},
+                **self._memory_health(),
+                "tcp_connections": self.limits.active,
+                "refused": {
+                    **self.limits.refused,
+                    "origin": self._front.forbidden_origins if self._front else 0,
+                },
+                "expired_guests": self.expired_guests,
                 **cluster,
             },
             status,
         )
+
+    def outbox_bytes(self) -> tuple[int, int]:
+        """Bytes queued for clients now: in total, and for the most behind connection."""
+        queued = [conn.queued_bytes for conn in self.connections.values()]
+        return sum(queued), max(queued, default=0)
+
+    def _memory_health(self) -> dict[str, Any]:
+        total, largest = self.outbox_bytes()
+        buckets = self._hub.buckets_held() if self._hub else (0, 0)
+        return {
+            "outbox_bytes": total,
+            "outbox_bytes_max": largest,
+            "outbox_peak_bytes": self.outbox_peak_bytes,
+            "outbox_limit_bytes": self.config.outbox_limit_bytes,
+            "rate_buckets": {"identities": buckets[0], "addresses": buckets[1]},
+        }
 
     def _cluster_health(self) -> dict[str, Any]:
         """Scale-out: the storage's and the bus's state (absent on a single process)."""
@@ -390,11 +512,15 @@ class ChatServer:
         # The one place a connection's failure stops: nothing here reaches another
         # connection or the server.
         self._handlers += 1
+        address = peer_address(stream)
+        refused = self.limits.enter(address)
         try:
-            await front.handle(stream)
+            await front.handle(stream, refused)
         except Exception:
             log.exception("connection handler failed")
         finally:
+            if refused is None:
+                self.limits.leave(address)
             self._handlers -= 1
             self._idle.set()
             with trio.move_on_after(self.config.close_timeout) as scope:
@@ -415,7 +541,7 @@ class ChatServer:
         async with trio.open_nursery() as nursery:
             conn = Connection(self, ws, nursery, next(self._sessions))
             self.connections[conn.session_id] = conn
-            hub.opened(conn.session_id)
+            hub.opened(conn.session_id, peer_address(stream), trio.current_time())
             try:
                 with conn.reader_scope:
                     if self._admit(conn):
@@ -529,7 +655,7 @@ class ChatServer:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: Send | Close | StartReply | Fill | Relay) -> None:
+    def _carry_out(self, action: Send | Close | ReportWritten | StartReply | Fill | Relay) -> None:
         if isinstance(action, Send):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -538,6 +664,10 @@ class ChatServer:
             conn = self.connections.get(action.session)
             if conn is not None:
                 conn.request_close(action.code, action.reason)
+        elif isinstance(action, ReportWritten):
+            conn = self.connections.get(action.session)
+            if conn is not None:
+                conn.report_written()
         elif isinstance(action, StartReply):
             self._start_reply(action)
         elif self._cluster is not None:  # Fill, Relay: only a cluster's hub asks
@@ -545,6 +675,10 @@ class ChatServer:
                 self._cluster.fill(action.conversation_id)
             else:
                 self._cluster.relay(action)
+
+    def written(self, session_id: int) -> None:
+        """A connection wrote everything queued up to its :class:`ReportWritten`."""
+        self._perform_now(self.hub.written(session_id, *self._clock()))
 
     def _operation(self, write: Write) -> Any:
         operation = write.operation
@@ -598,16 +732,29 @@ class ChatServer:
         window = getattr(responder, "history_window", 0)
         recent = []
         if window:
-            recent = await self.store.read(self.store.db.recent, start.conversation_id, window)
+            # The window before the message being answered (which is stored already).
+            stored = await self.store.read(self.store.db.recent, start.conversation_id, window + 1)
+            recent = [m for m in stored if m.seq < start.message.seq][-window:]
+
+        def draft(text: str) -> None:
+            for action in self.hub.drafted(start.conversation_id, text, *self._clock()):
+                if isinstance(action, Send):
+                    self._carry_out(action)
+
         request = ResponderRequest(
             start.conversation_id,
             start.guest_id,
             start.guest_name,
             start.message.text,
             tuple(recent),
+            draft,
         )
         try:
-            with trio.fail_after(self.config.responder_timeout):
+            timeout = self.config.responder_timeout
+            if isinstance(responder, LlmResponder):
+                # It falls back to the rules by itself; give it the time to do so.
+                timeout = max(timeout, responder.settings.answer_timeout + 5)
+            with trio.fail_after(timeout):
                 return await responder.respond(request)
         except Exception:
             log.exception("the responder failed; handing over to staff")
@@ -616,6 +763,131 @@ class ChatServer:
                 "asking a member of our team to help you.",
                 escalate=True,
             )
+
+    # -- revocation (staff hardening) ------------------------------------------------
+
+    async def remove_staff(self, name_or_id: str) -> bool:
+        """Remove a staff member, as ``trio-chat staff remove`` does, and act on it at
+        once: their consoles close (4401), their conversations go back to waiting.
+        False if there is no such member. Raises :class:`StorageError`."""
+        removed = await self._administer(lambda db: db.remove_staff(name_or_id))
+        self._revocation_kick.set()
+        return bool(removed)
+
+    async def revoke_staff(self, name_or_id: str) -> str | None:
+        """Invalidate a staff member's tokens (their open consoles close with 4401)
+        and return their new token; ``None`` if there is no such member."""
+        member = await self._administer(lambda db: db.revoke_staff(name_or_id))
+        self._revocation_kick.set()
+        if member is None:
+            return None
+        return self.hub.signer.issue("s", member.staff_id, member.generation)
+
+    async def rotate_secret(self) -> None:
+        """Replace the token secret: every token stops working and every session is
+        closed with 4401 (guests lose access to their conversations)."""
+        secret_file = self.config.secret_file
+        await self._administer(lambda db: _admin.rotate_secret(db, secret_file))
+        self._revocation_kick.set()
+
+    async def _administer(self, change: Callable[[Any], T]) -> T:
+        """Run an administrative change where the command line would: on a connection
+        of its own (the writer's belongs to the writer thread), or on the backend the
+        server was given. The watcher then finds it like any other process's change."""
+        if self._storage is not None:
+            return change(self._storage)
+
+        def in_own_connection() -> T:
+            with _admin.opened(self.config.db_path) as db:
+                return change(db)
+
+        return await trio.to_thread.run_sync(in_own_connection)
+
+    async def _watch_revocations(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Look for removed and revoked staff and a new secret, in storage, twice a
+        second: the command line changes them from another process. First replays
+        every removal recorded (conversations a member removed while the server was
+        down held go back to waiting; a replay finds nothing more to do)."""
+        with self._revocations:
+            seen = await self._act_on_revocations(0, replay=True)
+            task_status.started()
+            if self.config.revocation_poll <= 0:
+                return
+            while True:
+                with trio.move_on_after(self.config.revocation_poll):
+                    await self._revocation_kick.wait()
+                self._revocation_kick = trio.Event()
+                seen = await self._act_on_revocations(seen)
+
+    async def _act_on_revocations(self, after: int, *, replay: bool = False) -> int:
+        """Tell the hub of every revocation recorded after ``after``; the last seen."""
+        store = self.store
+        try:
+            found: list[Revocation] = await store.read(store.db.revocations_since, after)
+        except StorageError as exc:
+            log.warning("cannot look for revoked staff tokens: %s", exc)
+            return after
+        hub, clock = self.hub, self._clock
+        for revocation in found:
+            staff_id = revocation.staff_id
+            actions: Sequence[Action] = ()
+            try:
+                if revocation.kind == "removed" and staff_id is not None:
+                    actions = hub.staff_removed(staff_id, *clock())
+                elif replay:
+                    pass  # nobody is signed in yet, and the secret was just read
+                elif revocation.kind == "revoked" and staff_id is not None:
+                    actions = hub.staff_revoked(staff_id, revocation.generation, *clock())
+                elif revocation.kind == "secret":
+                    secret = await store.read(token_secret, store.db, self.config.secret_file)
+                    actions = hub.secret_rotated(TokenSigner(secret), *clock())
+            except StorageError as exc:
+                log.error("the token secret changed but cannot be read: %s", exc)
+                return after  # tried again at the next look
+            except Exception:
+                log.exception("acting on revocation %s failed", revocation)
+            await self._perform(actions, None)
+            after = revocation.seq
+        return after
+
+    # -- guests who never wrote -------------------------------------------------------
+
+    async def _expire_silent_guests(self) -> None:
+        """Forget, now and then, the guests registered long ago who never wrote: open
+        registration must not mean keeping every passer-by forever."""
+        after = self.config.expire_silent_guests
+        if after <= 0:
+            return
+        # Often enough that nobody outlives the limit by much more than a tenth of it.
+        interval = min(3600.0, max(1.0, after / 10))
+        while True:
+            # Guests signed in now are kept (their conversation is live in the hub).
+            keep = frozenset(conv.guest_id for conv in self.hub.conversations.values())
+            operation = ExpireSilentGuests(before=time.time() - after, keep=keep)
+            operation.on_commit = self._guests_expired
+            operation.on_error = self._expiry_failed
+            with contextlib.suppress(StorageError):  # logged by _expiry_failed
+                await self.store.submit(operation)
+            await trio.sleep(interval)
+
+    def _guests_expired(self, guest_ids: list[str]) -> None:
+        self.expired_guests += len(guest_ids)
+        # A guest who signed in while the write was queued: the rows are gone, so the
+        # session goes too (the token now fails with 4401).
+        hub = self.hub
+        gone = set(guest_ids)
+        for conv in hub.conversations.values():
+            if conv.guest_id in gone:
+                for sid in conv.subscribers:
+                    connection = self.connections.get(sid)
+                    if connection is not None and hub.role(sid) == "guest":
+                        connection.request_close(CloseCode.AUTH_FAILED, "guest expired")
+
+    @staticmethod
+    def _expiry_failed(error: StorageError) -> None:
+        log.error("expiring silent guests failed: %s", error)
 
     # -- heartbeat ----------------------------------------------------------------------
 

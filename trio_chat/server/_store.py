@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import secrets
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -42,9 +43,11 @@ from ..core.storage import (
     ConversationRow,
     CreateGuest,
     Operation,
+    Revocation,
     SetRead,
     StaffMember,
     StaffSignIn,
+    TouchGuest,
 )
 from ..core.tokens import new_id
 
@@ -64,7 +67,7 @@ log = logging.getLogger("trio_chat.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: staff token generations, guests' last sign-in, revocations
 MAX_BATCH: Final = 512
 # Committed writes between two background checkpoints. Not the WAL's size: its file
 # stays as large as it once grew while SQLite reuses it from the start.
@@ -99,12 +102,21 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS guests (
     guest_id TEXT PRIMARY KEY,
     name TEXT,
-    created_ts REAL NOT NULL
+    created_ts REAL NOT NULL,
+    last_seen_ts REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS staff (
     staff_id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    created_ts REAL NOT NULL
+    created_ts REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    staff_id TEXT,
+    generation INTEGER NOT NULL DEFAULT 0,
+    ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS conversations (
     conversation_id TEXT PRIMARY KEY,
@@ -137,8 +149,42 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
 
 _CONVERSATION_COLUMNS: Final = (
     "c.conversation_id, c.guest_id, g.name, c.status, c.assigned_staff_id, c.assigned_name, "
-    "c.last_seq, c.read_seq, c.updated_ts, c.preview"
+    "c.last_seq, c.read_seq, c.updated_ts, c.preview, g.last_seen_ts, g.room, c.guest_read_seq"
 )
+_CONVERSATION_FIELDS: Final = 13
+
+# Schema 1 -> 2, run once under the write lock (existing rows keep working: generation 0
+# is the three-part token every existing staff member holds).
+_MIGRATE_1_TO_2: Final = (
+    "ALTER TABLE staff ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE guests ADD COLUMN last_seen_ts REAL NOT NULL DEFAULT 0",
+)
+
+PRIVATE_FILE: Final = 0o600  # the database holds the token secret: its owner only
+PRIVATE_DIR: Final = 0o700
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` (and its directory) readable by its owner only, or tighten an
+    existing file and SQLite's side files, which SQLite creates with the main file's
+    mode. ``os.open`` with a mode, not a umask: the umask is the whole process's, and
+    the server opens its database from a worker thread."""
+    if str(path) == ":memory:":
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=PRIVATE_DIR, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        side = Path(f"{path}{suffix}")
+        try:
+            if side.stat().st_mode & 0o077:
+                side.chmod(PRIVATE_FILE)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            # Someone else's file (an admin command run as another user): say so.
+            log.warning("cannot restrict %s to its owner; anyone who can read it can sign "
+                        "in as staff", side)  # fmt: skip
 
 
 # ------------------------------------------------------------------------ database
@@ -155,7 +201,7 @@ class Database:
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(self.path)
             self.writer = self._connect(synchronous)
             # Checkpoints run beside the writer (Store's checkpointer), not inside its
             # commits, where one took up to 200 ms and held every ack behind it. The
@@ -165,7 +211,7 @@ class Database:
             self._checkpointer: sqlite3.Connection | None = None
             self._synchronous = synchronous
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open database {self.path}: {exc}") from exc
         # Only the writer thread touches these; a failed batch clears the first.
         self._last_seq: dict[str, int] = {}
@@ -193,8 +239,41 @@ class Database:
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?), ('secret', ?)",
                 (str(SCHEMA_VERSION), secrets.token_hex(32)),
             )
+        elif int(row[0]) == 1:
+            with self._transaction():
+                # Looked at again under the lock: another process may have migrated.
+                (version,) = self.writer.execute(
+                    "SELECT value FROM meta WHERE key = 'schema'"
+                ).fetchone()
+                if int(version) == 1:
+                    for statement in _MIGRATE_1_TO_2:
+                        self.writer.execute(statement)
+                    self.writer.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
+                    )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+        self._add_guest_room()
+
+    def _add_guest_room(self) -> None:
+        """Migration step (the staff console): guests.room, the room number a guest
+        gives in hello. Added to databases made before it; existing guests have none.
+        Decided by the column's presence, so it runs once whatever the schema number."""
+        columns = {r[1] for r in self.writer.execute("PRAGMA table_info(guests)")}
+        if "room" not in columns:
+            self.writer.execute("ALTER TABLE guests ADD COLUMN room TEXT")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction on the writer connection (administration only; the
+        server's writes go through :meth:`apply_batch`)."""
+        self.writer.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.writer.execute("ROLLBACK")
+            raise
+        self.writer.execute("COMMIT")
 
     def close(self) -> None:
         self.writer.close()
@@ -387,18 +466,55 @@ class Database:
         self._execute_rows(_UPDATE_CONVERSATIONS, plain)
         self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
         conversation_id = new_id("c")
         now = time.time()
         self.writer.execute(
-            "INSERT INTO guests(guest_id, name, created_ts) VALUES (?, ?, ?)", (guest_id, name, now)
+            "INSERT INTO guests(guest_id, name, room, created_ts, last_seen_ts) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (guest_id, name, room, now, now),
         )
         self.writer.execute(
             "INSERT INTO conversations(conversation_id, guest_id, updated_ts) VALUES (?, ?, ?)",
             (conversation_id, guest_id, now),
         )
-        return ConversationRow(conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "")
+        return ConversationRow(
+            conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "", now, room
+        )
+
+    def touch_guest(self, op: TouchGuest) -> None:
+        self.writer.execute(
+            "UPDATE guests SET last_seen_ts = MAX(last_seen_ts, ?) WHERE guest_id = ?",
+            (op.at, op.guest_id),
+        )
+
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        rows = self.writer.execute(
+            "SELECT g.guest_id, c.conversation_id FROM guests g JOIN conversations c "
+            "USING (guest_id) WHERE g.created_ts < ? AND c.status IN ('ai', 'resolved') "
+            "AND NOT EXISTS (SELECT 1 FROM messages m WHERE "
+            "m.conversation_id = c.conversation_id AND m.sender = 'guest')",
+            (before,),
+        ).fetchall()
+        # A message appended earlier in this batch is only inserted at its end: a
+        # conversation touched in this batch is not silent.
+        doomed = [
+            (guest_id, conversation_id)
+            for guest_id, conversation_id in rows
+            if guest_id not in keep and conversation_id not in self._touched
+        ]
+        by_conversation = [(conversation_id,) for _, conversation_id in doomed]
+        self.writer.executemany("DELETE FROM messages WHERE conversation_id = ?", by_conversation)
+        self.writer.executemany(
+            "DELETE FROM conversations WHERE conversation_id = ?", by_conversation
+        )
+        self.writer.executemany(
+            "DELETE FROM guests WHERE guest_id = ?", [(guest_id,) for guest_id, _ in doomed]
+        )
+        for _, conversation_id in doomed:
+            self._last_seq.pop(conversation_id, None)
+        return [guest_id for guest_id, _ in doomed]
 
     # -- reads (any thread, serialised) ---------------------------------------------
 
@@ -490,8 +606,8 @@ class Database:
         )
         found = []
         for r in rows:
-            row = ConversationRow(*r[:10])
-            sender, author, text, ts, cmid = r[10:]
+            row = ConversationRow(*r[:_CONVERSATION_FIELDS])
+            sender, author, text, ts, cmid = r[_CONVERSATION_FIELDS:]
             found.append(
                 (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
             )
@@ -502,16 +618,29 @@ class Database:
         member = self.staff_member(staff_id)
         if member is None:
             return StaffSignIn(None, [], [])
-        held = [
-            row
-            for conversation_id in self.held_by(staff_id)
-            if (row := self.conversation(conversation_id)) is not None
-        ]
+        held = self.held_conversations(staff_id)
         return StaffSignIn(member, self.queue(time.time()), held)
 
     def staff_member(self, staff_id: str) -> StaffMember | None:
-        rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = ?", (staff_id,))
+        rows = self._read(
+            "SELECT staff_id, name, generation FROM staff WHERE staff_id = ?", (staff_id,)
+        )
         return StaffMember(*rows[0]) if rows else None
+
+    def held_conversations(self, staff_id: str) -> list[ConversationRow]:
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c JOIN guests g USING (guest_id) "
+            "WHERE c.status = 'staff' AND c.assigned_staff_id = ?",
+            (staff_id,),
+        )
+        return [ConversationRow(*r) for r in rows]
+
+    def revocations_since(self, after_seq: int) -> list[Revocation]:
+        rows = self._read(
+            "SELECT seq, kind, staff_id, generation FROM revocations WHERE seq > ? ORDER BY seq",
+            (after_seq,),
+        )
+        return [Revocation(*r) for r in rows]
 
     # -- administration (used by the CLI, outside the server) -------------------------
 
@@ -532,18 +661,63 @@ class Database:
 
     def list_staff(self) -> list[StaffMember]:
         return [
-            StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")
+            StaffMember(*r)
+            for r in self._read("SELECT staff_id, name, generation FROM staff ORDER BY name")
         ]
 
-    def remove_staff(self, name_or_id: str) -> bool:
-        """Remove by name or id; their tokens stop working at once. False if unknown."""
-        cursor = self.writer.execute(
-            "DELETE FROM staff WHERE name = ? OR staff_id = ?", (name_or_id, name_or_id)
-        )
-        return cursor.rowcount > 0
+    def _find_staff(self, name_or_id: str) -> StaffMember | None:
+        row = self.writer.execute(
+            "SELECT staff_id, name, generation FROM staff WHERE name = ? OR staff_id = ? "
+            "ORDER BY name = ? DESC LIMIT 1",
+            (name_or_id, name_or_id, name_or_id),
+        ).fetchone()
+        return StaffMember(*row) if row else None
 
-    def add_guest(self, name: str | None) -> ConversationRow:
-        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+    def _record(self, kind: str, staff_id: str | None = None, generation: int = 0) -> None:
+        self.writer.execute(
+            "INSERT INTO revocations(kind, staff_id, generation, ts) VALUES (?, ?, ?, ?)",
+            (kind, staff_id, generation, time.time()),
+        )
+
+    def remove_staff(self, name_or_id: str) -> bool:
+        """Remove by name or id; their tokens stop working at once, and a running
+        server (this process or another) closes their consoles and hands their
+        conversations back (it polls :meth:`revocations_since`). False if unknown."""
+        with self._transaction():
+            member = self._find_staff(name_or_id)
+            if member is None:
+                return False
+            self.writer.execute("DELETE FROM staff WHERE staff_id = ?", (member.staff_id,))
+            self._record("removed", member.staff_id)
+        return True
+
+    def revoke_staff(self, name_or_id: str) -> StaffMember | None:
+        """Invalidate every token the staff member holds (their generation goes up;
+        a running server closes consoles signed in with an older one). Returns the
+        member with the new generation, or ``None`` if unknown."""
+        with self._transaction():
+            member = self._find_staff(name_or_id)
+            if member is None:
+                return None
+            generation = member.generation + 1
+            self.writer.execute(
+                "UPDATE staff SET generation = ? WHERE staff_id = ?",
+                (generation, member.staff_id),
+            )
+            self._record("revoked", member.staff_id, generation)
+        return StaffMember(member.staff_id, member.name, generation)
+
+    def rotate_secret(self) -> None:
+        """Replace the token secret kept here: no token issued before verifies, and a
+        running server notices (a ``secret`` revocation) and closes their sessions."""
+        with self._transaction():
+            self.writer.execute(
+                "UPDATE meta SET value = ? WHERE key = 'secret'", (secrets.token_hex(32),)
+            )
+            self._record("secret")
+
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name, room=room)])[0]  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- Trio

@@ -20,9 +20,11 @@ from ..core.storage import (
     AppendMessage,
     ConversationRow,
     Operation,
+    Revocation,
     SetRead,
     StaffMember,
     StaffSignIn,
+    TouchGuest,
 )
 from ..core.tokens import new_id
 
@@ -49,6 +51,8 @@ class MemoryBackend:
         self._messages: dict[str, list[Message]] = {}
         self._by_key: dict[tuple[str, str | None, str], Message] = {}
         self._guest_read: dict[str, int] = {}
+        self._revocations: list[Revocation] = []
+        self._guest_created: dict[str, float] = {}  # guest id -> POSIX time
         self.fail_writes = False
 
     # -- writes ------------------------------------------------------------------------
@@ -127,14 +131,44 @@ class MemoryBackend:
             self._guest_read[op.conversation_id] = max(
                 self._guest_read.get(op.conversation_id, 0), op.seq
             )
+            row.guest_read_seq = self._guest_read[op.conversation_id]
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
-        row = ConversationRow(new_id("c"), guest_id, name, "ai", None, None, 0, 0, time.time(), "")
+        now = time.time()
+        row = ConversationRow(
+            new_id("c"), guest_id, name, "ai", None, None, 0, 0, now, "", now, room
+        )
         self._guest_names[guest_id] = name
+        self._guest_created[guest_id] = row.updated_ts
         self._rows[row.conversation_id] = row
         self._of_guest[guest_id] = row.conversation_id
         return replace(row)
+
+    def touch_guest(self, op: TouchGuest) -> None:
+        cid = self._of_guest.get(op.guest_id)
+        if cid is not None:
+            row = self._rows[cid]
+            row.last_seen_ts = max(row.last_seen_ts, op.at)
+
+    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+        expired = []
+        for conversation_id, row in list(self._rows.items()):
+            silent = not any(m.sender == "guest" for m in self._messages.get(conversation_id, ()))
+            created = self._guest_created.get(row.guest_id, 0.0)
+            if (
+                created < before
+                and silent
+                and row.status in ("ai", "resolved")
+                and row.guest_id not in keep
+            ):
+                del self._rows[conversation_id], self._of_guest[row.guest_id]
+                del self._guest_names[row.guest_id]
+                self._messages.pop(conversation_id, None)
+                self._guest_read.pop(conversation_id, None)
+                self._by_key = {k: m for k, m in self._by_key.items() if k[0] != conversation_id}
+                expired.append(row.guest_id)
+        return expired
 
     # -- administration ------------------------------------------------------------------
 
@@ -153,15 +187,44 @@ class MemoryBackend:
 
     def remove_staff(self, name_or_id: str) -> bool:
         with self._lock:
-            for member in list(self._staff.values()):
-                if name_or_id in (member.name, member.staff_id):
-                    del self._staff[member.staff_id]
-                    return True
-            return False
+            member = self._find_staff(name_or_id)
+            if member is None:
+                return False
+            del self._staff[member.staff_id]
+            self._record("removed", member.staff_id)
+            return True
 
-    def add_guest(self, name: str | None) -> ConversationRow:
+    def _find_staff(self, name_or_id: str) -> StaffMember | None:
+        for member in self._staff.values():
+            if name_or_id in (member.name, member.staff_id):
+                return member
+        return None
+
+    def _record(self, kind: str, staff_id: str | None = None, generation: int = 0) -> None:
+        seq = self._revocations[-1].seq + 1 if self._revocations else 1
+        self._revocations.append(Revocation(seq, kind, staff_id, generation))
+
+    def revoke_staff(self, name_or_id: str) -> StaffMember | None:
+        """Raise the staff member's token generation (their older tokens stop working);
+        the member with the new generation, or ``None`` if unknown."""
         with self._lock:
-            return self.create_guest(name)
+            member = self._find_staff(name_or_id)
+            if member is None:
+                return None
+            member = replace(member, generation=member.generation + 1)
+            self._staff[member.staff_id] = member
+            self._record("revoked", member.staff_id, member.generation)
+            return member
+
+    def rotate_secret(self) -> None:
+        """A new token secret: every token signed before stops verifying."""
+        with self._lock:
+            self._secret = os.urandom(32)
+            self._record("secret")
+
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
+        with self._lock:
+            return self.create_guest(name, room)
 
     # -- reads -------------------------------------------------------------------------
 
@@ -187,11 +250,7 @@ class MemoryBackend:
             member = self._staff.get(staff_id)
             if member is None:
                 return StaffSignIn(None, [], [])
-            held = [
-                replace(r)
-                for r in self._rows.values()
-                if r.status == "staff" and r.assigned_staff_id == staff_id
-            ]
+            held = self.held_conversations(staff_id)
             return StaffSignIn(member, self.queue(time.time()), held)
 
     def queue(self, now: float, limit: int = 500) -> list[ConversationRow]:
@@ -219,6 +278,18 @@ class MemoryBackend:
     ) -> Message | None:
         with self._lock:
             return self._by_key.get((conversation_id, author_key, client_msg_id))
+
+    def held_conversations(self, staff_id: str) -> list[ConversationRow]:
+        with self._lock:
+            return [
+                replace(r)
+                for r in self._rows.values()
+                if r.status == "staff" and r.assigned_staff_id == staff_id
+            ]
+
+    def revocations_since(self, after_seq: int) -> list[Revocation]:
+        with self._lock:
+            return [r for r in self._revocations if r.seq > after_seq]
 
     def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]:
         with self._lock:

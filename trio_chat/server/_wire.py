@@ -341,6 +341,13 @@ class WebSocket:
             raise ConnectionLost("closing")
         await self.send(b"".join([text_frame(f) for f in frames]))
 
+    async def send_frames(self, data: bytes) -> None:
+        """Write frames already encoded (:func:`text_frame`), after anything held back.
+        Raises :class:`ConnectionLost`."""
+        if self.close_sent:
+            raise ConnectionLost("closing")
+        await self.send(data)
+
     async def ping(self, within: float) -> bool:
         """Send a ping; True if its pong came back within ``within`` seconds (the
         session's reader must be running to see it)."""

@@ -103,6 +103,12 @@ class _Console:
     def request_close(self, code: int, reason: str) -> None:
         self.close_code = code
 
+    # No socket: nothing is ever held for it, and whatever it is sent is written.
+    queued_bytes = 0
+
+    def report_written(self) -> None:
+        self.mock.server.written(self.session_id)
+
     def _consider(self, summary: wire.ConversationSummary) -> None:
         cid = summary.conversation_id
         if summary.status == "waiting" and cid not in self.claimed:

@@ -168,10 +168,17 @@ async def soak(
             free_port(),
             "--rate-limit",
             "0",
+            "--rate-limit-per-ip",  # every soak guest comes from loopback
+            "0",
             "--typing-delay",
             "0",
             "--heartbeat",
             "2",
+            # every guest comes through one loopback proxy: no per-address limits
+            "--max-connections-per-ip",
+            "0",
+            "--registrations-per-minute",
+            "0",
         )
         async with trio.open_nursery() as nursery:
             await server.start(nursery)

@@ -1,7 +1,13 @@
-"""``trio-chat chat``: a guest (or staff) client for a person at a terminal."""
+"""``trio-chat chat``: a guest (or staff) client for a person at a terminal.
+
+Everything a guest (or the server) wrote is printed as Rich ``Text``, never as markup,
+and through :func:`printable`, so ``[/x]`` is shown, not parsed, and an escape
+sequence is shown as ``\\x1b[2J``, not obeyed.
+"""
 
 from __future__ import annotations
 
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,8 +18,10 @@ from rich.live import Live
 from rich.text import Text
 
 from ..client._client import ChatClient, ClientEvent, StaffClient
+from ..core.client_protocol import ConversationSummary
 from ..core.errors import TrioChatError
 from ..core.protocol import Message
+from ._text import printable
 
 STYLES = {
     "guest": ("You", "bold cyan"),
@@ -47,7 +55,7 @@ def status_line(client: ChatClient) -> Text:
         remaining = max(0.0, client.retry_at - trio.current_time())
         text.append(f"  next try in {remaining:.1f} s")
     if state == "closed" and client.close_reason:
-        text.append(f"  ({client.close_reason})")
+        text.append(f"  ({printable(client.close_reason)})")
     if client.pending:
         text.append(f"  {len(client.pending)} waiting to send", style="yellow")
     if client.typing.get("ai") or client.typing.get("staff"):
@@ -61,13 +69,24 @@ def render_message(message: Message, role: str) -> Text:
         label = message.author
     if role == "staff" and message.sender == "guest":
         label = "Guest"
+    body = printable(message.text, multiline=True)
     text = Text()
     if message.sender == "system":
-        text.append(f"  {message.text}", style=style)
+        text.append(f"  {body}", style=style)
         return text
-    text.append(f"{label}: ", style=style)
-    text.append(message.text)
+    text.append(f"{printable(label)}: ", style=style)
+    text.append(body)
     return text
+
+
+def render_summary(summary: ConversationSummary) -> Text:
+    """One line of the staff queue: online dot, id, status, guest, last message."""
+    online = "●" if summary.guest_online else "○"
+    preview = printable((summary.preview or "")[:60])
+    return Text(
+        f"{online} {printable(summary.conversation_id)}  {printable(summary.status):8} "
+        f"{printable(summary.guest_label)}: {preview}"
+    )
 
 
 class TerminalChat:
@@ -81,7 +100,9 @@ class TerminalChat:
         self._acted_after: int | None = None  # seq held when the guest last did something
         self._sends: trio.Nursery | None = None
 
-    async def run(self) -> int:
+    async def run(self, read_line: Callable[[], Awaitable[str]] | None = None) -> int:
+        """Chat until the user quits or input ends. ``read_line`` gives the next line
+        of input ("" at its end); by default standard input's."""
         client = self.client
         staff = isinstance(client, StaffClient)
         self.console.print(Text(STAFF_HELP if staff else GUEST_HELP, style="dim"))
@@ -94,7 +115,7 @@ class TerminalChat:
                 remove = client.add_listener(lambda event: self._show(event, live))
                 nursery.start_soon(self._refresh_status, live)
                 try:
-                    await self._read_input()
+                    await self._read_input(read_line or _read_stdin)
                 finally:
                     remove()
                 nursery.cancel_scope.cancel()
@@ -118,27 +139,26 @@ class TerminalChat:
         if event.kind == "message":
             console.print(render_message(event.data["message"], client.role))
         elif event.kind == "error":
-            console.print(
-                Text(f"! {event.data.get('code')}: {event.data.get('message')}", style="red")
-            )
+            why = printable(f"{event.data.get('code')}: {event.data.get('message')}")
+            console.print(Text(f"! {why}", style="red"))
         elif event.kind == "state" and event.data["state"] != self._shown_state:
             # Each attempt and wait is a state event; the status line shows those.
             state = self._shown_state = event.data["state"]
             console.print(Text(f"[{state}]", style=STATE_STYLES[state]))
         elif event.kind == "status" and client.role == "guest":
             assigned = event.data.get("assigned_to")
+            with_whom = f", with {printable(assigned)}" if assigned else ""
             console.print(
                 Text(
-                    f"[conversation: {event.data.get('status')}"
-                    f"{', with ' + assigned if assigned else ''}]",
+                    f"[conversation: {printable(str(event.data.get('status')))}{with_whom}]",
                     style="dim",
                 )
             )
 
-    async def _read_input(self) -> None:
+    async def _read_input(self, read_line: Callable[[], Awaitable[str]]) -> None:
         client = self.client
         while True:
-            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            line = await read_line()
             if not line:  # end of input
                 await self._finish()
                 return
@@ -154,7 +174,7 @@ class TerminalChat:
                     self._acted_after = client.transcript[-1].seq if client.transcript else 0
                     await self._guest_command(line)
             except TrioChatError as exc:
-                self.console.print(Text(f"! {exc}", style="red"))
+                self.console.print(Text(f"! {printable(str(exc))}", style="red"))
 
     async def _finish(self) -> None:
         """Input ended (a pipe, or Ctrl-D): deliver what waits, show the conversation,
@@ -181,7 +201,7 @@ class TerminalChat:
             try:
                 await send(*args)
             except TrioChatError as exc:
-                self.console.print(Text(f"! not sent: {exc}", style="red"))
+                self.console.print(Text(f"! not sent: {printable(str(exc))}", style="red"))
 
         assert self._sends is not None
         self._sends.start_soon(deliver)
@@ -200,11 +220,7 @@ class TerminalChat:
         if command == "/queue":
             await client.wait_until(lambda: client.queue_ready)
             for summary in sorted(client.queue.values(), key=lambda s: s.updated_ts, reverse=True):
-                online = "●" if summary.guest_online else "○"
-                self.console.print(
-                    f"{online} {summary.conversation_id}  {summary.status:8} "
-                    f"{summary.guest_label}: {(summary.preview or '')[:60]}"
-                )
+                self.console.print(render_summary(summary))
         elif command in ("/claim", "/watch", "/release", "/resolve"):
             if not target:
                 self.console.print("which conversation? /queue lists them")
@@ -218,7 +234,7 @@ class TerminalChat:
             await action(target)
             if command in ("/claim", "/watch"):
                 self.conversation = target
-                self.console.print(Text(f"now in {target}", style="dim"))
+                self.console.print(Text(f"now in {printable(target)}", style="dim"))
                 for message in client.transcript_of(target)[-10:]:
                     self.console.print(render_message(message, "staff"))
         elif line.startswith("/"):
@@ -229,11 +245,22 @@ class TerminalChat:
             self._in_background(client.reply, self.conversation, line)
 
 
-async def main(url: str, token: str | None, name: str | None, staff_token: str | None) -> int:
-    """Run the terminal client until the user quits or input ends."""
+async def _read_stdin() -> str:
+    return await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+
+
+async def main(
+    url: str,
+    token: str | None,
+    name: str | None,
+    staff_token: str | None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """Run the terminal client until the user quits or input ends. ``ssl_context``
+    verifies a ``wss://`` server (default: the system's CAs)."""
     client: ChatClient
     if staff_token is not None:
-        client = StaffClient(url, token=staff_token, name=name)
+        client = StaffClient(url, token=staff_token, name=name, ssl_context=ssl_context)
     else:
-        client = ChatClient(url, token=token, name=name)
+        client = ChatClient(url, token=token, name=name, ssl_context=ssl_context)
     return await TerminalChat(client, Console()).run()

@@ -4,6 +4,10 @@ Widget callbacks fire outside Trio; everything they start goes through ``spawn``
 (``TrioInJupyter.start_soon`` in a notebook, a nursery's ``start_soon`` in tests).
 Client events update the widgets synchronously, in the client's own Trio task, which
 runs on the kernel's thread.
+
+Every string a guest, a staff member or the server chose goes into HTML through
+:func:`_escaped` (``html.escape`` of :func:`~trio_chat.ui._text.printable`), and into
+the queue's plain-text labels through ``printable``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import trio
 from ..client._client import ChatClient, ClientEvent, StaffClient
 from ..core.errors import TrioChatError
 from ..core.protocol import Message
+from ._text import printable
 
 __all__ = ["GuestChatWidget", "StaffConsoleWidget", "status_html"]
 
@@ -40,6 +45,11 @@ STATE_COLOUR = {
 }
 
 
+def _escaped(text: str, *, multiline: bool = False) -> str:
+    """``text`` as HTML text: markup escaped (quotes too), control characters shown."""
+    return html.escape(printable(text, multiline=multiline))
+
+
 def status_html(client: ChatClient, now: float | None = None) -> str:
     """The connection status, in colour and words: state, attempt, retry countdown."""
     state = client.state
@@ -56,7 +66,7 @@ def status_html(client: ChatClient, now: float | None = None) -> str:
         current = trio.current_time() if now is None else now
         words += f" · next try in {max(0.0, client.retry_at - current):.1f} s"
     if state == "closed" and client.close_reason:
-        words += f" ({html.escape(client.close_reason)})"
+        words += f" ({_escaped(client.close_reason)})"
     colour = STATE_COLOUR[state]
     return (
         f'<span class="trio-chat-status" data-state="{state}" style="color:{colour};'
@@ -73,7 +83,7 @@ def message_html(message: Message, *, viewer: str = "guest", pending: bool = Fal
         label, align, background, colour = "Guest", "flex-start", "#eef2f8", "#1f2430"
     elif viewer == "staff" and message.sender == "staff":
         align, background, colour = "flex-end", "#7b3fa0", "#ffffff"
-    text = html.escape(message.text)
+    text = _escaped(message.text, multiline=True)
     style = (
         f"align-self:{align};background:{background};color:{colour};padding:6px 10px;"
         f"border-radius:10px;max-width:80%;margin:2px 0;white-space:pre-wrap;"
@@ -82,10 +92,10 @@ def message_html(message: Message, *, viewer: str = "guest", pending: bool = Fal
         style += "font-style:italic;font-size:90%;"
     if pending:
         style += "opacity:0.6;"
-    who = f"<b style='font-size:80%'>{html.escape(label)}</b><br>" if label else ""
+    who = f"<b style='font-size:80%'>{_escaped(label)}</b><br>" if label else ""
     meta = " · sending…" if pending else ""
     return (
-        f'<div class="trio-chat-msg" data-sender="{message.sender}" '
+        f'<div class="trio-chat-msg" data-sender="{_escaped(message.sender)}" '
         f'data-seq="{"" if pending else message.seq}" style="{style}">{who}{text}'
         f"<span style='font-size:75%;opacity:.7'>{meta}</span></div>"
     )
@@ -161,15 +171,13 @@ class GuestChatWidget:
         try:
             await self.client.send(text)
         except TrioChatError as exc:
-            self.errors.value = (
-                f"<span style='color:#b42318'>Not sent: {html.escape(str(exc))}</span>"
-            )
+            self.errors.value = f"<span style='color:#b42318'>Not sent: {_escaped(str(exc))}</span>"
 
     async def _escalate(self) -> None:
         try:
             await self.client.escalate("asked in the notebook")
         except TrioChatError as exc:
-            self.errors.value = f"<span style='color:#b42318'>{html.escape(str(exc))}</span>"
+            self.errors.value = f"<span style='color:#b42318'>{_escaped(str(exc))}</span>"
 
     def _on_offline(self, change: dict[str, Any]) -> None:
         self.client.set_online(not change["new"])
@@ -180,14 +188,22 @@ class GuestChatWidget:
     def on_event(self, event: ClientEvent) -> None:
         if event.kind in ("message", "ack", "queued", "state", "closed", "status"):
             self.refresh()
-        if event.kind == "typing":
-            active = [s for s, on in self.client.typing.items() if on and s != "guest"]
-            who = {"ai": "The concierge", "staff": self.client.assigned_to or "Staff"}
-            self.typing.value = (
-                f"<i style='color:#6b7280'>{who.get(active[0], active[0])} is typing…</i>"
-                if active
-                else ""
+        if event.kind in ("typing", "draft", "message"):
+            self.typing.value = self._typing_html()
+
+    def _typing_html(self) -> str:
+        """The concierge's answer as it is written, else who is typing."""
+        draft = self.client.drafts.get(self.client.conversation_id or "")
+        if draft:
+            return (
+                "<div style='color:#374151;background:#eef2ff;border-radius:8px;"
+                f"padding:4px 8px;opacity:0.8'><b>Concierge</b> {_escaped(draft)} ▍</div>"
             )
+        active = [s for s, on in self.client.typing.items() if on and s != "guest"]
+        who = {"ai": "The concierge", "staff": self.client.assigned_to or "Staff"}
+        if not active:
+            return ""
+        return f"<i style='color:#6b7280'>{_escaped(who.get(active[0], active[0]))} is typing…</i>"
 
     def refresh(self) -> None:
         client = self.client
@@ -276,7 +292,7 @@ class StaffConsoleWidget:
             await action(*args)
             self.errors.value = ""
         except TrioChatError as exc:
-            self.errors.value = f"<span style='color:#b42318'>{html.escape(str(exc))}</span>"
+            self.errors.value = f"<span style='color:#b42318'>{_escaped(str(exc))}</span>"
 
     def _on_enter(self, change: dict[str, Any]) -> None:
         if change["new"]:
@@ -302,9 +318,9 @@ class StaffConsoleWidget:
         for summary in rows:
             dot = "●" if summary.guest_online else "○"
             waited = _age(summary.updated_ts, now)
-            who = summary.guest_label
-            holder = f" → {summary.assigned_to}" if summary.assigned_to else ""
-            label = f"{dot} {summary.status:8} {who:14} {waited:>6}{holder}"
+            who = printable(summary.guest_label)
+            holder = f" → {printable(summary.assigned_to)}" if summary.assigned_to else ""
+            label = f"{dot} {printable(summary.status):8} {who:14} {waited:>6}{holder}"
             out.append((label, summary.conversation_id))
         return out
 

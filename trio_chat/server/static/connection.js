@@ -1,20 +1,19 @@
-// The guest's connection: protocol v1 over the browser's own WebSocket, with backoff,
-// an offline outbox and exact resume. It keeps the state; the view draws it.
+// A protocol v1 connection over the browser's own WebSocket, shared by the guest page
+// (guest.js) and the staff console (desk.js): the status words, backoff, the server's
+// reconnect hints, the heartbeat watchdog, and stopping for good on 4401. A subclass
+// says what its hello is and what it does with the frames (`handlers`, `onWelcome`).
 import { retryDelay } from "./backoff.js";
-import { CLOSE, checkText, frames, newClientMsgId, parseFrame } from "./protocol.js";
-import { Outbox, Transcript } from "./transcript.js";
+import { CLOSE, frames, parseFrame } from "./protocol.js";
 
-export const TOKEN_KEY = "trio-chat.token";
-export const OUTBOX_KEY = "trio-chat.outbox";
 const CONNECT_TIMEOUT_MS = 10000;
 const HEALTHY_AFTER_MS = 10000;
 
-export class Chat {
-  constructor(view) {
+export class Connection {
+  constructor(view, token) {
     this.view = view;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     this.url = `${scheme}//${location.host}/ws`;
-    this.token = localStorage.getItem(TOKEN_KEY);
+    this.token = token;
     this.ws = null;
     this.connection = 0; // number of the current socket
     this.welcomed = false; // the current socket got its welcome
@@ -27,21 +26,21 @@ export class Chat {
     this.connectTimer = null;
     this.watchdog = null;
     this.hintMs = null; // the server's reconnect.after_ms / retry_after_ms
-    this.stopped = false; // after AUTH_FAILED (4401): never retry with that token
+    this.stopped = false; // after AUTH_FAILED (4401) or signing out: never retry
+    this.authError = null; // the server's words with its auth_failed error
     this.online = navigator.onLine !== false;
     this.heartbeatMs = 20000;
     this.lastReceived = 0;
     this.pingId = 0;
-    this.transcript = new Transcript();
-    this.historyPending = false;
-    this.readSeq = 0;
-    this.readSent = 0;
-    this.status = "ai";
-    this.assignedTo = null;
-    this.wantsPerson = false; // "talk to a person" pressed while disconnected
-    this.outbox = Outbox.parse(localStorage.getItem(OUTBOX_KEY));
-    for (const item of this.outbox.items) this.drawPending(item);
   }
+
+  // -- what a subclass provides --
+
+  helloFrame() { return frames.hello(this.token); }
+  get handlers() { return {}; } // frame type -> function(frame), called with this
+  onWelcome(_frame) {} // after the common part of a welcome
+  onDisconnected() {} // the socket is gone (whatever the reason)
+  onAuthFailed(_why) {} // closed with 4401: this token will not work again
 
   // -- state and status words --
 
@@ -85,9 +84,9 @@ export class Chat {
     // The whole attempt, open to welcome, has one deadline.
     this.connectTimer = setTimeout(() => this.abandon(connection, "connect timed out"),
       CONNECT_TIMEOUT_MS);
-    ws.onopen = () => this.send(frames.hello(this.token));
+    ws.onopen = () => this.send(this.helloFrame());
     ws.onmessage = (event) => this.receive(connection, event.data);
-    ws.onclose = (event) => this.closed(connection, event.code);
+    ws.onclose = (event) => this.closed(connection, event.code, event.reason);
   }
 
   // Forget a socket at once (dead link, timeout, offline) without waiting for the
@@ -100,25 +99,23 @@ export class Chat {
     this.closed(connection, code, why);
   }
 
-  closed(connection, code) {
+  closed(connection, code, reason = "") {
     if (connection !== this.connection) return;
     clearTimeout(this.connectTimer);
     clearInterval(this.watchdog);
     this.ws = null;
     const wasWelcomed = this.welcomed;
     this.welcomed = false;
-    this.view.setTyping("");
+    this.onDisconnected();
     if (wasWelcomed && Date.now() - this.connectedAt >= HEALTHY_AFTER_MS) this.attempt = 0;
     if (code === CLOSE.AUTH_FAILED) {
       this.stopped = true;
+      this.clearRetry();
       this.setState("closed");
-      this.view.showNotice("We could not verify this chat session.", {
-        label: "Start a new chat",
-        run: () => { localStorage.removeItem(TOKEN_KEY); localStorage.removeItem(OUTBOX_KEY); location.reload(); },
-      });
+      this.onAuthFailed(this.authError || reason || "authentication failed");
       return;
     }
-    if (code === CLOSE.NORMAL && wasWelcomed) {
+    if (this.stopped || (code === CLOSE.NORMAL && wasWelcomed)) {
       this.setState("closed");
       return;
     }
@@ -150,12 +147,20 @@ export class Chat {
     if (!this.ws) this.connect();
   }
 
+  // Close for good (signing out): no retry, whatever the close code.
+  stop() {
+    this.stopped = true;
+    this.clearRetry();
+    if (this.ws) this.abandon(this.connection, "stopped", CLOSE.NORMAL);
+    this.setState("closed");
+  }
+
   goOffline() {
     this.online = false;
     this.clearRetry();
     // Browsers (and test drivers) may leave the socket open: close it ourselves.
     if (this.ws) this.abandon(this.connection, "offline", CLOSE.GOING_AWAY);
-    this.setState("offline");
+    if (!this.stopped) this.setState("offline");
   }
 
   goOnline() {
@@ -189,40 +194,30 @@ export class Chat {
     this.lastReceived = Date.now();
     const frame = parseFrame(raw);
     if (frame === null) return; // not ours to understand
+    if (frame.type === "welcome") {
+      this.welcome(frame);
+      return;
+    }
+    if (frame.type === "reconnect") {
+      this.hintMs = Math.max(0, Number(frame.after_ms) || 0);
+      return;
+    }
+    if (frame.type === "error" && frame.code === "auth_failed") {
+      this.authError = frame.message || null; // the close (4401) follows
+      return;
+    }
     const handler = this.handlers[frame.type];
     if (handler) handler.call(this, frame);
   }
 
-  get handlers() {
-    return {
-      welcome: this.onWelcome,
-      message: (f) => this.onMessage(f),
-      history: this.onHistory,
-      ack: this.onAck,
-      error: this.onError,
-      status: this.onStatus,
-      typing: this.onTyping,
-      read: this.onRead,
-      reconnect: (f) => { this.hintMs = Math.max(0, Number(f.after_ms) || 0); },
-    };
-  }
-
-  onWelcome(frame) {
+  welcome(frame) {
     clearTimeout(this.connectTimer);
-    this.token = frame.token;
-    localStorage.setItem(TOKEN_KEY, frame.token);
     this.welcomed = true;
     this.welcomedOnce = true;
     this.connectedAt = Date.now();
     this.heartbeatMs = Math.max(1000, (Number(frame.heartbeat_s) || 20) * 1000);
-    this.readSeq = Math.max(this.readSeq, Number(frame.read_seq) || 0);
-    this.status = frame.status;
-    this.view.hideNotice();
     this.setState("connected");
-    this.historyPending = false;
-    if (frame.last_seq > this.transcript.held) this.requestHistory();
-    this.flush();
-    if (this.wantsPerson && this.send(frames.escalate())) this.wantsPerson = false;
+    this.onWelcome(frame);
     this.startWatchdog();
   }
 
@@ -235,143 +230,5 @@ export class Chat {
       if (silent > 1.5 * this.heartbeatMs) this.abandon(connection, "no answer");
       else if (silent > this.heartbeatMs / 2) this.ping();
     }, this.heartbeatMs / 4);
-  }
-
-  requestHistory() {
-    if (this.historyPending) return;
-    if (this.send(frames.history(this.transcript.held))) {
-      this.historyPending = true;
-    }
-  }
-
-  onHistory(frame) {
-    this.historyPending = false;
-    for (const message of frame.messages) this.onMessage(message, true);
-    const transcript = this.transcript;
-    if (frame.has_more || transcript.held < frame.last_seq || transcript.gap) this.requestHistory();
-  }
-
-  onMessage(message, fromHistory = false) {
-    if (!this.transcript.add(message)) return; // a message we already hold
-    this.draw(message);
-    if (!fromHistory && message.seq > this.transcript.held) this.requestHistory(); // a gap
-    if (message.sender !== "guest" && document.visibilityState === "visible") {
-      this.markRead();
-    }
-    if (message.sender !== "guest") this.view.setTyping("");
-  }
-
-  draw(message) {
-    let item = null;
-    if (message.client_msg_id && message.sender === "guest") {
-      item = this.view.messages.querySelector(`[data-cmid="${CSS.escape(message.client_msg_id)}"]`);
-    }
-    if (item) {
-      item.dataset.seq = String(message.seq);
-      delete item.dataset.failed;
-      this.view.fillMeta(item, message);
-    } else {
-      item = this.view.element(message);
-    }
-    this.view.place(item);
-    this.view.markRead(this.readSeq);
-    this.view.scrollToEnd();
-  }
-
-  onAck(frame) {
-    this.outbox.remove(frame.client_msg_id);
-    this.saveOutbox();
-    const item = this.view.messages.querySelector(`[data-cmid="${CSS.escape(frame.client_msg_id)}"]`);
-    if (item && !item.dataset.seq) {
-      item.dataset.seq = String(frame.seq);
-      this.view.fillMeta(item, frame);
-      this.view.place(item);
-    }
-  }
-
-  onError(frame) {
-    const pending = this.outbox.find(frame.ref);
-    if (!pending) return;
-    if (frame.code === "rate_limited" || frame.code === "internal") {
-      pending.sentOn = null; // not refused: try again a little later
-      setTimeout(() => this.flush(), Number(frame.retry_after_ms) || 1000);
-      return;
-    }
-    // Refused for good: it leaves the outbox so it never blocks the others.
-    this.outbox.remove(pending.client_msg_id);
-    this.saveOutbox();
-    const item = this.view.messages.querySelector(`[data-cmid="${CSS.escape(pending.client_msg_id)}"]`);
-    if (item) {
-      item.dataset.failed = frame.message || frame.code;
-      this.view.fillMeta(item, {});
-    }
-  }
-
-  onStatus(frame) {
-    this.status = frame.status;
-    this.assignedTo = frame.assigned_to;
-  }
-
-  onTyping(frame) {
-    if (!frame.active) {
-      this.view.setTyping("");
-    } else if (frame.sender === "ai") {
-      this.view.setTyping("The concierge is typing…");
-    } else if (frame.sender === "staff") {
-      this.view.setTyping(`${this.assignedTo || "Our team"} is typing…`);
-    }
-  }
-
-  onRead(frame) {
-    if (frame.reader !== "staff") return;
-    this.readSeq = Math.max(this.readSeq, Number(frame.seq) || 0);
-    this.view.markRead(this.readSeq);
-  }
-
-  markRead() {
-    const held = this.transcript.held;
-    if (held > this.readSent && this.send(frames.read(held))) {
-      this.readSent = held;
-    }
-  }
-
-  // -- what the guest does --
-
-  submit(text) {
-    const checked = checkText(text);
-    if (checked.error) {
-      if (checked.error !== "empty") this.view.showNotice(checked.error);
-      return false;
-    }
-    const message = this.outbox.add(newClientMsgId(), checked.text);
-    this.saveOutbox();
-    this.drawPending(message);
-    this.flush();
-    return true;
-  }
-
-  drawPending(message) {
-    const item = this.view.element({ sender: "guest", text: message.text,
-      client_msg_id: message.client_msg_id });
-    this.view.place(item);
-    this.view.scrollToEnd();
-  }
-
-  // Send what waits, once per connection, in order, with its original id.
-  flush() {
-    if (!this.welcomed) return;
-    for (const message of this.outbox.due(this.connection)) {
-      if (!this.send(frames.message(message.client_msg_id, message.text))) return;
-      message.sentOn = this.connection;
-    }
-  }
-
-  askForPerson() {
-    if (this.welcomed && this.send(frames.escalate("pressed 'talk to a person'"))) return;
-    this.wantsPerson = true; // sent after the next welcome
-  }
-
-  saveOutbox() {
-    localStorage.setItem(OUTBOX_KEY, this.outbox.serialize());
   }
 }

@@ -1,4 +1,4 @@
-// Protocol v1 for the browser: close codes by name, the frames a guest sends, and
+// Protocol v1 for the browser: close codes by name, the frames guests and staff send, and
 // reading the frames the server sends. Pure: no DOM, no socket (tested with node --test).
 
 export const CLOSE = Object.freeze({
@@ -21,15 +21,39 @@ export const MAX_TEXT = 4000;
 export const MAX_CLIENT_MSG_ID = 64;
 export const HISTORY_PAGE = 500;
 
-// The frames a guest sends, built in one place.
+export const MAX_NAME = 80;
+export const MAX_ROOM = 20;
+
+// The frames a guest sends, built in one place. `who` ({name, room}, both optional)
+// goes with a new guest's hello (room is an extension: old servers ignore it).
 export const frames = Object.freeze({
-  hello: (token) => ({ type: "hello", token: token ?? null }),
+  hello: (token, who = {}) => {
+    const frame = { type: "hello", token: token ?? null };
+    const name = String(who.name ?? "").trim().slice(0, MAX_NAME);
+    const room = String(who.room ?? "").trim().slice(0, MAX_ROOM);
+    if (name) frame.name = name;
+    if (room) frame.room = room;
+    return frame;
+  },
   message: (clientMsgId, text) => ({ type: "message", client_msg_id: clientMsgId, text }),
   history: (afterSeq) => ({ type: "history", after_seq: afterSeq, limit: HISTORY_PAGE }),
   escalate: (reason) => (reason ? { type: "escalate", reason } : { type: "escalate" }),
   typing: (active) => ({ type: "typing", active: Boolean(active) }),
   read: (seq) => ({ type: "read", seq }),
   ping: (id) => ({ type: "ping", id }),
+});
+
+// The frames a staff console sends: the same, naming the conversation, and the
+// staff actions (claim, release, resolve, watch, unwatch).
+export const staffFrames = Object.freeze({
+  message: (conversationId, clientMsgId, text) =>
+    ({ type: "message", conversation_id: conversationId, client_msg_id: clientMsgId, text }),
+  history: (conversationId, afterSeq, limit = HISTORY_PAGE) =>
+    ({ type: "history", conversation_id: conversationId, after_seq: afterSeq, limit }),
+  typing: (conversationId, active) =>
+    ({ type: "typing", conversation_id: conversationId, active: Boolean(active) }),
+  read: (conversationId, seq) => ({ type: "read", conversation_id: conversationId, seq }),
+  action: (action, conversationId) => ({ type: action, conversation_id: conversationId }),
 });
 
 // A server frame as an object, or null when it is not one of ours (not JSON, not an

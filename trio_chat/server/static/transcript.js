@@ -24,6 +24,7 @@ export class Transcript {
 
 export class Outbox {
   // items: [{client_msg_id, text, sentOn}]; sentOn is the connection it went out on.
+  // A staff console's items also name their conversation_id.
   constructor(items = []) {
     this.items = items;
   }
@@ -33,19 +34,25 @@ export class Outbox {
       const items = JSON.parse(saved || "[]");
       return new Outbox(Array.isArray(items)
         ? items.filter((m) => m && typeof m.client_msg_id === "string" && typeof m.text === "string")
-          .map((m) => ({ client_msg_id: m.client_msg_id, text: m.text, sentOn: null }))
+          .map((m) => Outbox.item(m.client_msg_id, m.text, m.conversation_id))
         : []);
     } catch (_) {
       return new Outbox();
     }
   }
 
-  serialize() {
-    return JSON.stringify(this.items.map((m) => ({ client_msg_id: m.client_msg_id, text: m.text })));
+  static item(clientMsgId, text, conversationId) {
+    const item = { client_msg_id: clientMsgId, text, sentOn: null };
+    if (typeof conversationId === "string") item.conversation_id = conversationId;
+    return item;
   }
 
-  add(clientMsgId, text) {
-    const message = { client_msg_id: clientMsgId, text, sentOn: null };
+  serialize() {
+    return JSON.stringify(this.items.map(({ sentOn: _, ...saved }) => saved));
+  }
+
+  add(clientMsgId, text, conversationId) {
+    const message = Outbox.item(clientMsgId, text, conversationId);
     this.items.push(message);
     return message;
   }

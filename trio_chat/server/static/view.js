@@ -41,6 +41,26 @@ export class View {
     this.typing.hidden = !text;
   }
 
+  // The concierge's answer as it is written: one bubble at the end of the list, as
+  // text, replaced by the stored message when that arrives.
+  setDraft(text) {
+    let item = this.messages.querySelector("li.draft");
+    if (!item) {
+      item = this.element({ sender: "ai", text: "" });
+      item.classList.add("draft");
+      item.setAttribute("aria-busy", "true");
+      this.messages.append(item);
+    }
+    item.querySelector(".body").textContent = text;
+    item.querySelector(".meta").textContent = "writing…";
+    this.setTyping("");
+    item.scrollIntoView({ block: "end" });
+  }
+
+  clearDraft() {
+    this.messages.querySelector("li.draft")?.remove();
+  }
+
   element(message) {
     const item = document.createElement("li");
     item.className = "msg";
