@@ -13,6 +13,7 @@ import redis
 import trio
 
 from trio_chat import ChatServer
+from trio_chat.server._store_postgres import PostgresBackend
 from trio_chat.testing._services import RedisInstance
 
 from ..conftest import make_config
@@ -90,18 +91,31 @@ def test_the_admin_commands_take_a_postgres_url(pg_url: str) -> None:
 
     init = cli("db", "init")
     assert init.returncode == 0, init.stderr
-    assert "schema version 1" in init.stderr and "postgres@" in init.stderr
+    assert "schema version 2" in init.stderr and "postgres@" in init.stderr
     assert cli("db", "init").returncode == 0  # idempotent
     added = cli("staff", "add", "Anna")
-    assert added.returncode == 0 and added.stdout.startswith("s.")
+    anna = added.stdout.strip().splitlines()[-1]  # the token is alone on the last line
+    assert added.returncode == 0 and anna.startswith("s.")
     listed = cli("staff", "list")
     assert "Anna" in listed.stdout
     token = cli("staff", "token", "Anna")
-    assert token.stdout.strip() == added.stdout.strip()
+    assert token.stdout.strip() == anna
     guest = cli("guest", "add", "Ana")
     assert guest.returncode == 0 and guest.stdout.startswith("g.")
+    link = cli("staff", "link", "Anna")
+    assert link.returncode == 0 and link.stdout.strip().endswith(f"#token={anna}")
+    # The hardening's commands write the revocations every node's watcher reads.
+    revoked = cli("staff", "revoke", "Anna")
+    assert revoked.returncode == 0 and revoked.stdout.strip() != anna
+    assert cli("staff", "token", "Anna").stdout.strip() == revoked.stdout.strip()
+    rotated = cli("secret", "rotate", "--yes")
+    assert rotated.returncode == 0, rotated.stderr
+    assert cli("staff", "token", "Anna").stdout.strip() != revoked.stdout.strip()
     assert cli("staff", "remove", "Anna").returncode == 0
     assert "Anna" not in cli("staff", "list").stdout
+    backend = PostgresBackend(pg_url)
+    assert [r.kind for r in backend.revocations_since(0)] == ["revoked", "secret", "removed"]
+    backend.close()
 
 
 # ------------------------------------------------------------------- a two-node cluster

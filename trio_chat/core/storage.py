@@ -177,14 +177,17 @@ class TouchGuest(Operation[None]):
 class ExpireSilentGuests(Operation[list[str]]):
     """Forget the guests created before ``before`` (POSIX time) who never wrote a
     message, with their conversations, unless their conversation is waiting for or
-    held by staff, or the guest is in ``keep`` (signed in now). The result is the
-    guest ids forgotten: their tokens fail from then on."""
+    held by staff, or the guest is in ``keep`` (signed in now), or their conversation
+    is in ``keep_conversations`` (scale-out: a guest signed in on another server
+    process, known here only by the conversation). The result is the guest ids
+    forgotten: their tokens fail from then on."""
 
     before: float = 0.0
     keep: frozenset[str] = frozenset()
+    keep_conversations: frozenset[str] = frozenset()
 
     def apply(self, db: StorageBackend) -> list[str]:
-        return db.expire_silent_guests(self.before, self.keep)
+        return db.expire_silent_guests(self.before, self.keep, self.keep_conversations)
 
 
 class StorageBackend(Protocol):
@@ -204,7 +207,12 @@ class StorageBackend(Protocol):
     def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow: ...
 
     def touch_guest(self, op: TouchGuest) -> None: ...
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         """See :class:`ExpireSilentGuests` (inside a batch, like every write)."""
         ...
 

@@ -489,7 +489,12 @@ class Database:
             (op.at, op.guest_id),
         )
 
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         rows = self.writer.execute(
             "SELECT g.guest_id, c.conversation_id FROM guests g JOIN conversations c "
             "USING (guest_id) WHERE g.created_ts < ? AND c.status IN ('ai', 'resolved') "
@@ -502,7 +507,9 @@ class Database:
         doomed = [
             (guest_id, conversation_id)
             for guest_id, conversation_id in rows
-            if guest_id not in keep and conversation_id not in self._touched
+            if guest_id not in keep
+            and conversation_id not in keep_conversations
+            and conversation_id not in self._touched
         ]
         by_conversation = [(conversation_id,) for _, conversation_id in doomed]
         self.writer.executemany("DELETE FROM messages WHERE conversation_id = ?", by_conversation)

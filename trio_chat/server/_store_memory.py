@@ -151,7 +151,12 @@ class MemoryBackend:
             row = self._rows[cid]
             row.last_seen_ts = max(row.last_seen_ts, op.at)
 
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         expired = []
         for conversation_id, row in list(self._rows.items()):
             silent = not any(m.sender == "guest" for m in self._messages.get(conversation_id, ()))
@@ -161,6 +166,7 @@ class MemoryBackend:
                 and silent
                 and row.status in ("ai", "resolved")
                 and row.guest_id not in keep
+                and conversation_id not in keep_conversations
             ):
                 del self._rows[conversation_id], self._of_guest[row.guest_id]
                 del self._guest_names[row.guest_id]

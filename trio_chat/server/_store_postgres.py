@@ -14,7 +14,11 @@ the only writer is here the database's job:
 * a status change carries the state it was decided against (``AppendMessage.expect``)
   and is applied only if that is still the stored state; otherwise nothing is written
   and the result says ``conflict`` (two staff members on two nodes racing to claim);
-* the token secret lives in a table, not a file.
+* the token secret lives in a table, not a file;
+* a revocation (a staff member removed or revoked, the secret rotated) is a row of
+  ``revocations`` whose ``seq`` is taken under a table lock held until the commit, so
+  ``seq`` order is commit order and every node's watcher, reading ``seq > last``,
+  misses none.
 
 The schema is created and migrated by :func:`migrate` (``trio-chat db init`` and every
 start), idempotently, under an advisory lock so nodes starting together do not race.
@@ -39,9 +43,11 @@ from ..core.storage import (
     ConversationRow,
     CreateGuest,
     Operation,
+    Revocation,
     SetRead,
     StaffMember,
     StaffSignIn,
+    TouchGuest,
 )
 from ..core.tokens import new_id
 
@@ -95,12 +101,32 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         ON messages(conversation_id, author_key, client_msg_id)
         WHERE client_msg_id IS NOT NULL;
     """,
+    # 2: the hardening of the first release (as SQLite's schema 2 and its rooms step):
+    # staff token generations, guests' last sign-in and room, and the revocations
+    # every node's watcher reads. IF NOT EXISTS: safe on a database that has them.
+    """
+    ALTER TABLE staff ADD COLUMN IF NOT EXISTS generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE guests ADD COLUMN IF NOT EXISTS last_seen_ts DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE guests ADD COLUMN IF NOT EXISTS room TEXT;
+    CREATE TABLE IF NOT EXISTS revocations (
+        seq BIGSERIAL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        staff_id TEXT,
+        generation INTEGER NOT NULL DEFAULT 0,
+        ts DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS guests_by_created ON guests(created_ts);
+    """,
 )
 
+# A conversation's row with its guest's (``c`` and ``g``: every query joins them).
 _CONVERSATION_COLUMNS: Final = (
-    "conversation_id, guest_id, guest_name, status, assigned_staff_id, assigned_name, "
-    "last_seq, read_seq, updated_ts, preview"
+    "c.conversation_id, c.guest_id, c.guest_name, c.status, c.assigned_staff_id, "
+    "c.assigned_name, c.last_seq, c.read_seq, c.updated_ts, c.preview, g.last_seen_ts, "
+    "g.room, c.guest_read_seq"
 )
+_CONVERSATION_FIELDS: Final = 13
+_CONVERSATIONS: Final = "conversations c JOIN guests g ON g.guest_id = c.guest_id"
 
 
 def _connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -157,6 +183,9 @@ class _Locked:
         "changed",
         "guest_id",
         "guest_name",
+        "guest_read_seq",
+        "guest_room",
+        "last_seen_ts",
         "last_seq",
         "preview",
         "read_seq",
@@ -176,6 +205,9 @@ class _Locked:
             self.read_seq,
             self.updated_ts,
             self.preview,
+            self.last_seen_ts,
+            self.guest_room,
+            self.guest_read_seq,
         ) = row
         self.changed = False
 
@@ -191,6 +223,9 @@ class _Locked:
             self.read_seq,
             self.updated_ts,
             self.preview,
+            self.last_seen_ts,
+            self.guest_room,
+            self.guest_read_seq,
         )
 
 
@@ -214,7 +249,6 @@ class PostgresBackend:
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._locked: dict[str, _Locked] = {}  # inside a batch
-        self._secret: bytes | None = None
         # After any failure both connections are replaced before their next use: a
         # connection to a restarted server looks fine until it fails a real request.
         self._reader_stale = False
@@ -287,8 +321,8 @@ class PostgresBackend:
         if not ids:
             return
         rows = conn.execute(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations "
-            "WHERE conversation_id = ANY(%s) ORDER BY conversation_id FOR UPDATE",
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} "
+            "WHERE c.conversation_id = ANY(%s) ORDER BY c.conversation_id FOR UPDATE OF c",
             (ids,),
         ).fetchall()
         self._locked = {row[0]: _Locked(row) for row in rows}
@@ -362,6 +396,8 @@ class PostgresBackend:
         state = self._locked.get(op.conversation_id)
         if state is not None and op.reader == "staff":
             state.read_seq = max(state.read_seq, op.seq)
+        elif state is not None:
+            state.guest_read_seq = max(state.guest_read_seq, op.seq)
 
     def _write_conversations(self, conn: psycopg.Connection[Any]) -> None:
         changed = [(cid, s) for cid, s in self._locked.items() if s.changed]
@@ -386,20 +422,73 @@ class PostgresBackend:
                 ],
             )
 
-    def create_guest(self, name: str | None) -> ConversationRow:
+    def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
         conversation_id = new_id("c")
         now = time.time()
         self._conn.execute(
-            "INSERT INTO guests(guest_id, name, created_ts) VALUES (%s, %s, %s)",
-            (guest_id, name, now),
+            "INSERT INTO guests(guest_id, name, room, created_ts, last_seen_ts) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (guest_id, name, room, now, now),
         )
         self._conn.execute(
             "INSERT INTO conversations(conversation_id, guest_id, guest_name, updated_ts) "
             "VALUES (%s, %s, %s, %s)",
             (conversation_id, guest_id, name, now),
         )
-        return ConversationRow(conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "")
+        return ConversationRow(
+            conversation_id, guest_id, name, "ai", None, None, 0, 0, now, "", now, room
+        )
+
+    def touch_guest(self, op: TouchGuest) -> None:
+        self._conn.execute(
+            "UPDATE guests SET last_seen_ts = GREATEST(last_seen_ts, %s) WHERE guest_id = %s",
+            (op.at, op.guest_id),
+        )
+
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """As SQLite's. Several nodes write at once here, so the candidates' rows are
+        locked first (an append locks its conversation's row before writing) and only
+        then looked at again: a guest whose first message another node committed
+        meanwhile is kept, and one cannot write to a conversation being forgotten."""
+        silent = (
+            "c.status IN ('ai', 'resolved') AND NOT EXISTS (SELECT 1 FROM messages m "
+            "WHERE m.conversation_id = c.conversation_id AND m.sender = 'guest')"
+        )
+        candidates = [
+            cid
+            for (cid,) in self._conn.execute(
+                f"SELECT c.conversation_id FROM {_CONVERSATIONS} "
+                f"WHERE g.created_ts < %s AND {silent} ORDER BY c.conversation_id "
+                "FOR UPDATE OF c SKIP LOCKED",
+                (before,),
+            ).fetchall()
+            if cid not in self._locked and cid not in keep_conversations
+        ]
+        if not candidates:
+            return []
+        # A new statement, a new snapshot (READ COMMITTED), the rows locked: true now.
+        rows = self._conn.execute(
+            f"SELECT c.guest_id, c.conversation_id FROM {_CONVERSATIONS} "
+            f"WHERE c.conversation_id = ANY(%s) AND {silent}",
+            (candidates,),
+        ).fetchall()
+        doomed = [(guest_id, cid) for guest_id, cid in rows if guest_id not in keep]
+        if not doomed:
+            return []
+        conversations = [cid for _, cid in doomed]
+        guests = [guest_id for guest_id, _ in doomed]
+        self._conn.execute("DELETE FROM messages WHERE conversation_id = ANY(%s)", (conversations,))
+        self._conn.execute(
+            "DELETE FROM conversations WHERE conversation_id = ANY(%s)", (conversations,)
+        )
+        self._conn.execute("DELETE FROM guests WHERE guest_id = ANY(%s)", (guests,))
+        return guests
 
     # -- reads -------------------------------------------------------------------------
 
@@ -408,16 +497,17 @@ class PostgresBackend:
             return self._reader_conn().execute(sql, params).fetchall()
 
     def secret(self) -> bytes:
-        if self._secret is None:
-            rows = self._read("SELECT value FROM meta WHERE key = 'secret'")
-            if not rows:
-                raise StorageError("the database has no secret: run 'trio-chat db init'")
-            self._secret = bytes.fromhex(rows[0][0])
-        return self._secret
+        """Read each time (rarely: at start and after a rotation), never cached: a
+        rotation by another process must be seen."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'secret'")
+        if not rows:
+            raise StorageError("the database has no secret: run 'trio-chat db init'")
+        return bytes.fromhex(rows[0][0])
 
     def _conversation_where(self, column: str, value: str) -> ConversationRow | None:
         rows = self._read(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE {column} = %s", (value,)
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} WHERE c.{column} = %s",
+            (value,),
         )
         return ConversationRow(*rows[0]) if rows else None
 
@@ -429,28 +519,40 @@ class PostgresBackend:
 
     def queue(self, now: float, limit: int = 500) -> list[ConversationRow]:
         rows = self._read(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations "
-            "WHERE status IN ('waiting', 'staff') "
-            "OR (status = 'ai' AND last_seq > 0 AND updated_ts > %s) "
-            "ORDER BY updated_ts DESC LIMIT %s",
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} "
+            "WHERE c.status IN ('waiting', 'staff') "
+            "OR (c.status = 'ai' AND c.last_seq > 0 AND c.updated_ts > %s) "
+            "ORDER BY c.updated_ts DESC LIMIT %s",
             (now - 86400, limit),
         )
         return [ConversationRow(*r) for r in rows]
 
     def staff_member(self, staff_id: str) -> StaffMember | None:
-        rows = self._read("SELECT staff_id, name FROM staff WHERE staff_id = %s", (staff_id,))
+        rows = self._read(
+            "SELECT staff_id, name, generation FROM staff WHERE staff_id = %s", (staff_id,)
+        )
         return StaffMember(*rows[0]) if rows else None
 
     def staff_sign_in(self, staff_id: str) -> StaffSignIn:
         member = self.staff_member(staff_id)
         if member is None:
             return StaffSignIn(None, [], [])
-        held = self._read(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations "
-            "WHERE status = 'staff' AND assigned_staff_id = %s",
+        return StaffSignIn(member, self.queue(time.time()), self.held_conversations(staff_id))
+
+    def held_conversations(self, staff_id: str) -> list[ConversationRow]:
+        rows = self._read(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} "
+            "WHERE c.status = 'staff' AND c.assigned_staff_id = %s",
             (staff_id,),
         )
-        return StaffSignIn(member, self.queue(time.time()), [ConversationRow(*r) for r in held])
+        return [ConversationRow(*r) for r in rows]
+
+    def revocations_since(self, after_seq: int) -> list[Revocation]:
+        rows = self._read(
+            "SELECT seq, kind, staff_id, generation FROM revocations WHERE seq > %s ORDER BY seq",
+            (after_seq,),
+        )
+        return [Revocation(*r) for r in rows]
 
     def history(self, conversation_id: str, after_seq: int, limit: int) -> list[Message]:
         rows = self._read(
@@ -471,7 +573,8 @@ class PostgresBackend:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 found = conn.execute(
-                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = %s",
+                    f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} "
+                    "WHERE c.conversation_id = %s",
                     (conversation_id,),
                 ).fetchone()
                 rows = conn.execute(
@@ -507,18 +610,16 @@ class PostgresBackend:
 
     def unanswered(self, since: float) -> list[tuple[ConversationRow, Message]]:
         rows = self._read(
-            "SELECT c.conversation_id, c.guest_id, c.guest_name, c.status, "
-            "c.assigned_staff_id, c.assigned_name, c.last_seq, c.read_seq, c.updated_ts, "
-            "c.preview, m.sender, m.author, m.text, m.ts, m.client_msg_id "
-            "FROM conversations c JOIN messages m "
+            f"SELECT {_CONVERSATION_COLUMNS}, m.sender, m.author, m.text, m.ts, m.client_msg_id "
+            f"FROM {_CONVERSATIONS} JOIN messages m "
             "ON m.conversation_id = c.conversation_id AND m.seq = c.last_seq "
             "WHERE c.status = 'ai' AND m.sender = 'guest' AND c.updated_ts > %s",
             (since,),
         )
         found = []
         for r in rows:
-            row = ConversationRow(*r[:10])
-            sender, author, text, ts, cmid = r[10:]
+            row = ConversationRow(*r[:_CONVERSATION_FIELDS])
+            sender, author, text, ts, cmid = r[_CONVERSATION_FIELDS:]
             found.append(
                 (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
             )
@@ -553,16 +654,73 @@ class PostgresBackend:
 
     def list_staff(self) -> list[StaffMember]:
         return [
-            StaffMember(*r) for r in self._read("SELECT staff_id, name FROM staff ORDER BY name")
+            StaffMember(*r)
+            for r in self._read("SELECT staff_id, name, generation FROM staff ORDER BY name")
         ]
 
-    def remove_staff(self, name_or_id: str) -> bool:
-        return (
-            self._admin(
-                "DELETE FROM staff WHERE name = %s OR staff_id = %s", (name_or_id, name_or_id)
-            )
-            > 0
+    @contextmanager
+    def _admin_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """One administrative write transaction on the writer connection."""
+        with self._write_lock, self._failures("write"):
+            conn = self._writer_conn()
+            with conn.transaction():
+                yield conn
+
+    @staticmethod
+    def _find_staff(conn: psycopg.Connection[Any], name_or_id: str) -> StaffMember | None:
+        """The member named (a name wins over an id), locked until the commit."""
+        row = conn.execute(
+            "SELECT staff_id, name, generation FROM staff WHERE name = %s OR staff_id = %s "
+            "ORDER BY name = %s DESC LIMIT 1 FOR UPDATE",
+            (name_or_id, name_or_id, name_or_id),
+        ).fetchone()
+        return StaffMember(*row) if row else None
+
+    @staticmethod
+    def _record(
+        conn: psycopg.Connection[Any], kind: str, staff_id: str | None = None, generation: int = 0
+    ) -> None:
+        # The lock (readers pass) is held until the commit: a seq taken later commits
+        # later, so a watcher that read up to some seq never finds a smaller one after.
+        conn.execute("LOCK TABLE revocations IN EXCLUSIVE MODE")
+        conn.execute(
+            "INSERT INTO revocations(kind, staff_id, generation, ts) VALUES (%s, %s, %s, %s)",
+            (kind, staff_id, generation, time.time()),
         )
 
-    def add_guest(self, name: str | None) -> ConversationRow:
-        return self.apply_batch([CreateGuest(name=name)])[0]  # type: ignore[no-any-return]
+    def remove_staff(self, name_or_id: str) -> bool:
+        """Remove by name or id; every node's watcher finds the ``removed`` revocation,
+        closes the member's consoles and hands their conversations back."""
+        with self._admin_transaction() as conn:
+            member = self._find_staff(conn, name_or_id)
+            if member is None:
+                return False
+            conn.execute("DELETE FROM staff WHERE staff_id = %s", (member.staff_id,))
+            self._record(conn, "removed", member.staff_id)
+        return True
+
+    def revoke_staff(self, name_or_id: str) -> StaffMember | None:
+        """Raise the member's token generation (older tokens stop working); the member
+        with the new generation, or ``None`` if unknown."""
+        with self._admin_transaction() as conn:
+            member = self._find_staff(conn, name_or_id)
+            if member is None:
+                return None
+            generation = member.generation + 1
+            conn.execute(
+                "UPDATE staff SET generation = %s WHERE staff_id = %s",
+                (generation, member.staff_id),
+            )
+            self._record(conn, "revoked", member.staff_id, generation)
+        return StaffMember(member.staff_id, member.name, generation)
+
+    def rotate_secret(self) -> None:
+        """A new token secret for every node: no token signed before verifies."""
+        with self._admin_transaction() as conn:
+            conn.execute(
+                "UPDATE meta SET value = %s WHERE key = 'secret'", (secrets.token_hex(32),)
+            )
+            self._record(conn, "secret")
+
+    def add_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
+        return self.apply_batch([CreateGuest(name=name, room=room)])[0]  # type: ignore[no-any-return]
