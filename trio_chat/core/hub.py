@@ -57,6 +57,7 @@ __all__ = [
     "LiveConversation",
     "Read",
     "Relay",
+    "RelayStaff",
     "ReportWritten",
     "Send",
     "StartReply",
@@ -164,6 +165,14 @@ class Relay:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayStaff:
+    """Cluster only: tell the other server processes who is on duty here (the names
+    of the staff signed in to this process), since that changed or they asked."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReportWritten:
     """Call :meth:`Hub.written` once everything queued for ``session`` so far has been
     written to its socket (a history reply: the next one waits until then)."""
@@ -171,7 +180,7 @@ class ReportWritten:
     session: int
 
 
-Action = Send | Close | Write | Read | StartReply | ReportWritten | Fill | Relay
+Action = Send | Close | Write | Read | StartReply | ReportWritten | Fill | Relay | RelayStaff
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +365,8 @@ class Hub:
         # arrive through remote_committed; status changes are decided by the storage.
         self.cluster = False
         self.remote_guests: dict[str, set[str]] = {}  # conversation -> nodes with guests
+        self.remote_staff: dict[str, frozenset[str]] = {}  # node -> names on duty there
+        self._announced_staff: tuple[str, ...] = ()  # the names last relayed from here
 
     # -- events ------------------------------------------------------------------------
 
@@ -451,7 +462,9 @@ class Hub:
         self._begin(now, wall)
         conv = self.conversations.get(conversation_id)
         if conv is not None and conv.replying and conv.decided.status == "ai":
-            self._broadcast(conv, proto.draft_frame(conversation_id, text))
+            draft = proto.draft_frame(conversation_id, text)
+            self._broadcast(conv, draft)
+            self._relay(conv, draft)  # staff watching on another server process
         return self._end()
 
     def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
@@ -565,9 +578,30 @@ class Hub:
                 self._summary_changed(conv)
         return self._end()
 
-    def node_gone(self, node: str, now: float, wall: float) -> list[Action]:
-        """Another server process stopped (or fell silent): its guests are offline."""
+    def staff_elsewhere(self, node: str, names: list[str], now: float, wall: float) -> list[Action]:
+        """Another server process says who is on duty there: the staff room here
+        hears of it if the hotel's set of names on duty changed."""
         self._begin(now, wall)
+        before = self._on_duty()
+        if names:
+            self.remote_staff[node] = frozenset(names)
+        else:
+            self.remote_staff.pop(node, None)
+        self._presence_changed(before)
+        return self._end()
+
+    def on_duty_here(self) -> tuple[str, ...]:
+        """The names of the staff signed in to this process (what it relays)."""
+        return tuple(self._local_on_duty())
+
+    def node_gone(self, node: str, now: float, wall: float) -> list[Action]:
+        """Another server process stopped (or fell silent): its guests are offline,
+        its staff off duty."""
+        self._begin(now, wall)
+        if node in self.remote_staff:
+            before = self._on_duty()
+            del self.remote_staff[node]
+            self._presence_changed(before)
         for conversation_id in [c for c, nodes in self.remote_guests.items() if node in nodes]:
             nodes = self.remote_guests[conversation_id]
             nodes.discard(node)
@@ -792,13 +826,20 @@ class Hub:
 
     # -- presence (extension: who else is on duty) ---------------------------------------
 
-    def _on_duty(self, also: Session | None = None) -> list[str]:
-        """The names of the staff members signed in (and ``also``'s), each once however
-        many consoles they have open, sorted."""
+    def _local_on_duty(self, also: Session | None = None) -> list[str]:
+        """The names of the staff members signed in here (and ``also``'s), each once
+        however many consoles they have open, sorted."""
         names = {self.sessions[sid].name for sid in self.staff_room if sid in self.sessions}
         if also is not None:
             names.add(also.name)
         return sorted(name for name in names if name is not None)
+
+    def _on_duty(self, also: Session | None = None) -> list[str]:
+        """Who is on duty: here, and (scale-out) on the other server processes."""
+        names = self._local_on_duty(also)
+        if not self.remote_staff:
+            return names
+        return sorted(set(names).union(*self.remote_staff.values()))
 
     def _presence_frame(self) -> str:
         return proto.encode({"type": "staff_presence", "staff": self._on_duty()})
@@ -806,6 +847,11 @@ class Hub:
     def _presence_changed(self, before: list[str], skip: int | None = None) -> None:
         """Tell the staff room who is on duty, when that changed (a second console of
         someone already on duty changes nothing)."""
+        if self.cluster:
+            here = tuple(self._local_on_duty())
+            if here != self._announced_staff:
+                self._announced_staff = here
+                self._out.append(RelayStaff(here))
         if self._on_duty() == before or not self.staff_room:
             return
         frame = self._presence_frame()

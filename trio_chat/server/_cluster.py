@@ -2,12 +2,13 @@
 
 The hub decides; this is shell. After each local commit the node publishes a notice on
 the bus (the message and the conversation's row as the commit left it); ephemeral
-frames (typing, read marks) and guest presence are relayed the same way (Redis only,
-never stored). A notice from another node goes to :meth:`Hub.remote_committed`, which
-pushes it to this node's subscribers if it is the next ``seq`` and otherwise asks for
-a :class:`~trio_chat.core.hub.Fill`: a read of everything after what this node has
-pushed, from the database, in one snapshot. So every subscriber on every node gets
-every committed message once, in ``seq`` order, whatever the bus loses.
+frames (typing, read marks, the concierge's drafts), guest presence and who is on duty
+are relayed the same way (Redis only, never stored). A notice from another node goes
+to :meth:`Hub.remote_committed`, which pushes it to this node's subscribers if it is
+the next ``seq`` and otherwise asks for a :class:`~trio_chat.core.hub.Fill`: a read of
+everything after what this node has pushed, from the database, in one snapshot. So
+every subscriber on every node gets every committed message once, in ``seq`` order,
+whatever the bus loses.
 
 While the subscription is down (Redis restarting, a killed connection) the node polls
 the database: every live conversation is filled and the staff queue refreshed each
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -48,10 +50,9 @@ NODE_GONE_S: Final = 10.0  # no heartbeat from a node for this long: it is gone
 
 
 def _row_fields(row: ConversationRow) -> list[Any]:
-    return [
-        row.conversation_id, row.guest_id, row.guest_name, row.status, row.assigned_staff_id,
-        row.assigned_name, row.last_seq, row.read_seq, row.updated_ts, row.preview,
-    ]  # fmt: skip
+    """Every field, in order (``ConversationRow(*fields)`` on the other side): the
+    staff console's guest room and read mark travel too."""
+    return [getattr(row, field.name) for field in fields(row)]
 
 
 class Cluster:
@@ -175,6 +176,11 @@ class Cluster:
             {"k": "r", "c": action.conversation_id, "f": action.frame, "o": action.guest_online}
         )
 
+    def relay_staff(self, names: tuple[str, ...]) -> None:
+        """Who is on duty on this node (all of them, each time: a lost notice is
+        made good by the next one, or by the answer to a ``hello``)."""
+        self._publish({"k": "s", "s": list(names)})
+
     # -- what this node hears -------------------------------------------------------------
 
     def _delivered(self, batch: list[bytes]) -> None:
@@ -202,6 +208,8 @@ class Cluster:
                     )
                 elif kind == "r":
                     self._perform(hub.relayed(note["c"], node, note["f"], note["o"], *clock()))
+                elif kind == "s":
+                    self._perform(hub.staff_elsewhere(node, list(note["s"]), *clock()))
                 elif kind == "hello":
                     self._announce_presence()
                 elif kind == "bye":
@@ -224,6 +232,7 @@ class Cluster:
         self.polling = True
 
     def _announce_presence(self) -> None:
+        self.relay_staff(self.server.hub.on_duty_here())
         for conv in list(self.server.hub.conversations.values()):
             if conv.guest_sessions:
                 self.relay(Relay(conv.conversation_id, guest_online=True))

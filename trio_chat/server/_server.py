@@ -54,6 +54,7 @@ from ..core.hub import (
     HubConfig,
     Read,
     Relay,
+    RelayStaff,
     ReportWritten,
     Send,
     StartReply,
@@ -655,7 +656,9 @@ class ChatServer:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: Send | Close | ReportWritten | StartReply | Fill | Relay) -> None:
+    def _carry_out(
+        self, action: Send | Close | ReportWritten | StartReply | Fill | Relay | RelayStaff
+    ) -> None:
         if isinstance(action, Send):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -670,9 +673,11 @@ class ChatServer:
                 conn.report_written()
         elif isinstance(action, StartReply):
             self._start_reply(action)
-        elif self._cluster is not None:  # Fill, Relay: only a cluster's hub asks
+        elif self._cluster is not None:  # Fill, Relay, RelayStaff: only a cluster's hub asks
             if isinstance(action, Fill):
                 self._cluster.fill(action.conversation_id)
+            elif isinstance(action, RelayStaff):
+                self._cluster.relay_staff(action.names)
             else:
                 self._cluster.relay(action)
 
@@ -865,7 +870,12 @@ class ChatServer:
         while True:
             # Guests signed in now are kept (their conversation is live in the hub).
             keep = frozenset(conv.guest_id for conv in self.hub.conversations.values())
-            operation = ExpireSilentGuests(before=time.time() - after, keep=keep)
+            operation = ExpireSilentGuests(
+                before=time.time() - after,
+                keep=keep,
+                # Scale-out: guests signed in on other nodes (their presence relays).
+                keep_conversations=frozenset(self.hub.remote_guests),
+            )
             operation.on_commit = self._guests_expired
             operation.on_error = self._expiry_failed
             with contextlib.suppress(StorageError):  # logged by _expiry_failed
