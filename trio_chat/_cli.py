@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per second per guest or staff member, all tabs together; a message "
         "costs 1, typing/read/ping 0.1, history 4 (0 = off)",
     )
-    # -- memory and rate limits (docs/security-memory.md) --
+    # -- memory and rate limits (docs/security.md) --
     serve.add_argument(
         "--rate-burst", type=int, default=20, metavar="TOKENS", help="burst per guest or staff"
     )
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ENGINE,
         help="what decodes incoming WebSocket frames (see docs/benchmarks.md)",
     )
-    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    # Staff hardening: revocation, secrets and tokens (docs/security.md).
     _secret_file_option(serve)
     serve.add_argument(
         "--guest-token-idle-days",

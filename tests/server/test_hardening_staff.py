@@ -1,4 +1,4 @@
-"""Staff hardening, end to end: revocation, secrets and tokens (docs/security-staff.md).
+"""Staff hardening, end to end: revocation, secrets and tokens (docs/security.md).
 
 Real sockets, real SQLite files, and the command line run as a separate process on the
 same database, as an administrator would. The ``attack_*`` functions are the witness

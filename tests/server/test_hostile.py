@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -25,7 +27,11 @@ import trio
 import trio_websocket
 
 from ..helpers import RawClient, free_port, staff_token
+from ..ui import test_text_safety as text_attacks
+from . import test_hardening_http as http_attacks
+from . import test_hardening_memory as memory_attacks
 from . import test_hardening_staff as staff_attacks
+from . import test_tls as tls_attacks
 
 Attack = Callable[[int, Path], Awaitable[None]]  # (the server's port, its database)
 
@@ -86,12 +92,21 @@ def on_port(attack: Callable[[int], Awaitable[None]]) -> Attack:
     return run
 
 
+def _attacks_of(module: ModuleType) -> list[Callable[[int], Awaitable[None]]]:
+    return [getattr(module, name) for name in dir(module) if name.startswith("attack_")]
+
+
 # Every attack but one: rotating the secret signs out everyone by design, the
 # witnesses included (an administrator's act, tested on its own).
 ATTACKS: list[Attack] = [
     *map(on_port, [attack_garbage_frames, attack_oversized_frame, attack_slowloris_head]),
+    *map(on_port, _attacks_of(http_attacks)),
+    *map(on_port, _attacks_of(memory_attacks)),
+    *map(on_port, _attacks_of(text_attacks)),
     *[a for a in staff_attacks.ATTACKS if a is not staff_attacks.attack_rotated_secret],
 ]
+# Against a server on TLS, with the witnesses on wss://.
+TLS_ATTACKS: list[Attack] = [*map(on_port, _attacks_of(tls_attacks))]
 
 
 # ------------------------------------------------------------------- the witnesses
@@ -174,8 +189,12 @@ class Witness:
 
 
 @asynccontextmanager
-async def _witness_client(port: int) -> AsyncIterator[RawClient]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=WITNESS_HOST)
+async def _witness_client(port: int, tls: ssl.SSLContext | None = None) -> AsyncIterator[RawClient]:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=WITNESS_HOST)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+    if tls is not None:
+        stream = trio.SSLStream(tcp, tls, server_hostname="127.0.0.1")
+        await stream.do_handshake()
     async with trio.open_nursery() as nursery:
         ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
         try:
@@ -188,9 +207,11 @@ async def _witness_client(port: int) -> AsyncIterator[RawClient]:
 
 
 @asynccontextmanager
-async def _witnesses(port: int, db: Path, desk_name: str) -> AsyncIterator[Witness]:
+async def _witnesses(
+    port: int, db: Path, desk_name: str, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[Witness]:
     token = staff_token(db, desk_name)
-    async with _witness_client(port) as guest, _witness_client(port) as desk:
+    async with _witness_client(port, tls) as guest, _witness_client(port, tls) as desk:
         welcome = await guest.hello(None, name="Witness Guest")
         cid = welcome["conversation_id"]
         await desk.hello(token)
@@ -245,17 +266,12 @@ class ServerLog:
         return "".join(self.lines)
 
 
-@pytest.fixture(scope="module")
-def hostile_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[int, Path, ServerLog]]:
-    """One server for every attack: what one attack leaves behind must not hurt the
-    next witness either."""
-    db = tmp_path_factory.mktemp("hostile") / "chat.db"
+@contextmanager
+def _serving(db: Path, *flags: str) -> Iterator[tuple[int, ServerLog]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "trio_chat", "serve", "--db", str(db), "--port", str(port),
-         "--typing-delay", "0"],
+         "--typing-delay", "0", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
@@ -263,7 +279,7 @@ def hostile_server(
     log = ServerLog(proc)
     try:
         log.wait_listening(port)
-        yield port, db, log
+        yield port, log
     finally:
         proc.terminate()
         try:
@@ -274,16 +290,37 @@ def hostile_server(
     assert "Traceback" not in log.text, log.text[-4000:]
 
 
-ATTACK_IDS = [attack.__name__.removeprefix("attack_") for attack in ATTACKS]
+@pytest.fixture
+def hostile_server(tmp_path: Path) -> Iterator[tuple[int, Path, ServerLog]]:
+    """A server of the defaults for each attack: every attack comes from 127.0.0.1,
+    and one attack's use of the address's budgets (new guests, connections) must not
+    decide the next one's answer."""
+    db = tmp_path / "chat.db"
+    with _serving(db) as (port, log):
+        yield port, db, log
 
 
-@pytest.mark.parametrize("attack", ATTACKS, ids=ATTACK_IDS)
-async def test_the_witnesses_see_nothing_of_an_attack(
-    attack: Attack, hostile_server: tuple[int, Path, ServerLog]
+@pytest.fixture
+def hostile_tls_server(tmp_path: Path) -> Iterator[tuple[int, Path, ServerLog, ssl.SSLContext]]:
+    """The same on TLS (a test CA), and the context the witnesses trust it with."""
+    import trustme
+
+    base = tmp_path
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(base / "server.pem"))
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    db = base / "chat.db"
+    with _serving(db, "--certfile", str(base / "server.pem")) as (port, log):
+        yield port, db, log, trusting
+
+
+async def _witnessed(
+    attack: Attack, port: int, db: Path, log: ServerLog, tls: ssl.SSLContext | None = None
 ) -> None:
-    port, db, log = hostile_server
     with trio.fail_after(60):
-        async with _witnesses(port, db, f"Desk ({attack.__name__})") as witness:
+        async with _witnesses(port, db, f"Desk ({attack.__name__})", tls) as witness:
             done = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(witness.talk, done)
@@ -296,3 +333,21 @@ async def test_the_witnesses_see_nothing_of_an_attack(
     assert witness.sent, "the witnesses never spoke"
     assert witness.verdict() == []
     assert "Traceback" not in log.text, log.text[-4000:]
+
+
+def _ids(attacks: list[Attack]) -> list[str]:
+    return [attack.__name__.removeprefix("attack_") for attack in attacks]
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=_ids(ATTACKS))
+async def test_the_witnesses_see_nothing_of_an_attack(
+    attack: Attack, hostile_server: tuple[int, Path, ServerLog]
+) -> None:
+    await _witnessed(attack, *hostile_server)
+
+
+@pytest.mark.parametrize("attack", TLS_ATTACKS, ids=_ids(TLS_ATTACKS))
+async def test_the_witnesses_on_tls_see_nothing_of_an_attack(
+    attack: Attack, hostile_tls_server: tuple[int, Path, ServerLog, ssl.SSLContext]
+) -> None:
+    await _witnessed(attack, *hostile_tls_server)

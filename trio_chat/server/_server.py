@@ -133,7 +133,7 @@ class ServerConfig:
     backlog: int = 4096
     frame_engine: str = DEFAULT_ENGINE  # decodes incoming frames: "wsproto" or "websockets"
     seed: int | None = None  # for the shutdown spread; None = random
-    # -- memory and rate limits (docs/security-memory.md) --
+    # -- memory and rate limits (docs/security.md) --
     # Bytes one connection may make the server hold (outbox, the write under way, what
     # the socket did not take) before it is cut off with 1013; one frame always fits.
     outbox_limit_bytes: int = 4 * 1024 * 1024
@@ -141,7 +141,7 @@ class ServerConfig:
     # tokens per second and burst; 0 = off.
     rate_limit_per_ip: float = 300.0
     rate_burst_per_ip: int = 3000
-    # Staff hardening: revocation, secrets and tokens (docs/security-staff.md).
+    # Staff hardening: revocation, secrets and tokens (docs/security.md).
     secret_file: str | Path | None = None  # the token secret's own file; None = the database
     revocation_poll: float = 0.5  # how often to look for removed/revoked staff; 0 = never
     guest_token_idle_days: float = 30.0  # a guest token unused this long expires; 0 = never
