@@ -401,3 +401,32 @@ def test_a_database_of_the_first_cluster_schema_is_migrated_in_place(pg_url: str
     from trio_chat.server._backends import init_db
 
     assert "schema version 2" in init_db(pg_url)  # again: nothing to do
+
+
+def test_two_nodes_touching_the_same_guests_in_opposite_orders_never_deadlock(
+    pg_url: str,
+) -> None:
+    """Guests sign in on two nodes at once (tabs on both): each node's batch touches
+    the same guests in its own order; no batch may fail on a deadlock."""
+    nodes = [PostgresBackend(pg_url), PostgresBackend(pg_url)]
+    guests = [nodes[0].add_guest(None).guest_id for _ in range(8)]
+    failures: list[BaseException] = []
+
+    def sign_ins(index: int) -> None:
+        order = guests if index == 0 else guests[::-1]
+        try:
+            for round_ in range(20):
+                nodes[index].apply_batch(
+                    [TouchGuest(guest_id=g, at=time.time() + round_) for g in order]
+                )
+        except StorageError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=sign_ins, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for node in nodes:
+        node.close()

@@ -249,6 +249,7 @@ class PostgresBackend:
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._locked: dict[str, _Locked] = {}  # inside a batch
+        self._touches: dict[str, float] = {}  # guest -> last sign-in, written at the end
         # After any failure both connections are replaced before their next use: a
         # connection to a restarted server looks fine until it fails a real request.
         self._reader_stale = False
@@ -307,9 +308,11 @@ class PostgresBackend:
                     self._lock_conversations(conn, operations)
                     results = [op.apply(self) for op in operations]
                     self._write_conversations(conn)
+                    self._write_touches(conn)
                 return results
             finally:
                 self._locked = {}
+                self._touches = {}
 
     def _lock_conversations(
         self, conn: psycopg.Connection[Any], operations: list[Operation[Any]]
@@ -441,10 +444,18 @@ class PostgresBackend:
         )
 
     def touch_guest(self, op: TouchGuest) -> None:
-        self._conn.execute(
-            "UPDATE guests SET last_seen_ts = GREATEST(last_seen_ts, %s) WHERE guest_id = %s",
-            (op.at, op.guest_id),
-        )
+        """Written at the end of the batch, in guest order: two nodes' batches touching
+        the same guests lock their rows in the same order and never deadlock."""
+        self._touches[op.guest_id] = max(op.at, self._touches.get(op.guest_id, op.at))
+
+    def _write_touches(self, conn: psycopg.Connection[Any]) -> None:
+        if not self._touches:
+            return
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "UPDATE guests SET last_seen_ts = GREATEST(last_seen_ts, %s) WHERE guest_id = %s",
+                [(at, guest_id) for guest_id, at in sorted(self._touches.items())],
+            )
 
     def expire_silent_guests(
         self,
