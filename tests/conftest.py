@@ -42,3 +42,7 @@ def idle_clock() -> trio.testing.MockClock:
     virtual waiting in milliseconds without that artefact.
     """
     return trio.testing.MockClock(autojump_threshold=0.1)
+
+
+# Scale-out: throwaway PostgreSQL and Redis (session-wide), a database per test.
+from tests.services import pg_url, postgres, redis_server  # noqa: E402, F401

@@ -10,7 +10,6 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -20,6 +19,7 @@ from rich.markup import escape
 from ._version import __version__
 from .core.errors import StorageError
 from .server._admin import add_guest, add_staff, opened, revoke_staff, rotate_secret, staff_token
+from .server._backends import describe_db, init_db
 from .server._concierge import RulesResponder
 from .server._llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
 from .server._secrets import SECRET_FILE_ENV
@@ -45,6 +45,17 @@ def _non_negative(value: str) -> float:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
+
+
+def _add_db_argument(parser: argparse.ArgumentParser) -> None:
+    """``--db``, the same for every command: a SQLite file or a PostgreSQL URL (what it
+    names is decided in one place, ``server._backends.open_backend``)."""
+    parser.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH|URL",
+        help="SQLite file (created if missing), or postgresql://user@host/db for a cluster",
+    )
 
 
 def _secret_file_option(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the chat server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--db", default=DEFAULT_DB, help="SQLite file (created if missing)")
+    _add_db_argument(serve)
     serve.add_argument("--hello-timeout", type=_positive, default=10.0, metavar="SECONDS")
     serve.add_argument(
         "--heartbeat",
@@ -234,34 +245,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection whose TLS handshake is not done by then",
     )
     serve.add_argument("-v", "--verbose", action="store_true")
+    # -- scale-out ----------------------------------------------------------------------
+    serve.add_argument(
+        "--bus",
+        default=None,
+        metavar="URL",
+        help="redis://host:port/0: run as one node of a cluster (needs a postgresql:// --db)",
+    )
+    serve.add_argument(
+        "--poll-interval",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="while the bus is unreachable, read the database this often",
+    )
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
     add = staff_commands.add_parser("add", help="add a staff member and print their token")
     add.add_argument("name")
-    add.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(add)
     # The staff console's sign-in link (the token stays alone on the last line).
     add.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
     link = staff_commands.add_parser(
         "link", help="print a staff member's sign-in link for the browser console"
     )
     link.add_argument("name")
-    link.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(link)
     link.add_argument("--url", default=DEFAULT_PUBLIC_URL, help="the server's public address")
     listing = staff_commands.add_parser("list", help="list staff members")
-    listing.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(listing)
     remove = staff_commands.add_parser("remove", help="remove a staff member (by name or id)")
     remove.add_argument("name")
-    remove.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(remove)
     token = staff_commands.add_parser("token", help="print an existing staff member's token")
     token.add_argument("name")
-    token.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(token)
     revoke = staff_commands.add_parser(
         "revoke",
         help="invalidate a staff member's tokens (closing their open consoles) and print a new one",
     )
     revoke.add_argument("name")
-    revoke.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(revoke)
     for command in (add, token, revoke):
         _secret_file_option(command)
 
@@ -270,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = secret_commands.add_parser(
         "rotate", help="replace the token secret: EVERY staff and guest token stops working"
     )
-    rotate.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(rotate)
     rotate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _secret_file_option(rotate)
 
@@ -340,11 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mock.add_argument("--staff-name", default="Sam")
 
+    # -- scale-out: the database's schema --------------------------------------------
+    db = commands.add_parser("db", help="the database's schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_init = db_commands.add_parser(
+        "init", help="create or migrate the schema (idempotent; serve also does it)"
+    )
+    _add_db_argument(db_init)
+
     guest = commands.add_parser("guest", help="issue guest tokens")
     guest_commands = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     guest_add = guest_commands.add_parser("add", help="create a guest and print their token")
     guest_add.add_argument("name")
-    guest_add.add_argument("--db", default=DEFAULT_DB)
+    _add_db_argument(guest_add)
     _secret_file_option(guest_add)
     return parser
 
@@ -356,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "staff": _staff,
         "secret": _secret,
         "guest": _guest,
+        "db": _db,
         "bench": _bench,
         "chat": _chat,
         "soak": _soak,
@@ -440,6 +474,8 @@ def _serve(args: argparse.Namespace) -> int:
         ssl_context=tls,
         tls_handshake_timeout=args.tls_handshake_timeout,
         llm=_llm_settings(args),
+        bus=args.bus,
+        poll_interval=args.poll_interval,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
@@ -448,7 +484,7 @@ def _serve(args: argparse.Namespace) -> int:
     # ones far more rarely keep the pauses short; reference counting still frees all
     # garbage that is not a cycle at once.
     gc.set_threshold(*GC_THRESHOLDS)
-    trio.run(_run_server, config, Path(config.db_path).resolve())
+    trio.run(_run_server, config, describe_db(config.db_path))
     return 0
 
 
@@ -553,7 +589,7 @@ async def _mock_faults(mock: Any, console: Console) -> None:
             console.print("  faults: " + ", ".join(MOCK_FAULTS), style="dim")
 
 
-async def _run_server(config: ServerConfig, data_path: Path) -> None:
+async def _run_server(config: ServerConfig, data_path: str) -> None:
     console = Console()
     server = ChatServer(config)
     async with trio.open_nursery() as nursery:
@@ -771,6 +807,11 @@ def _staff(args: argparse.Namespace) -> int:
             )
             print(token)
         return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    err_console.print(init_db(args.db))
+    return 0
 
 
 ROTATE_WARNING: Final = """\

@@ -71,6 +71,8 @@ class Driver:
             elif isinstance(action, Read):
                 result = getattr(self.backend, action.method)(*action.args)
                 self.run(self.hub.loaded(action, result, self.now, WALL))
+            elif not isinstance(action, Write):
+                continue  # Fill, Relay: only a cluster's hub asks for them
             elif self.hold:
                 self.held.append(action)
             else:

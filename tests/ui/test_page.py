@@ -284,7 +284,11 @@ def test_becoming_visible_again_reconnects_at_once(tmp_path: Path, browser: Any)
     page.clock.run_for(60_000)  # a minute of failed attempts, the waits growing
     # The last attempt's refusal arrives as real I/O, not a timer: wait until the page
     # is between attempts, its next try scheduled on the paused clock.
-    page.wait_for_function("window.trioChat.ws === null && window.trioChat.retryTimer !== null")
+    # A function, not an expression: once the first check fails, Playwright evals an
+    # expression in the page, which the page's Content-Security-Policy forbids.
+    page.wait_for_function(
+        "() => window.trioChat.ws === null && window.trioChat.retryTimer !== null"
+    )
     attempts = page.evaluate("window.trioChat.attempt")
     assert attempts > 3 and page.evaluate("window.trioChat.retryTimer !== null")
     with server_process(db, port):

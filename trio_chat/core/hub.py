@@ -51,10 +51,13 @@ from .tokens import TokenSigner
 __all__ = [
     "Action",
     "Close",
+    "Fill",
     "Hub",
     "HubConfig",
     "LiveConversation",
     "Read",
+    "Relay",
+    "RelayStaff",
     "ReportWritten",
     "Send",
     "StartReply",
@@ -143,6 +146,34 @@ class StartReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Fill:
+    """Cluster only: read what ``conversation_id`` committed after what this server
+    process has pushed (another process wrote it, and its notice was lost or has not
+    come yet), then :meth:`Hub.remote_committed` with it. Duplicates are harmless."""
+
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Cluster only: tell the other server processes something nobody stores: a frame
+    for the conversation's subscribers there (typing, read marks), or that this
+    process's guests of the conversation came online or all left."""
+
+    conversation_id: str
+    frame: str | None = None
+    guest_online: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStaff:
+    """Cluster only: tell the other server processes who is on duty here (the names
+    of the staff signed in to this process), since that changed or they asked."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReportWritten:
     """Call :meth:`Hub.written` once everything queued for ``session`` so far has been
     written to its socket (a history reply: the next one waits until then)."""
@@ -150,7 +181,7 @@ class ReportWritten:
     session: int
 
 
-Action = Send | Close | Write | Read | StartReply | ReportWritten
+Action = Send | Close | Write | Read | StartReply | ReportWritten | Fill | Relay | RelayStaff
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +362,12 @@ class Hub:
         self._out: list[Action] = []
         self._now = 0.0
         self._wall = 0.0
+        # Scale-out: several server processes share the storage. Commits of the others
+        # arrive through remote_committed; status changes are decided by the storage.
+        self.cluster = False
+        self.remote_guests: dict[str, set[str]] = {}  # conversation -> nodes with guests
+        self.remote_staff: dict[str, frozenset[str]] = {}  # node -> names on duty there
+        self._announced_staff: tuple[str, ...] = ()  # the names last relayed from here
 
     # -- events ------------------------------------------------------------------------
 
@@ -426,7 +463,9 @@ class Hub:
         self._begin(now, wall)
         conv = self.conversations.get(conversation_id)
         if conv is not None and conv.replying and conv.decided.status == "ai":
-            self._broadcast(conv, proto.draft_frame(conversation_id, text))
+            draft = proto.draft_frame(conversation_id, text)
+            self._broadcast(conv, draft)
+            self._relay(conv, draft)  # staff watching on another server process
         return self._end()
 
     def owed(self, row: ConversationRow, message: Message, now: float, wall: float) -> list[Action]:
@@ -459,6 +498,138 @@ class Hub:
             if session.address is not None:
                 self._address_buckets.let_go(session.address, now)
         return self._end()
+
+    # -- scale-out: what the other server processes did ---------------------------------
+
+    def last_seq(self, conversation_id: str) -> int | None:
+        """The newest seq pushed here for a live conversation (None: not live here)."""
+        conv = self.conversations.get(conversation_id)
+        return None if conv is None else conv.last_seq
+
+    def remote_committed(
+        self,
+        conversation_id: str,
+        messages: list[Message],
+        row: ConversationRow | None,
+        now: float,
+        wall: float,
+    ) -> list[Action]:
+        """Another server process committed ``messages`` (in seq order; any already
+        pushed here are skipped), leaving the conversation as ``row``. Subscribers here
+        get each message once, in seq order; a gap asks for a :class:`Fill` first."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            if row is not None:
+                self._remote_summary(row)
+            return self._end()
+        pushed = False
+        for message in messages:
+            if message.seq <= conv.last_seq:
+                continue
+            if message.seq != conv.last_seq + 1:
+                self._out.append(Fill(conversation_id))
+                return self._end()
+            conv.last_seq = message.seq
+            conv.preview = message.text[:PREVIEW_CHARS]
+            self._broadcast(conv, proto.message_frame(message))
+            pushed = True
+        if row is not None and row.last_seq == conv.last_seq:
+            conv.updated_ts = max(conv.updated_ts, row.updated_ts)
+            conv.read_seq = max(conv.read_seq, row.read_seq)
+            if (row.status, row.assigned_staff_id) != (conv.status, conv.assigned_to):
+                conv.status = row.status
+                conv.assigned_to = row.assigned_staff_id
+                conv.assigned_name = row.assigned_name
+                self._broadcast(
+                    conv, proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name)
+                )
+                pushed = True
+        elif row is not None and row.last_seq > conv.last_seq:
+            self._out.append(Fill(conversation_id))
+        if pushed:
+            self._summary_changed(conv)
+        return self._end()
+
+    def relayed(
+        self,
+        conversation_id: str,
+        node: str,
+        frame: str | None,
+        guest_online: bool | None,
+        now: float,
+        wall: float,
+    ) -> list[Action]:
+        """Another server process relayed an ephemeral frame for the conversation's
+        subscribers, or its guests of the conversation came online or all left."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if frame is not None and conv is not None:
+            self._broadcast(conv, frame)
+        if guest_online is not None:
+            nodes = self.remote_guests.setdefault(conversation_id, set())
+            was_online = bool(nodes)
+            if guest_online:
+                nodes.add(node)
+            else:
+                nodes.discard(node)
+                if not nodes:
+                    del self.remote_guests[conversation_id]
+            if was_online != bool(nodes) and conv is not None:
+                self._summary_changed(conv)
+        return self._end()
+
+    def staff_elsewhere(self, node: str, names: list[str], now: float, wall: float) -> list[Action]:
+        """Another server process says who is on duty there: the staff room here
+        hears of it if the hotel's set of names on duty changed."""
+        self._begin(now, wall)
+        before = self._on_duty()
+        if names:
+            self.remote_staff[node] = frozenset(names)
+        else:
+            self.remote_staff.pop(node, None)
+        self._presence_changed(before)
+        return self._end()
+
+    def on_duty_here(self) -> tuple[str, ...]:
+        """The names of the staff signed in to this process (what it relays)."""
+        return tuple(self._local_on_duty())
+
+    def node_gone(self, node: str, now: float, wall: float) -> list[Action]:
+        """Another server process stopped (or fell silent): its guests are offline,
+        its staff off duty."""
+        self._begin(now, wall)
+        if node in self.remote_staff:
+            before = self._on_duty()
+            del self.remote_staff[node]
+            self._presence_changed(before)
+        for conversation_id in [c for c, nodes in self.remote_guests.items() if node in nodes]:
+            nodes = self.remote_guests[conversation_id]
+            nodes.discard(node)
+            if not nodes:
+                del self.remote_guests[conversation_id]
+                conv = self.conversations.get(conversation_id)
+                if conv is not None:
+                    self._summary_changed(conv)
+        return self._end()
+
+    def _remote_summary(self, row: ConversationRow) -> None:
+        if self._signing_in or self.staff_room:
+            summary = LiveConversation(row).summary()
+            summary["guest_online"] = row.conversation_id in self.remote_guests
+            for changed in self._signing_in.values():
+                changed[row.conversation_id] = summary
+            frame = proto.encode({"type": "conversation", **summary})
+            for session_id in self.staff_room:
+                self._send(session_id, frame)
+
+    def _relay(self, conv: LiveConversation, frame: str) -> None:
+        if self.cluster:
+            self._out.append(Relay(conv.conversation_id, frame=frame))
+
+    def _relay_presence(self, conv: LiveConversation, online: bool) -> None:
+        if self.cluster:
+            self._out.append(Relay(conv.conversation_id, guest_online=online))
 
     # -- revocation (staff hardening) ----------------------------------------------------
 
@@ -614,6 +785,10 @@ class Hub:
         conv = self.conversations.get(row.conversation_id)
         if conv is None:
             conv = self.conversations[row.conversation_id] = LiveConversation(row)
+            if self.cluster:
+                # Notices of commits between the read of ``row`` and now were not for
+                # a live conversation here: catch up from the storage.
+                self._out.append(Fill(row.conversation_id))
         return conv
 
     def _pin(self, conv: LiveConversation | None) -> None:
@@ -636,23 +811,36 @@ class Hub:
 
     def _summary_changed(self, conv: LiveConversation) -> None:
         if self._signing_in:
-            summary = conv.summary()
+            summary = self._summary(conv)
             for changed in self._signing_in.values():
                 changed[conv.conversation_id] = summary
         if self.staff_room:
-            frame = proto.encode({"type": "conversation", **conv.summary()})
+            frame = proto.encode({"type": "conversation", **self._summary(conv)})
             for session_id in self.staff_room:
                 self._send(session_id, frame)
 
+    def _summary(self, conv: LiveConversation) -> dict[str, Any]:
+        summary = conv.summary()
+        if conv.conversation_id in self.remote_guests:
+            summary["guest_online"] = True  # online on another server process
+        return summary
+
     # -- presence (extension: who else is on duty) ---------------------------------------
 
-    def _on_duty(self, also: Session | None = None) -> list[str]:
-        """The names of the staff members signed in (and ``also``'s), each once however
-        many consoles they have open, sorted."""
+    def _local_on_duty(self, also: Session | None = None) -> list[str]:
+        """The names of the staff members signed in here (and ``also``'s), each once
+        however many consoles they have open, sorted."""
         names = {self.sessions[sid].name for sid in self.staff_room if sid in self.sessions}
         if also is not None:
             names.add(also.name)
         return sorted(name for name in names if name is not None)
+
+    def _on_duty(self, also: Session | None = None) -> list[str]:
+        """Who is on duty: here, and (scale-out) on the other server processes."""
+        names = self._local_on_duty(also)
+        if not self.remote_staff:
+            return names
+        return sorted(set(names).union(*self.remote_staff.values()))
 
     def _presence_frame(self) -> str:
         return proto.encode({"type": "staff_presence", "staff": self._on_duty()})
@@ -660,6 +848,11 @@ class Hub:
     def _presence_changed(self, before: list[str], skip: int | None = None) -> None:
         """Tell the staff room who is on duty, when that changed (a second console of
         someone already on duty changes nothing)."""
+        if self.cluster:
+            here = tuple(self._local_on_duty())
+            if here != self._announced_staff:
+                self._announced_staff = here
+                self._out.append(RelayStaff(here))
         if self._on_duty() == before or not self.staff_room:
             return
         frame = self._presence_frame()
@@ -694,6 +887,7 @@ class Hub:
             conv.guest_sessions -= 1
             if conv.guest_sessions == 0:
                 self._summary_changed(conv)
+                self._relay_presence(conv, False)
             self._release(conv)
         elif session.role == "staff" and session.subscriptions is not None:
             # The session has already left ``sessions``: count it in by hand.
@@ -859,6 +1053,7 @@ class Hub:
             )
         if conv.guest_sessions == 1:
             self._summary_changed(conv)
+            self._relay_presence(conv, True)
 
     def _attach_staff(
         self, session: Session, found: StaffSignIn, token: str, *, resolved: bool = False
@@ -906,6 +1101,8 @@ class Hub:
                 or (resolved and conv.status == "resolved" and conv.updated_ts > self._wall - DAY)
             ):
                 summaries[conv.conversation_id] = conv.summary()
+        for conversation_id in self.remote_guests.keys() & summaries.keys():
+            summaries[conversation_id]["guest_online"] = True  # on another server process
         ordered = sorted(summaries.values(), key=lambda s: s["updated_ts"], reverse=True)
         self._send(
             session.id, proto.encode({"type": "queue", "conversations": ordered[:QUEUE_LIMIT]})
@@ -962,9 +1159,9 @@ class Hub:
                     proto.status_frame(conv.conversation_id, conv.status, conv.assigned_name),
                 )
         elif isinstance(frame, proto.Typing):
-            self._broadcast(
-                conv, proto.typing_frame(conv.conversation_id, "guest", frame.active), session.id
-            )
+            typing = proto.typing_frame(conv.conversation_id, "guest", frame.active)
+            self._broadcast(conv, typing, session.id)
+            self._relay(conv, typing)
         elif isinstance(frame, proto.Read):
             self._read_mark(session, conv, "guest", frame.seq)
         elif isinstance(frame, proto.StaffAction):
@@ -1111,6 +1308,12 @@ class Hub:
     def _committed(self, conv: LiveConversation, result: Appended) -> None:
         """A new message is stored: the live state follows, then every subscriber."""
         message = result.message
+        if self.cluster and message.seq != conv.last_seq + 1:
+            # Another process committed in between and we have not pushed it yet (or a
+            # fill already pushed this one): the fill pushes everything in seq order.
+            if message.seq > conv.last_seq:
+                self._out.append(Fill(conv.conversation_id))
+            return
         conv.last_seq = message.seq
         conv.preview = message.text[:PREVIEW_CHARS]
         conv.updated_ts = result.at or self._wall
@@ -1129,6 +1332,9 @@ class Hub:
         ``session``, that session's next frame waits for the commit."""
 
         def committed(result: Appended) -> None:
+            if result.conflict is not None:
+                self._transition_lost(conv, session, ref)
+                return
             if result.duplicate:  # pragma: no cover - these carry no client_msg_id
                 return
             self._committed(conv, result)
@@ -1160,7 +1366,8 @@ class Hub:
         """Apply a status-table event to the state as decided so far; store its system
         message and new status in one write. False when nothing changes. Raises
         ProtocolError (conflict, forbidden) from the table."""
-        transition = apply_event(conv.decided, event, staff_id=staff_id, staff_name=staff_name)
+        before = conv.decided
+        transition = apply_event(before, event, staff_id=staff_id, staff_name=staff_name)
         if transition is None:
             return False
         new = transition.state
@@ -1174,6 +1381,8 @@ class Hub:
                 author=None,
                 text=transition.system_text,
                 status=(new.status, new.assigned_to, new.assigned_name),
+                # The storage applies it only to the state it was decided against.
+                expect=(before.status, before.assigned_to),
             ),
             after,
             session=session,
@@ -1185,6 +1394,22 @@ class Hub:
         conv.transitions -= 1
         if conv.transitions == 0:
             conv.upcoming = None
+
+    def _transition_lost(
+        self, conv: LiveConversation, session: Session | None, ref: str | None
+    ) -> None:
+        """The storage refused a transition: another server process changed the status
+        first. Nothing was written; the asker hears ``conflict`` and this process
+        catches up with what the other one committed."""
+        self._transition_done(conv)
+        if session is not None and session.id in self.sessions:
+            self._send(
+                session.id,
+                proto.error_frame(
+                    ErrorCode.CONFLICT, "someone else changed this conversation first", ref
+                ),
+            )
+        self._out.append(Fill(conv.conversation_id))
 
     # -- the concierge ----------------------------------------------------------------
 
@@ -1299,7 +1524,9 @@ class Hub:
             self._summary_changed(conv)
         elif reader == "guest":
             conv.guest_read_seq = max(conv.guest_read_seq, seq)
-        self._broadcast(conv, proto.read_frame(conv.conversation_id, reader, seq), session.id)
+        read = proto.read_frame(conv.conversation_id, reader, seq)
+        self._broadcast(conv, read, session.id)
+        self._relay(conv, read)
         self._write(
             SetRead(conversation_id=conv.conversation_id, reader=reader, seq=seq),
             None,
@@ -1379,9 +1606,9 @@ class Hub:
         elif isinstance(frame, proto.Typing):
             if not holds:
                 raise ProtocolError(ErrorCode.FORBIDDEN, "only the holder may type", "typing")
-            self._broadcast(
-                conv, proto.typing_frame(conv.conversation_id, "staff", frame.active), session.id
-            )
+            typing = proto.typing_frame(conv.conversation_id, "staff", frame.active)
+            self._broadcast(conv, typing, session.id)
+            self._relay(conv, typing)
         elif isinstance(frame, proto.Read):
             if not holds and conv not in session.subscriptions:
                 raise ProtocolError(

@@ -77,6 +77,13 @@ class Appended:
     message: Message
     duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
     at: float = 0.0  # when it was committed (POSIX time); 0 for a duplicate
+    # A status change whose ``expect`` was no longer the stored state: nothing was
+    # written (``message`` is what would have been) and this is the stored state
+    # (status, assigned staff id, assigned name).
+    conflict: tuple[Status, str | None, str | None] | None = None
+    # The conversation as this commit left it, from backends that have it at hand
+    # (PostgreSQL: a cluster's notifications carry it); None otherwise.
+    row: ConversationRow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +122,10 @@ class AppendMessage(Operation[Appended]):
     status in the same commit (``status`` is ``(status, assigned_staff_id,
     assigned_name)``, for a transition's system message). A ``client_msg_id`` the same
     ``author_key`` already used in the conversation stores nothing: the result is the
-    original, marked ``duplicate``."""
+    original, marked ``duplicate``. With ``expect`` (``(status, assigned_staff_id)``,
+    the state a transition was decided against), the write happens only if that is
+    still the stored state; otherwise nothing is stored and the result's ``conflict``
+    is the stored state (another server process changed it first)."""
 
     conversation_id: str = ""
     sender: Sender = "guest"
@@ -124,6 +134,7 @@ class AppendMessage(Operation[Appended]):
     text: str = ""
     client_msg_id: str | None = None
     status: tuple[Status, str | None, str | None] | None = None
+    expect: tuple[Status, str | None] | None = None
 
     def apply(self, db: StorageBackend) -> Appended:
         return db.append(self)
@@ -166,14 +177,17 @@ class TouchGuest(Operation[None]):
 class ExpireSilentGuests(Operation[list[str]]):
     """Forget the guests created before ``before`` (POSIX time) who never wrote a
     message, with their conversations, unless their conversation is waiting for or
-    held by staff, or the guest is in ``keep`` (signed in now). The result is the
-    guest ids forgotten: their tokens fail from then on."""
+    held by staff, or the guest is in ``keep`` (signed in now), or their conversation
+    is in ``keep_conversations`` (scale-out: a guest signed in on another server
+    process, known here only by the conversation). The result is the guest ids
+    forgotten: their tokens fail from then on."""
 
     before: float = 0.0
     keep: frozenset[str] = frozenset()
+    keep_conversations: frozenset[str] = frozenset()
 
     def apply(self, db: StorageBackend) -> list[str]:
-        return db.expire_silent_guests(self.before, self.keep)
+        return db.expire_silent_guests(self.before, self.keep, self.keep_conversations)
 
 
 class StorageBackend(Protocol):
@@ -193,7 +207,12 @@ class StorageBackend(Protocol):
     def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow: ...
 
     def touch_guest(self, op: TouchGuest) -> None: ...
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         """See :class:`ExpireSilentGuests` (inside a batch, like every write)."""
         ...
 

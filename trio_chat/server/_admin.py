@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.tokens import TokenSigner
+from ._backends import open_backend
 from ._secrets import rotate_secret_file, token_secret
 from ._store import ConversationRow, Database, StaffMember
 
@@ -24,9 +25,10 @@ __all__ = ["create_guest_token", "create_staff_token"]
 
 @contextmanager
 def opened(db_path: str | Path) -> Iterator[Database]:
-    """The server's database, opened beside a running server and closed after use.
-    Raises ``StorageError`` if it cannot be opened."""
-    db = Database(db_path)
+    """The server's database (a SQLite path or a ``postgresql://`` URL), opened beside
+    a running server and closed after use. Raises ``StorageError`` if it cannot be
+    opened."""
+    db: Database = open_backend(db_path)
     try:
         yield db
     finally:

@@ -49,9 +49,12 @@ from ..core.errors import ConnectionLost, ProtocolError, StorageError
 from ..core.hub import (
     Action,
     Close,
+    Fill,
     Hub,
     HubConfig,
     Read,
+    Relay,
+    RelayStaff,
     ReportWritten,
     Send,
     StartReply,
@@ -68,6 +71,8 @@ from ._admission import (
     peer_address,
     serve_listeners_with_backoff,
 )
+from ._backends import open_backend
+from ._cluster import Cluster
 from ._concierge import KnowledgeBase, Responder, ResponderReply, ResponderRequest, RulesResponder
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
@@ -101,7 +106,7 @@ T = TypeVar("T")
 class ServerConfig:
     """Everything ``trio-chat serve`` can set. Times are in seconds."""
 
-    db_path: str | Path = "trio-chat.db"
+    db_path: str | Path = "trio-chat.db"  # or a postgresql:// URL (scale-out)
     host: str = "127.0.0.1"
     port: int = 8765
     hello_timeout: float = 10.0
@@ -154,6 +159,9 @@ class ServerConfig:
     keyfile: str | Path | None = None  # None: the key is in certfile
     tls_handshake_timeout: float = 10.0
     llm: LlmSettings | None = None  # the language-model concierge (concierge="llm")
+    # -- scale-out: several processes on one PostgreSQL (db_path = postgresql://...) ----
+    bus: str | None = None  # redis://... : fan-out between the processes; None = alone
+    poll_interval: float = 1.0  # while the bus is down, read the database this often
 
 
 # -------------------------------------------------------------------------- server
@@ -218,6 +226,7 @@ class ChatServer:
         self.origins = OriginPolicy(self.config.allowed_origins, self.config.host)
         self.expired_guests = 0
         self._front: HttpFront | None = None
+        self._cluster: Cluster | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -272,7 +281,7 @@ class ChatServer:
             db = self._storage
         else:
             db = await trio.to_thread.run_sync(
-                lambda: Database(self.config.db_path, synchronous=self.config.synchronous)
+                lambda: open_backend(self.config.db_path, synchronous=self.config.synchronous)
             )
         try:
             self._hub = Hub(
@@ -291,8 +300,17 @@ class ChatServer:
                 ),
                 concierge=self._responder is not None,
             )
+            if self.config.bus:
+                if not hasattr(db, "changes_since"):
+                    raise StorageError("a cluster (--bus) needs a postgresql:// database")
+                self._cluster = Cluster(
+                    self, self.config.bus, poll_interval=self.config.poll_interval
+                )
+                self._hub.cluster = True
             self._store = Store(
-                db, threaded=isinstance(db, Database), callbacks_context=self._corked
+                db,
+                threaded=isinstance(db, Database) or getattr(db, "blocking", False),
+                callbacks_context=self._corked,
             )
             async with trio.open_nursery() as storage:
                 await storage.start(self._store.run)
@@ -336,10 +354,14 @@ class ChatServer:
             work.start_soon(self._accept, listeners, front)
             work.start_soon(self._heartbeat_sweeper)
             work.start_soon(self._expire_silent_guests)
+            if self._cluster is not None:
+                await work.start(self._cluster.run)
             await self._answer_unanswered()
             await work.start(self._watch_revocations)
             task_status.started(self.port)
             await self._shutdown.wait()
+            if self._cluster is not None:
+                self._cluster.stop()
             await self._drain_for_shutdown()
             work.cancel_scope.cancel()
 
@@ -430,6 +452,9 @@ class ChatServer:
     def _healthz(self) -> Any:
         hub = self._hub
         roles = [hub.role(sid) if hub else None for sid in self.connections]
+        cluster = self._cluster_health()
+        # A node that cannot store is taken out of a load balancer's rotation.
+        status = 503 if cluster.get("status") == "degraded" else 200
         return json_response(
             {
                 "status": "ok",
@@ -448,7 +473,9 @@ class ChatServer:
                     "origin": self._front.forbidden_origins if self._front else 0,
                 },
                 "expired_guests": self.expired_guests,
-            }
+                **cluster,
+            },
+            status,
         )
 
     def outbox_bytes(self) -> tuple[int, int]:
@@ -465,6 +492,19 @@ class ChatServer:
             "outbox_peak_bytes": self.outbox_peak_bytes,
             "outbox_limit_bytes": self.config.outbox_limit_bytes,
             "rate_buckets": {"identities": buckets[0], "addresses": buckets[1]},
+        }
+
+    def _cluster_health(self) -> dict[str, Any]:
+        """Scale-out: the storage's and the bus's state (absent on a single process)."""
+        if self._cluster is None:
+            return {}
+        db = self._store.db if self._store is not None else None
+        storage_ok = self._cluster.storage_ok and bool(getattr(db, "healthy", True))
+        bus = self._cluster.health()
+        return {
+            "storage": {"state": "ok" if storage_ok else "unreachable"},
+            "bus": bus,
+            "status": "ok" if storage_ok else "degraded",
         }
 
     # -- connections ---------------------------------------------------------------
@@ -616,7 +656,9 @@ class ChatServer:
             else:
                 self._carry_out(action)
 
-    def _carry_out(self, action: Send | Close | ReportWritten | StartReply) -> None:
+    def _carry_out(
+        self, action: Send | Close | ReportWritten | StartReply | Fill | Relay | RelayStaff
+    ) -> None:
         if isinstance(action, Send):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -629,8 +671,15 @@ class ChatServer:
             conn = self.connections.get(action.session)
             if conn is not None:
                 conn.report_written()
-        else:
+        elif isinstance(action, StartReply):
             self._start_reply(action)
+        elif self._cluster is not None:  # Fill, Relay, RelayStaff: only a cluster's hub asks
+            if isinstance(action, Fill):
+                self._cluster.fill(action.conversation_id)
+            elif isinstance(action, RelayStaff):
+                self._cluster.relay_staff(action.names)
+            else:
+                self._cluster.relay(action)
 
     def written(self, session_id: int) -> None:
         """A connection wrote everything queued up to its :class:`ReportWritten`."""
@@ -642,6 +691,8 @@ class ChatServer:
 
         def committed(result: Any) -> None:
             self._perform_now(hub.stored(write, result, *self._clock()))
+            if self._cluster is not None:
+                self._cluster.committed(operation, result)
 
         def failed(error: StorageError) -> None:
             log.error("storage failed: %s", error)
@@ -819,7 +870,12 @@ class ChatServer:
         while True:
             # Guests signed in now are kept (their conversation is live in the hub).
             keep = frozenset(conv.guest_id for conv in self.hub.conversations.values())
-            operation = ExpireSilentGuests(before=time.time() - after, keep=keep)
+            operation = ExpireSilentGuests(
+                before=time.time() - after,
+                keep=keep,
+                # Scale-out: guests signed in on other nodes (their presence relays).
+                keep_conversations=frozenset(self.hub.remote_guests),
+            )
             operation.on_commit = self._guests_expired
             operation.on_error = self._expiry_failed
             with contextlib.suppress(StorageError):  # logged by _expiry_failed

@@ -370,6 +370,10 @@ class Database:
         return last + 1
 
     def append(self, op: AppendMessage) -> Appended:
+        if op.expect is not None:
+            conflict = self._conflict(op)
+            if conflict is not None:
+                return conflict
         seq = self._next_seq(op.conversation_id)
         now = time.time()
         message = Message(
@@ -420,6 +424,30 @@ class Database:
         self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
         return Appended(message, duplicate=False, at=now)
 
+    def _conflict(self, op: AppendMessage) -> Appended | None:
+        """A status change decided against a state that is no longer the stored one
+        (the state as this batch left it so far, else the row). Only transitions carry
+        ``expect``, so the common message costs nothing here."""
+        touched = self._touched.get(op.conversation_id)
+        if touched is not None and touched[3] is not None:
+            stored: tuple[Any, ...] = touched[3]
+        else:
+            row = self.writer.execute(
+                "SELECT status, assigned_staff_id, assigned_name FROM conversations "
+                "WHERE conversation_id = ?",
+                (op.conversation_id,),
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"no conversation {op.conversation_id}")
+            stored = tuple(row)
+        if op.expect == (stored[0], stored[1]):
+            return None
+        return Appended(
+            Message(0, op.conversation_id, op.sender, op.author, op.text, "", None),
+            duplicate=False,
+            conflict=(stored[0], stored[1], stored[2]),
+        )
+
     def set_read(self, op: SetRead) -> None:
         column = "read_seq" if op.reader == "staff" else "guest_read_seq"
         self.writer.execute(
@@ -461,7 +489,12 @@ class Database:
             (op.at, op.guest_id),
         )
 
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         rows = self.writer.execute(
             "SELECT g.guest_id, c.conversation_id FROM guests g JOIN conversations c "
             "USING (guest_id) WHERE g.created_ts < ? AND c.status IN ('ai', 'resolved') "
@@ -474,7 +507,9 @@ class Database:
         doomed = [
             (guest_id, conversation_id)
             for guest_id, conversation_id in rows
-            if guest_id not in keep and conversation_id not in self._touched
+            if guest_id not in keep
+            and conversation_id not in keep_conversations
+            and conversation_id not in self._touched
         ]
         by_conversation = [(conversation_id,) for _, conversation_id in doomed]
         self.writer.executemany("DELETE FROM messages WHERE conversation_id = ?", by_conversation)

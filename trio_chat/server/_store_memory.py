@@ -95,6 +95,12 @@ class MemoryBackend:
         key = (op.conversation_id, op.author_key, op.client_msg_id or "")
         if op.client_msg_id is not None and key in self._by_key:
             return Appended(self._by_key[key], duplicate=True)
+        if op.expect is not None and op.expect != (row.status, row.assigned_staff_id):
+            return Appended(
+                Message(0, op.conversation_id, op.sender, op.author, op.text, "", None),
+                duplicate=False,
+                conflict=(row.status, row.assigned_staff_id, row.assigned_name),
+            )
         now = time.time()
         message = Message(
             row.last_seq + 1,
@@ -145,7 +151,12 @@ class MemoryBackend:
             row = self._rows[cid]
             row.last_seen_ts = max(row.last_seen_ts, op.at)
 
-    def expire_silent_guests(self, before: float, keep: frozenset[str]) -> list[str]:
+    def expire_silent_guests(
+        self,
+        before: float,
+        keep: frozenset[str],
+        keep_conversations: frozenset[str] = frozenset(),
+    ) -> list[str]:
         expired = []
         for conversation_id, row in list(self._rows.items()):
             silent = not any(m.sender == "guest" for m in self._messages.get(conversation_id, ()))
@@ -155,6 +166,7 @@ class MemoryBackend:
                 and silent
                 and row.status in ("ai", "resolved")
                 and row.guest_id not in keep
+                and conversation_id not in keep_conversations
             ):
                 del self._rows[conversation_id], self._of_guest[row.guest_id]
                 del self._guest_names[row.guest_id]
@@ -174,6 +186,10 @@ class MemoryBackend:
             member = StaffMember(new_id("s"), name)
             self._staff[member.staff_id] = member
             return member
+
+    def list_staff(self) -> list[StaffMember]:
+        with self._lock:
+            return sorted(self._staff.values(), key=lambda m: m.name)
 
     def remove_staff(self, name_or_id: str) -> bool:
         with self._lock:

@@ -182,7 +182,12 @@ class FaultProxy:
                     )
                     due = max(last_due, trio.current_time() + delay)
                     last_due = due
-                    await send.send((due, data))
+                    try:
+                        await send.send((due, data))
+                    except trio.BrokenResourceError:
+                        # The sink failed and the deliverer is gone; the link is being
+                        # torn down (``done``), but this send came first: it was a reset.
+                        break
 
     async def _deliver(
         self,
