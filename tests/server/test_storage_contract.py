@@ -156,6 +156,25 @@ def test_guests_staff_and_sign_in(db: Any) -> None:
     assert len(db.secret()) == 32
 
 
+def test_the_queue_holds_the_open_the_recent_and_the_recently_resolved(db: Any) -> None:
+    def conversation(status: Any) -> str:
+        cid: str = db.add_guest(None).conversation_id
+        db.apply_batch([guest_message(cid, "m"), system_message(cid, (status, None, None), None)])
+        return cid
+
+    waiting, chatting, resolved = (
+        conversation("waiting"),
+        conversation("ai"),
+        conversation("resolved"),
+    )
+    silent = db.add_guest(None).conversation_id  # never wrote: not active
+    now = time.time()
+    listed = {r.conversation_id for r in db.queue(now)}
+    assert listed == {waiting, chatting, resolved} and silent not in listed
+    # A day later only what is still open is listed.
+    assert {r.conversation_id for r in db.queue(now + 86_400 + 60)} == {waiting}
+
+
 def test_unanswered_lists_conversations_whose_last_word_is_a_guests(db: Any) -> None:
     asked = db.add_guest(None).conversation_id
     answered = db.add_guest(None).conversation_id

@@ -533,8 +533,9 @@ class PostgresBackend:
             f"SELECT {_CONVERSATION_COLUMNS} FROM {_CONVERSATIONS} "
             "WHERE c.status IN ('waiting', 'staff') "
             "OR (c.status = 'ai' AND c.last_seq > 0 AND c.updated_ts > %s) "
+            "OR (c.status = 'resolved' AND c.updated_ts > %s) "
             "ORDER BY c.updated_ts DESC LIMIT %s",
-            (now - 86400, limit),
+            (now - 86400, now - 86400, limit),
         )
         return [ConversationRow(*r) for r in rows]
 
