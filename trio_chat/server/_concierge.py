@@ -438,6 +438,8 @@ class Responder(Protocol):
     The server calls :meth:`respond` once per stored guest message, under its own
     timeout; a responder that raises or times out is replaced, for that message, by
     an apology and a hand-off to staff, so a broken responder never silences a guest.
+    One that keeps a deadline of its own may say so in an ``answer_timeout`` attribute
+    (seconds): the server then waits at least that long.
     """
 
     history_window: int

@@ -86,9 +86,7 @@ class Connection:
         if outbox is None:
             outbox = self._outbox = deque()
         server = self.server
-        behind = self._queued + self._writing
-        if self.writer_running:
-            behind += self.ws.stream.held_back
+        behind = self.queued_bytes
         # One frame, however big, always fits an empty outbox: a history page must
         # reach a client that reads, whatever the limit.
         if behind and (

@@ -755,10 +755,12 @@ class ChatServer:
             draft,
         )
         try:
+            # A responder that keeps its own deadline (the language model, which then
+            # falls back to the rules) gets the time to do so, and a little more.
+            own = getattr(responder, "answer_timeout", None)
             timeout = self.config.responder_timeout
-            if isinstance(responder, LlmResponder):
-                # It falls back to the rules by itself; give it the time to do so.
-                timeout = max(timeout, responder.settings.answer_timeout + 5)
+            if own is not None:
+                timeout = max(timeout, own + 5)
             with trio.fail_after(timeout):
                 return await responder.respond(request)
         except Exception:
