@@ -449,3 +449,41 @@ def test_two_nodes_touching_the_same_guests_in_opposite_orders_never_deadlock(
     assert failures == []
     for node in nodes:
         node.close()
+
+
+def test_expiry_never_waits_for_a_sign_in_in_flight_and_spares_that_guest(
+    pg_url: str,
+) -> None:
+    """Another node is signing a silent guest in (its batch holds the guest's row): an
+    expiry must neither wait for that batch (it would hold every row it has deleted
+    meanwhile, in whatever order the plan visits them, while the sign-in batch locks
+    guests in guest order: a deadlock, and one batch fails with ``internal``) nor
+    forget the guest being signed in."""
+    import psycopg
+
+    expiring = PostgresBackend(pg_url)
+    guests = [expiring.add_guest(None).guest_id for _ in range(6)]
+    signing_in = guests[3]
+    with psycopg.connect(pg_url) as other_node:
+        with other_node.transaction():
+            other_node.execute(
+                "UPDATE guests SET last_seen_ts = %s WHERE guest_id = %s",
+                (time.time(), signing_in),
+            )
+            done = threading.Event()
+            forgotten: list[list[str]] = []
+
+            def expire() -> None:
+                forgotten.append(
+                    expiring.apply_batch([ExpireSilentGuests(before=time.time() + 60)])[0]
+                )
+                done.set()
+
+            thread = threading.Thread(target=expire)
+            thread.start()
+            waited = not done.wait(timeout=5)
+        thread.join()
+    assert not waited, "the expiry waited for the sign-in's batch"
+    assert sorted(forgotten[0]) == sorted(g for g in guests if g != signing_in)
+    assert expiring.conversation_of_guest(signing_in) is not None
+    expiring.close()

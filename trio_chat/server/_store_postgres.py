@@ -492,6 +492,21 @@ class PostgresBackend:
         doomed = [(guest_id, cid) for guest_id, cid in rows if guest_id not in keep]
         if not doomed:
             return []
+        # A guest whose row another node's batch holds is being signed in there: keep
+        # them, and never wait for that batch. Waiting would hold the rows deleted so
+        # far, in the order the plan visits them, while sign-ins lock guests in guest
+        # order: a deadlock. The rows are taken here in guest order, skipping held ones.
+        free = {
+            guest_id
+            for (guest_id,) in self._conn.execute(
+                "SELECT guest_id FROM guests WHERE guest_id = ANY(%s) "
+                "ORDER BY guest_id FOR UPDATE SKIP LOCKED",
+                ([guest_id for guest_id, _ in doomed],),
+            ).fetchall()
+        }
+        doomed = [(guest_id, cid) for guest_id, cid in doomed if guest_id in free]
+        if not doomed:
+            return []
         conversations = [cid for _, cid in doomed]
         guests = [guest_id for guest_id, _ in doomed]
         self._conn.execute("DELETE FROM messages WHERE conversation_id = ANY(%s)", (conversations,))
