@@ -119,6 +119,10 @@ def holds(client: ChatClient, seq: int) -> bool:
     return len(client.transcript) >= seq
 
 
+def staff_holds(staff: StaffClient, conversation_id: str, seq: int) -> bool:
+    return len(staff.transcript_of(conversation_id)) >= seq
+
+
 async def synced(client: ChatClient) -> None:
     with trio.fail_after(20):
         await client.wait_until(lambda: client.synced and not client.pending)
@@ -226,9 +230,7 @@ async def test_guests_and_staff_chat_through_haproxy_and_a_kill_9_loses_nothing(
                     assert theirs == acked[staff]
                 # The staff console got the same conversation, seq for seq.
                 with trio.fail_after(10):
-                    await staff.wait_until(
-                        partial(lambda c, n: len(staff.transcript_of(c)) >= n, cid, len(transcript))
-                    )
+                    await staff.wait_until(partial(staff_holds, staff, cid, len(transcript)))
                 assert [(m.seq, m.text) for m in staff.transcript_of(cid)] == transcript
                 async with ChatClient(f"ws://127.0.0.1:{b.port}/ws", token=guest.token) as reader:
                     await synced(reader)
