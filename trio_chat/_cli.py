@@ -10,7 +10,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from rich.console import Console
@@ -28,9 +28,18 @@ from .server._staff_console import DEFAULT_PUBLIC_URL, sign_in_link
 from .server._tls import server_ssl_context
 from .server._wire import DEFAULT_ENGINE, ENGINES
 
+if TYPE_CHECKING:
+    from .testing import Fault
+
 DEFAULT_DB = "trio-chat.db"
 
 err_console = Console(stderr=True)
+
+
+def _cluster_size(value: str) -> int:
+    if value not in ("2", "3"):
+        raise argparse.ArgumentTypeError("a soak cluster has 2 or 3 nodes")
+    return int(value)
 
 
 def _positive(value: str) -> float:
@@ -320,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--rate", type=_positive, default=1.0, help="messages per second per guest")
     soak.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    # Scale-out: the soak on a cluster, and on a given database.
+    soak.add_argument(
+        "--cluster",
+        type=_cluster_size,
+        default=None,
+        metavar="N",
+        help="N nodes (2 or 3) on one PostgreSQL and one Redis; faults: kill, pubsub, "
+        "redis, postgres",
+    )
+    soak.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH|URL",
+        help="the server's SQLite file or postgresql:// URL (--cluster: a URL; default: "
+        "a throwaway one)",
+    )
+    soak.add_argument(
+        "--bus", default=None, metavar="URL", help="--cluster: redis:// (default: a throwaway one)"
+    )
+    soak.add_argument(
+        "--front",
+        choices=("haproxy", "direct"),
+        default=None,
+        help="--cluster: guests through HAProxy on one port (default when installed) or "
+        "straight to each node",
+    )
 
     proxy = commands.add_parser("proxy", help="a fault-injecting TCP proxy (loopback)")
     proxy.add_argument("--listen", type=int, required=True, metavar="PORT")
@@ -628,10 +663,10 @@ def _soak(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .testing import parse_faults, soak
+    from .testing import soak, soak_cluster
 
     try:
-        faults = None if args.faults is None else parse_faults(args.faults)
+        faults = _soak_faults(args)
     except ValueError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -652,22 +687,33 @@ def _soak(args: argparse.Namespace) -> int:
                 description=f"sent {status['sent']} acked {status['acknowledged']} | {states}",
             )
 
-        report = trio.run(
-            lambda: soak(
-                args.guests,
-                args.duration,
-                faults=faults,
-                seed=args.seed,
-                rate=args.rate,
-                progress=show,
+        common: dict[str, Any] = {
+            "faults": faults,
+            "seed": args.seed,
+            "rate": args.rate,
+            "progress": show,
+            "db": args.db,
+        }
+        if args.cluster:
+            report = trio.run(
+                lambda: soak_cluster(
+                    args.guests,
+                    args.duration,
+                    nodes=args.cluster,
+                    bus=args.bus,
+                    front=args.front,
+                    **common,
+                )
             )
-        )
+        else:
+            report = trio.run(lambda: soak(args.guests, args.duration, **common))
     if args.json:
         print(json.dumps(report.to_json()))
     else:
         from rich.table import Table
 
-        table = Table(title=f"soak: {args.guests} guests, {args.duration:g} s")
+        where = f", {args.cluster} nodes ({report.front})" if args.cluster else ""
+        table = Table(title=f"soak: {args.guests} guests, {args.duration:g} s{where}")
         table.add_column("measure")
         table.add_column("value", justify="right")
         for key, value in report.to_json().items():
@@ -676,9 +722,38 @@ def _soak(args: argparse.Namespace) -> int:
         for key, value in report.recovery_s.items():
             table.add_row(f"recovery {key} (s)", f"{value:.3f}")
         Console().print(table)
+        for fault in report.faults_applied:
+            err_console.print(f"  fault: {fault}")
         for note in report.notes[:20]:
             err_console.print(f"  {note}", style="dim")
     return 0 if report.healthy else 1
+
+
+def _soak_faults(args: argparse.Namespace) -> list[Fault] | None:
+    """The soak's faults from the flags (``None``: the default schedule). Raises
+    ``ValueError`` for a bad combination of flags or a fault it cannot carry out."""
+    from .testing._soak import (
+        CLUSTER_FAULT_KINDS,
+        FAULT_KINDS,
+        check_cluster_faults,
+        parse_faults,
+    )
+
+    if not args.cluster:
+        if args.bus is not None or args.front is not None:
+            raise ValueError("--bus and --front need --cluster")
+        return None if args.faults is None else parse_faults(args.faults, FAULT_KINDS)
+    if args.db is not None and not args.db.startswith(("postgresql://", "postgres://")):
+        raise ValueError("--cluster needs a postgresql:// URL for --db")
+    if args.bus is not None and not args.bus.startswith(("redis://", "rediss://")):
+        raise ValueError("--bus takes a redis:// URL")
+    if args.faults is None:
+        return None
+    return check_cluster_faults(
+        parse_faults(args.faults, CLUSTER_FAULT_KINDS),
+        own_database=args.db is None,
+        own_bus=args.bus is None,
+    )
 
 
 def _proxy(args: argparse.Namespace) -> int:

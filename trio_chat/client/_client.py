@@ -435,7 +435,15 @@ class ChatClient:
                     continue
                 self.attempt += 1
                 self._set_state("reconnecting" if self._welcomed_once else "connecting")
-                ended = await self._connect_once()
+                try:
+                    ended = await self._connect_once()
+                except* trio_websocket.HandshakeError as refused:
+                    # A refused handshake (an HTTP 503 from a load balancer with no node
+                    # up) is raised by trio-websocket's reader task, so out of the
+                    # attempt's nursery rather than from the connect: a failed attempt.
+                    self._session = self._control = None
+                    why = f"handshake refused: {refused.exceptions[0]!r}"
+                    ended = _Ended(CloseCode.ABNORMAL, why, False, False)
                 self.last_close_code = ended.code
                 self._emit("closed", code=ended.code, reason=ended.reason)
                 if ended.code == CloseCode.AUTH_FAILED:

@@ -9,7 +9,8 @@
   every event recorded with its time; :func:`summarize` charts what happened.
 * :func:`soak`: many guests through scheduled faults (drops, blackholes, latency, a
   graceful restart and a ``kill -9``), then an exact account of what was lost,
-  doubled or reordered (``trio-chat soak``).
+  doubled or reordered (``trio-chat soak``); :func:`soak_cluster` does it to a
+  cluster of nodes on PostgreSQL and Redis (``trio-chat soak --cluster N``).
 """
 
 from ._experiments import OutageResult, outage_experiment, simulate_outage
@@ -23,7 +24,7 @@ from ._scenarios import (
     scenario_files,
     summarize,
 )
-from ._soak import Fault, SoakReport, parse_faults, soak
+from ._soak import Fault, SoakReport, parse_faults, soak, soak_cluster
 
 __all__ = [
     "CannedReply",
@@ -42,5 +43,6 @@ __all__ = [
     "scenario_files",
     "simulate_outage",
     "soak",
+    "soak_cluster",
     "summarize",
 ]

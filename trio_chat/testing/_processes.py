@@ -68,13 +68,14 @@ async def python_process(
 
 class ServerProcess:
     """``trio-chat serve`` in a child process that can be stopped and started again
-    on the same port and database (a graceful restart, or a ``kill -9``)."""
+    on the same port and database (a graceful restart, or a ``kill -9``). ``db_path``
+    is a SQLite file or a ``postgresql://`` URL (passed on as it is)."""
 
     def __init__(
         self, db_path: str | Path, port: int, *extra: str, env: dict[str, str] | None = None
     ) -> None:
         self.env = env  # added to the child's environment (PYTHONPATH: other code)
-        self.db_path = Path(db_path)
+        self.db_path = db_path  # not a Path: that would fold a URL's "//"
         self.port = port
         self.extra = extra
         self.proc: trio.Process | None = None

@@ -4,16 +4,22 @@ A real server (a child process, so it can be restarted or killed) sits behind a
 :class:`FaultProxy`; simulated guests write through the proxy while the faults of the
 schedule hit them; at the end faults are lifted, every outbox drains, and what each
 guest sent is checked against what the server stored and what the guest holds.
+
+:func:`soak_cluster` does the same to a cluster: N node processes on one PostgreSQL
+and one Redis, the guests spread over them (through HAProxy on one port, or straight
+to each node), through the cluster's own faults: a node killed and started again,
+Redis restarted, its pub/sub connections killed, PostgreSQL stopped as by a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +29,29 @@ import trio
 from ..client._client import ChatClient, ClientEvent
 from ..core.backoff import Backoff
 from ..core.errors import TrioChatError
+from ._front import haproxy_binary, haproxy_front
 from ._processes import ServerProcess, free_port
 from ._proxy import FaultProxy
+from ._services import PostgresInstance, RedisInstance, postgres_instance, redis_instance
 from ._stats import per_interval, percentile
 
-__all__ = ["Fault", "SoakReport", "parse_faults", "soak"]
+__all__ = [
+    "CLUSTER_FAULT_KINDS",
+    "Fault",
+    "SoakReport",
+    "check_cluster_faults",
+    "parse_faults",
+    "soak",
+    "soak_cluster",
+]
 
 FAULT_KINDS = ("drop", "blackhole", "latency", "restart", "kill")
 DEFAULT_FAULTS = "drop@0.12,blackhole@0.3:2.5,latency@0.45:3,restart@0.6,kill@0.8"
+# The cluster's own faults: ``kill`` a node (-9) and start it again ``seconds`` later,
+# restart ``redis``, kill the nodes' ``pubsub`` connections (CLIENT KILL TYPE pubsub),
+# stop ``postgres`` as by a crash (-m immediate) and start it ``seconds`` later.
+CLUSTER_FAULT_KINDS = ("kill", "redis", "pubsub", "postgres")
+DEFAULT_CLUSTER_FAULTS = "kill@0.1:1,pubsub@0.25,redis@0.4:1,postgres@0.55:1,kill@0.75:1"
 
 
 @dataclass(frozen=True)
@@ -43,17 +64,18 @@ class Fault:
     seconds: float = 0.0
 
 
-def parse_faults(spec: str) -> list[Fault]:
+def parse_faults(spec: str, kinds: tuple[str, ...] = FAULT_KINDS) -> list[Fault]:
     """Parse ``kind@fraction[:seconds],...`` (e.g. ``drop@0.2,blackhole@0.5:3``);
-    ``none`` for no faults. Raises ``ValueError`` naming the bad part."""
+    ``none`` for no faults. ``kinds``: :data:`CLUSTER_FAULT_KINDS` for a cluster soak.
+    Raises ``ValueError`` naming the bad part."""
     if spec.strip() in ("", "none"):
         return []
     faults = []
     for part in spec.split(","):
         kind, _, when = part.strip().partition("@")
         at, _, seconds = when.partition(":")
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {kind!r} in {part!r}: use {', '.join(FAULT_KINDS)}")
+        if kind not in kinds:
+            raise ValueError(f"unknown fault {kind!r} in {part!r}: use {', '.join(kinds)}")
         try:
             fault = Fault(kind, float(at), float(seconds) if seconds else 0.0)
         except ValueError:
@@ -86,6 +108,11 @@ class SoakReport:
     duration_s: float = 0.0
     faults: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The cluster soak: how many nodes, how guests reached them ("haproxy": one port;
+    # "direct": each guest to one node's port), and each fault as it was carried out.
+    nodes: int = 1
+    front: str = "proxy"
+    faults_applied: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -114,6 +141,9 @@ class SoakReport:
             "duration_s": self.duration_s,
             "faults": self.faults,
             "notes": self.notes,
+            "nodes": self.nodes,
+            "front": self.front,
+            "faults_applied": self.faults_applied,
         }
 
 
@@ -154,9 +184,11 @@ async def soak(
     rate: float = 1.0,
     drain_timeout: float = 60.0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    db: str | Path | None = None,
 ) -> SoakReport:
     """Run ``guests`` guests for ``duration`` seconds through ``faults`` (default: every
-    kind, spread over the run), each writing about ``rate`` messages a second."""
+    kind, spread over the run), each writing about ``rate`` messages a second. ``db``:
+    the server's SQLite file or ``postgresql://`` URL (default: a new temporary file)."""
     faults = parse_faults(DEFAULT_FAULTS) if faults is None else faults
     rng = random.Random(seed)
     report = SoakReport(
@@ -164,58 +196,238 @@ async def soak(
     )
     with tempfile.TemporaryDirectory(prefix="trio-chat-soak-") as tmp:
         server = ServerProcess(
-            Path(tmp) / "soak.db",
+            db if db is not None else Path(tmp) / "soak.db",
             free_port(),
-            "--rate-limit",
-            "0",
-            "--rate-limit-per-ip",  # every soak guest comes from loopback
-            "0",
-            "--typing-delay",
-            "0",
-            "--heartbeat",
-            "2",
-            # every guest comes through one loopback proxy: no per-address limits
-            "--max-connections-per-ip",
-            "0",
-            "--registrations-per-minute",
-            "0",
+            *_SOAK_SERVER_FLAGS,
         )
         async with trio.open_nursery() as nursery:
             await server.start(nursery)
             proxy = FaultProxy(server.port, seed=seed)
             await nursery.start(proxy.run)
-            url = f"ws://127.0.0.1:{proxy.port}/ws"
-            population = [
-                _Guest(
-                    ChatClient(
-                        url,
-                        name=f"soak {i}",
-                        heartbeat=1.0,
-                        connect_timeout=3,
-                        backoff=Backoff(initial=0.1, max=2.0, seed=seed * 1000 + i),
-                    )
-                )
-                for i in range(guests)
-            ]
-            for guest in population:
-                guest.client.add_listener(guest.on_event)
-            started = trio.current_time()
-            async with trio.open_nursery() as watch:
-                if progress is not None:
-                    watch.start_soon(_report_progress, population, started, duration, progress)
-                async with trio.open_nursery() as run:
-                    for index, guest in enumerate(population):
-                        run.start_soon(
-                            _guest_life, guest, index, duration, rate, rng.random(), drain_timeout
-                        )
-                    run.start_soon(_apply_faults, faults, duration, proxy, server, nursery)
-                watch.cancel_scope.cancel()  # the guests are done: stop reporting
+            population = _population([f"ws://127.0.0.1:{proxy.port}/ws"], guests, seed)
+
+            async def apply_faults() -> None:
+                await _apply_faults(faults, duration, proxy, server, nursery, report)
+
+            await _drive(population, duration, rate, rng, drain_timeout, progress, apply_faults)
             report.peak_attempts_per_100ms = _peak(proxy.attempts)
             proxy.passthrough()
             await _account(report, population, server.url)
             await server.aclose()
             nursery.cancel_scope.cancel()
     return report
+
+
+_SOAK_SERVER_FLAGS = (
+    "--rate-limit",
+    "0",
+    "--rate-limit-per-ip",  # every soak guest comes from loopback
+    "0",
+    "--typing-delay",
+    "0",
+    "--heartbeat",
+    "2",
+    # every guest comes through one loopback proxy: no per-address limits
+    "--max-connections-per-ip",
+    "0",
+    "--registrations-per-minute",
+    "0",
+)
+
+
+def _population(urls: list[str], guests: int, seed: int) -> list[_Guest]:
+    """``guests`` simulated guests, guest ``i`` on ``urls[i % len(urls)]``."""
+    population = [
+        _Guest(
+            ChatClient(
+                urls[i % len(urls)],
+                name=f"soak {i}",
+                heartbeat=1.0,
+                connect_timeout=3,
+                backoff=Backoff(initial=0.1, max=2.0, seed=seed * 1000 + i),
+            )
+        )
+        for i in range(guests)
+    ]
+    for guest in population:
+        guest.client.add_listener(guest.on_event)
+    return population
+
+
+async def _drive(
+    population: list[_Guest],
+    duration: float,
+    rate: float,
+    rng: random.Random,
+    drain_timeout: float,
+    progress: Callable[[dict[str, Any]], None] | None,
+    apply_faults: Callable[[], Awaitable[None]],
+) -> None:
+    """Every guest's life beside the faults, until every guest is done."""
+    started = trio.current_time()
+    async with trio.open_nursery() as watch:
+        if progress is not None:
+            watch.start_soon(_report_progress, population, started, duration, progress)
+        async with trio.open_nursery() as run:
+            for index, guest in enumerate(population):
+                run.start_soon(
+                    _guest_life, guest, index, duration, rate, rng.random(), drain_timeout
+                )
+            run.start_soon(apply_faults)
+        watch.cancel_scope.cancel()  # the guests are done: stop reporting
+
+
+def check_cluster_faults(faults: list[Fault], *, own_database: bool, own_bus: bool) -> list[Fault]:
+    """``faults`` if the cluster soak can carry them out: it restarts only a PostgreSQL
+    or Redis it started itself. Raises ``ValueError`` naming the fault otherwise."""
+    for fault in faults:
+        if fault.kind == "postgres" and not own_database:
+            raise ValueError("'postgres' restarts only a PostgreSQL the soak started (no --db)")
+        if fault.kind == "redis" and not own_bus:
+            raise ValueError("'redis' restarts only a Redis the soak started (no --bus)")
+    return faults
+
+
+async def soak_cluster(
+    guests: int,
+    duration: float,
+    *,
+    nodes: int = 2,
+    faults: list[Fault] | None = None,
+    seed: int = 0,
+    rate: float = 1.0,
+    db: str | None = None,
+    bus: str | None = None,
+    front: str | None = None,
+    drain_timeout: float = 60.0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> SoakReport:
+    """The soak on ``nodes`` node processes sharing one PostgreSQL and one Redis.
+
+    ``db``/``bus``: the servers to use (``postgresql://``, ``redis://`` URLs); without
+    them throwaway ones are started (and then ``postgres`` and ``redis`` faults can
+    restart them). ``front``: ``"haproxy"`` (every guest on HAProxy's one port, as in
+    production: a guest whose node dies resumes on another) or ``"direct"`` (guest
+    ``i`` on node ``i % nodes``: it waits for its node to come back); default
+    ``"haproxy"`` when HAProxy is installed. ``faults``: of
+    :data:`CLUSTER_FAULT_KINDS` (default: each kind, a ``kill`` twice). Raises
+    ``ValueError`` for faults it cannot carry out (see :func:`check_cluster_faults`).
+    """
+    if nodes < 2:
+        raise ValueError("a cluster has at least 2 nodes")
+    front = front or ("haproxy" if haproxy_binary() else "direct")
+    if front not in ("haproxy", "direct"):
+        raise ValueError(f"front is 'haproxy' or 'direct', not {front!r}")
+    if faults is None:
+        faults = [
+            f
+            for f in parse_faults(DEFAULT_CLUSTER_FAULTS, CLUSTER_FAULT_KINDS)
+            if (f.kind != "postgres" or db is None) and (f.kind != "redis" or bus is None)
+        ]
+    check_cluster_faults(faults, own_database=db is None, own_bus=bus is None)
+    rng = random.Random(seed)
+    report = SoakReport(
+        guests=guests,
+        duration_s=duration,
+        faults=[f"{f.kind}@{f.at}" for f in faults],
+        nodes=nodes,
+        front=front,
+    )
+    with contextlib.ExitStack() as services:
+        # Started in a thread: initdb and pg_ctl block for seconds.
+        postgres: PostgresInstance | None = None
+        redis_server: RedisInstance | None = None
+        if db is None:
+            postgres = await trio.to_thread.run_sync(services.enter_context, postgres_instance())
+            db = await trio.to_thread.run_sync(postgres.create_database, "soak")
+        if bus is None:
+            redis_server = await trio.to_thread.run_sync(services.enter_context, redis_instance())
+            bus = redis_server.url
+        cluster = [
+            ServerProcess(db, free_port(), "--bus", bus, *_SOAK_SERVER_FLAGS) for _ in range(nodes)
+        ]
+        try:
+            async with trio.open_nursery() as nursery:
+                for each in cluster:
+                    await each.start(nursery)
+                async with contextlib.AsyncExitStack() as stack:
+                    if front == "haproxy":
+                        names = [(f"n{i + 1}", each.port) for i, each in enumerate(cluster)]
+                        balancer = await stack.enter_async_context(haproxy_front(names))
+                        urls = [balancer.url]
+                    else:
+                        urls = [each.url for each in cluster]
+                    population = _population(urls, guests, seed)
+                    faults_run = _ClusterFaults(
+                        cluster, nursery, bus, postgres, redis_server, report
+                    )
+
+                    async def apply_faults() -> None:
+                        await faults_run.apply(faults, duration)
+
+                    await _drive(
+                        population, duration, rate, rng, drain_timeout, progress, apply_faults
+                    )
+                    await _account(report, population, cluster[0].url)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for each in cluster:
+                    await each.aclose()
+            await trio.to_thread.run_sync(services.close)
+    return report
+
+
+@dataclass
+class _ClusterFaults:
+    cluster: list[ServerProcess]
+    nursery: trio.Nursery
+    bus: str
+    postgres: PostgresInstance | None
+    redis_server: RedisInstance | None
+    report: SoakReport
+    kills: int = 0
+
+    async def apply(self, faults: list[Fault], duration: float) -> None:
+        start = trio.current_time()
+        for fault in faults:
+            await trio.sleep_until(start + fault.at * duration)
+            at = trio.current_time() - start
+            down = fault.seconds or 1.0
+            if fault.kind == "kill":
+                victim = self.kills % len(self.cluster)
+                self.kills += 1
+                await self.cluster[victim].stop(signal.SIGKILL)
+                await trio.sleep(down)
+                await self.cluster[victim].start(self.nursery)
+                detail = f"node n{victim + 1} (-9), started again after {down:g} s"
+            elif fault.kind == "pubsub":
+                killed = await trio.to_thread.run_sync(_kill_pubsub_clients, self.bus)
+                detail = f"CLIENT KILL TYPE pubsub: {killed} subscriptions"
+            elif fault.kind == "redis":
+                assert self.redis_server is not None  # check_cluster_faults
+                await trio.to_thread.run_sync(self.redis_server.stop)
+                await trio.sleep(down)
+                await trio.to_thread.run_sync(self.redis_server.start)
+                detail = f"stopped, started again after {down:g} s"
+            else:
+                assert self.postgres is not None  # check_cluster_faults
+                await trio.to_thread.run_sync(self.postgres.stop, "immediate")
+                await trio.sleep(down)
+                await trio.to_thread.run_sync(self.postgres.start)
+                detail = f"stopped -m immediate, started again after {down:g} s"
+            self.report.faults_applied.append(f"{fault.kind} at {at:.1f} s: {detail}")
+
+
+def _kill_pubsub_clients(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        killed: int = client.client_kill_filter(_type="pubsub")
+        return killed
+    finally:
+        client.close()
 
 
 async def _guest_life(
@@ -255,10 +467,12 @@ async def _apply_faults(
     proxy: FaultProxy,
     server: ServerProcess,
     nursery: trio.Nursery,
+    report: SoakReport,
 ) -> None:
     start = trio.current_time()
     for fault in faults:
         await trio.sleep_until(start + fault.at * duration)
+        report.faults_applied.append(f"{fault.kind} at {trio.current_time() - start:.1f} s")
         if fault.kind == "drop":
             proxy.reset_all()
         elif fault.kind == "blackhole":
