@@ -268,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="while the bus is unreachable, read the database this often",
     )
+    serve.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="behind a load balancer: every connection opens with a PROXY header "
+        "(HAProxy's send-proxy / send-proxy-v2) naming the client, whose address the "
+        "per-address limits count; connections without one are closed. Only the "
+        "balancer may reach the port",
+    )
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
@@ -511,6 +519,7 @@ def _serve(args: argparse.Namespace) -> int:
         llm=_llm_settings(args),
         bus=args.bus,
         poll_interval=args.poll_interval,
+        proxy_protocol=args.proxy_protocol,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500

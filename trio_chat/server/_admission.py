@@ -62,10 +62,14 @@ def default_max_connections() -> int:
 
 
 def peer_address(stream: trio.abc.Stream) -> str | None:
-    """The peer's IP address, through any wrapping (TLS) stream; ``None`` if unknown."""
+    """The peer's IP address, through any wrapping (TLS) stream; ``None`` if unknown.
+    A PROXY header's client (a stream's ``client_address``) comes before the socket's."""
     seen = 0
     current: object = stream
     while seen < 8:
+        named = getattr(current, "client_address", None)
+        if isinstance(named, str):
+            return named
         if isinstance(current, trio.SocketStream):
             try:
                 peer = current.socket.getpeername()

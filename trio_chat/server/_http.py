@@ -48,9 +48,18 @@ class PrefixStream(trio.abc.Stream):
     and its trip through the scheduler per write are pure cost.
     """
 
-    __slots__ = ("_prefix", "_socket", "_stream", "_unsent")
+    __slots__ = ("_prefix", "_socket", "_stream", "_unsent", "client_address")
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, prefix: bytes, client_address: str | None = None
+    ) -> None:
+        if isinstance(stream, PrefixStream) and not stream._prefix and not stream._unsent:
+            # Wrapped again once its own prefix is spent (a PROXY header's leftover,
+            # then an upgrade's): read the stream underneath directly, keeping the
+            # socket for send_without_blocking and the address the header named.
+            client_address = client_address or stream.client_address
+            stream = stream._stream
+        self.client_address = client_address  # a PROXY header's client, if any
         self._stream = stream
         self._prefix = prefix
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -72,7 +81,10 @@ class PrefixStream(trio.abc.Stream):
 
     @property
     def peer_address(self) -> str | None:
-        """The peer's IP address (None when the stream is not an IP socket)."""
+        """The peer's IP address (None when the stream is not an IP socket): the one a
+        PROXY header named, if any."""
+        if self.client_address is not None:
+            return self.client_address
         if self._socket is None:
             return None
         try:

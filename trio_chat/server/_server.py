@@ -80,6 +80,7 @@ from ._llm import LlmResponder, LlmSettings
 from ._secrets import token_secret
 from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
+from ._proxy_protocol import ProxyHeaderError, read_proxy_header
 from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
     DEFAULT_ENGINE,
@@ -164,6 +165,9 @@ class ServerConfig:
     # -- scale-out: several processes on one PostgreSQL (db_path = postgresql://...) ----
     bus: str | None = None  # redis://... : fan-out between the processes; None = alone
     poll_interval: float = 1.0  # while the bus is down, read the database this often
+    # Behind a load balancer: every connection opens with a PROXY header (v1 or v2)
+    # naming the client, whose address the per-address limits count.
+    proxy_protocol: bool = False
 
 
 # -------------------------------------------------------------------------- server
@@ -515,6 +519,16 @@ class ChatServer:
         # The one place a connection's failure stops: nothing here reaches another
         # connection or the server.
         self._handlers += 1
+        if self.config.proxy_protocol:
+            named = await self._read_proxy_header(stream)
+            if named is None:
+                self._handlers -= 1
+                self._idle.set()
+                with trio.move_on_after(self.config.close_timeout) as scope:
+                    scope.shield = True
+                    await trio.aclose_forcefully(stream)
+                return
+            stream = named
         address = peer_address(stream)
         refused = self.limits.enter(address)
         try:
@@ -529,6 +543,22 @@ class ChatServer:
             with trio.move_on_after(self.config.close_timeout) as scope:
                 scope.shield = True
                 await trio.aclose_forcefully(stream)
+
+    async def _read_proxy_header(self, stream: trio.abc.Stream) -> PrefixStream | None:
+        """``stream`` carrying the client a load balancer's PROXY header names (with the
+        bytes read past the header); None, logged, when the header is missing, broken
+        or late: the connection is closed without an answer."""
+        with trio.move_on_after(self.config.handshake_timeout):
+            try:
+                header, rest = await read_proxy_header(stream)
+            except ProxyHeaderError as exc:
+                log.info("connection from %s refused: %s", peer_address(stream), exc)
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            return PrefixStream(stream, rest, header.client)
+        log.info("no PROXY header from %s in time: closed", peer_address(stream))
+        return None
 
     async def _websocket(self, stream: PrefixStream, request: h11.Request) -> None:
         with trio.move_on_after(self.config.handshake_timeout) as handshake:

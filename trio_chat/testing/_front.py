@@ -36,6 +36,7 @@ def haproxy_config(
     bind: str = ":80",
     check_every: str = "2s",
     stats_socket: str = "/run/haproxy/admin.sock",
+    send_proxy: bool = True,
 ) -> str:
     """HAProxy's configuration for ``nodes`` (``(name, "host:port")`` each).
 
@@ -44,8 +45,12 @@ def haproxy_config(
     taken out of rotation when its ``/healthz`` stops answering 200 (a node that
     cannot reach PostgreSQL answers 503). ``on-marked-down shutdown-sessions`` closes
     the connections of a node marked down, so its clients reconnect to a node that
-    can store their messages instead of collecting ``internal`` errors.
+    can store their messages instead of collecting ``internal`` errors. With
+    ``send_proxy`` every connection (health checks too) opens with a PROXY v2 header
+    naming the client, for nodes run with ``--proxy-protocol``: their per-address
+    limits then count guests, not the balancer.
     """
+    proxy = " send-proxy-v2 check-send-proxy" if send_proxy else ""
     servers = "".join(f"    server {name} {address}\n" for name, address in nodes)
     return (
         "global\n"
@@ -70,7 +75,7 @@ def haproxy_config(
         "    option httpchk GET /healthz\n"
         "    http-check expect status 200\n"
         f"    default-server check inter {check_every} fall 2 rise 2"
-        " on-marked-down shutdown-sessions\n"
+        f" on-marked-down shutdown-sessions{proxy}\n"
         f"{servers}"
     )
 
@@ -125,7 +130,7 @@ class Front:
 
 @asynccontextmanager
 async def haproxy_front(
-    nodes: Sequence[tuple[str, int]], *, check_every: str = "200ms"
+    nodes: Sequence[tuple[str, int]], *, check_every: str = "200ms", send_proxy: bool = True
 ) -> AsyncIterator[Front]:
     """HAProxy on a free loopback port in front of ``nodes`` (``(name, port)`` on
     loopback), with :func:`haproxy_config`'s text and health checks every
@@ -144,6 +149,7 @@ async def haproxy_front(
                 bind=f"127.0.0.1:{port}",
                 check_every=check_every,
                 stats_socket=str(front.stats_socket),
+                send_proxy=send_proxy,
             )
         )
         log = Path(tmp) / "haproxy.log"

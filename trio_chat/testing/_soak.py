@@ -343,8 +343,11 @@ async def soak_cluster(
         if bus is None:
             redis_server = await trio.to_thread.run_sync(services.enter_context, redis_instance())
             bus = redis_server.url
+        # Behind HAProxy the nodes learn each guest's address from its PROXY header.
+        proxied = ("--proxy-protocol",) if front == "haproxy" else ()
         cluster = [
-            ServerProcess(db, free_port(), "--bus", bus, *_SOAK_SERVER_FLAGS) for _ in range(nodes)
+            ServerProcess(db, free_port(), "--bus", bus, *_SOAK_SERVER_FLAGS, *proxied)
+            for _ in range(nodes)
         ]
         try:
             async with trio.open_nursery() as nursery:
@@ -368,7 +371,9 @@ async def soak_cluster(
                     await _drive(
                         population, duration, rate, rng, drain_timeout, progress, apply_faults
                     )
-                    await _account(report, population, cluster[0].url)
+                    # Through the front when there is one: the nodes then take only
+                    # connections that open with its PROXY header.
+                    await _account(report, population, urls[0])
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
