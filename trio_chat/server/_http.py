@@ -49,6 +49,10 @@ class PrefixStream(trio.abc.Stream):
     """
 
     __slots__ = ("_prefix", "_socket", "_stream", "_unsent", "client_address")
+    _prefix: bytes
+    _stream: trio.abc.Stream
+    _unsent: bytes
+    client_address: str | None
 
     def __init__(
         self, stream: trio.abc.Stream, prefix: bytes, client_address: str | None = None

@@ -77,10 +77,10 @@ from ._concierge import KnowledgeBase, Responder, ResponderReply, ResponderReque
 from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._llm import LlmResponder, LlmSettings
+from ._proxy_protocol import ProxyHeaderError, read_proxy_header
 from ._secrets import token_secret
 from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
-from ._proxy_protocol import ProxyHeaderError, read_proxy_header
 from ._tls import TlsHttpFront, server_ssl_context
 from ._wire import (
     DEFAULT_ENGINE,
