@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="while the bus is unreachable, read the database this often",
     )
+    # -- reply lease (the concierge's owed replies in a cluster) --
+    serve.add_argument(
+        "--reply-lease",
+        type=_non_negative,
+        default=10.0,
+        metavar="SECONDS",
+        help="cluster: how long a node's claim to answer a guest message lasts without "
+        "renewal; another node answers once it lapses (0: only the start-up recovery)",
+    )
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
@@ -476,6 +485,7 @@ def _serve(args: argparse.Namespace) -> int:
         llm=_llm_settings(args),
         bus=args.bus,
         poll_interval=args.poll_interval,
+        reply_lease=args.reply_lease,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500
