@@ -85,9 +85,7 @@ class ReplyLeases:
             except StorageError as exc:
                 log.warning("cannot renew the reply lease of %s: %s", conversation_id, exc)
 
-    async def recover(
-        self, answer: Callable[[ConversationRow, Message], Awaitable[None]]
-    ) -> int:
+    async def recover(self, answer: Callable[[ConversationRow, Message], Awaitable[None]]) -> int:
         """One recovery scan: take over the owed replies nobody answers and ``answer``
         each. Returns how many were taken."""
         db = self._store.db

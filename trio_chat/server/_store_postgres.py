@@ -717,7 +717,8 @@ class PostgresBackend:
         """One autocommitted statement on the reader's connection (a lease must not wait
         behind the writer's batches, nor they behind it)."""
         with self._read_lock, self._failures("reply lease"):
-            return self._reader_conn().execute(sql, params).fetchall()
+            cursor = self._reader_conn().execute(sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
 
     def take_reply_lease(
         self, conversation_id: str, guest_seq: int, owner: str, seconds: float
@@ -744,16 +745,12 @@ class PostgresBackend:
             "ON m.conversation_id = t.conversation_id AND m.seq = t.guest_seq",
             params,
         )
-        self._lease_sql(
-            "DELETE FROM reply_leases WHERE expires_ts < %(since)s", {"since": since}
-        )
+        self._lease_sql("DELETE FROM reply_leases WHERE expires_ts < %(since)s", {"since": since})
         found = []
         for r in taken:
             row = ConversationRow(*r[:_CONVERSATION_FIELDS])
             sender, author, text, ts, cmid, seq = r[_CONVERSATION_FIELDS:]
-            found.append(
-                (row, Message(seq, row.conversation_id, sender, author, text, ts, cmid))
-            )
+            found.append((row, Message(seq, row.conversation_id, sender, author, text, ts, cmid)))
         return found
 
     def checkpoint(self) -> None:
