@@ -59,7 +59,9 @@ def stalled_node(
 async def until(check: Any, within: float = 20.0) -> None:
     """Poll a condition on another process with a deadline."""
     with trio.fail_after(within):
-        while not check():
+        while True:
+            if check():
+                return
             await trio.sleep(0.05)
 
 
@@ -89,9 +91,14 @@ async def test_the_survivor_answers_once_after_the_answering_node_is_killed(
     async with trio.open_nursery() as nursery:
         await nursery.start(llm.run)
         survivor = await start_node(
-            nursery, tmp_path, pg_url, bus=redis_server.url, concierge="rules",
-            typing_delay=0, reply_lease=LEASE,
-        )  # fmt: skip
+            nursery,
+            tmp_path,
+            pg_url,
+            bus=redis_server.url,
+            concierge="rules",
+            typing_delay=0,
+            reply_lease=LEASE,
+        )
         assert survivor.port
         with stalled_node(pg_url, redis_server.url, llm) as (doomed, port):
             async with connect(port) as guest:
@@ -127,9 +134,14 @@ async def test_a_conversation_claimed_before_the_lease_lapses_is_not_answered(
     async with trio.open_nursery() as nursery:
         await nursery.start(llm.run)
         survivor = await start_node(
-            nursery, tmp_path, pg_url, bus=redis_server.url, concierge="rules",
-            typing_delay=0, reply_lease=LEASE,
-        )  # fmt: skip
+            nursery,
+            tmp_path,
+            pg_url,
+            bus=redis_server.url,
+            concierge="rules",
+            typing_delay=0,
+            reply_lease=LEASE,
+        )
         assert survivor.port
         # The dead node's lease lasts long enough for staff to claim before it lapses.
         with stalled_node(pg_url, redis_server.url, llm, lease=5.0) as (doomed, port):
@@ -184,7 +196,7 @@ async def test_two_nodes_recovering_the_same_owed_messages_answer_each_once(
                     concierge="rules",
                     typing_delay=0,
                     reply_lease=LEASE,
-                )  # fmt: skip
+                )
             )
 
         async with trio.open_nursery() as starting:
