@@ -319,7 +319,10 @@ class ChatServer:
                 threaded=isinstance(db, Database) or getattr(db, "blocking", False),
                 callbacks_context=self._corked,
             )
-            if self._cluster is not None and self.config.reply_lease > 0:
+            # A node without a concierge takes no leases: it would hold owed replies
+            # it never gives.
+            leased = self._responder is not None and self.config.reply_lease > 0
+            if self._cluster is not None and leased:
                 self._reply_leases = ReplyLeases(
                     self._store, self._cluster.node, self.config.reply_lease
                 )
