@@ -276,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         "per-address limits count; connections without one are closed. Only the "
         "balancer may reach the port",
     )
+    # -- reply lease (the concierge's owed replies in a cluster) --
+    serve.add_argument(
+        "--reply-lease",
+        type=_non_negative,
+        default=10.0,
+        metavar="SECONDS",
+        help="cluster: how long a node's claim to answer a guest message lasts without "
+        "renewal; another node answers once it lapses (0: only the start-up recovery)",
+    )
 
     staff = commands.add_parser("staff", help="manage staff members and their tokens")
     staff_commands = staff.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
@@ -520,6 +529,7 @@ def _serve(args: argparse.Namespace) -> int:
         bus=args.bus,
         poll_interval=args.poll_interval,
         proxy_protocol=args.proxy_protocol,
+        reply_lease=args.reply_lease,
     )
     # The process is ours, so is its collector policy. With thousands of connections
     # alive, CPython's default thresholds ran full collections of 60-200 ms at 500

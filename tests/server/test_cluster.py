@@ -91,7 +91,7 @@ def test_the_admin_commands_take_a_postgres_url(pg_url: str) -> None:
 
     init = cli("db", "init")
     assert init.returncode == 0, init.stderr
-    assert "schema version 2" in init.stderr and "postgres@" in init.stderr
+    assert "schema version 3" in init.stderr and "postgres@" in init.stderr
     assert cli("db", "init").returncode == 0  # idempotent
     added = cli("staff", "add", "Anna")
     anna = added.stdout.strip().splitlines()[-1]  # the token is alone on the last line

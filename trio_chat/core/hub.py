@@ -214,6 +214,7 @@ class LiveConversation:
     write, not by its commit."""
 
     __slots__ = (
+        "answering",
         "assigned_name",
         "assigned_to",
         "busy",
@@ -254,6 +255,7 @@ class LiveConversation:
         self.upcoming: ConversationState | None = None  # after the transitions in flight
         self.transitions = 0  # transitions written, not yet committed
         self.replying = False  # the concierge is answering
+        self.answering = 0  # the seq of the guest message it is answering
         self.replies: deque[Message] | None = None  # guest messages waiting for an answer
 
     @property
@@ -454,6 +456,16 @@ class Hub:
         conv = self.conversations.get(conversation_id)
         if conv is not None:
             self._concierge_answer(conv, text, escalate)
+        return self._end()
+
+    def reply_abandoned(self, conversation_id: str, now: float, wall: float) -> list[Action]:
+        """The :class:`StartReply` of ``conversation_id`` will not be answered here:
+        another server process holds the guest message's reply lease (its answer comes
+        as any other commit does). The next owed message, if any, is asked for."""
+        self._begin(now, wall)
+        conv = self.conversations.get(conversation_id)
+        if conv is not None:
+            self._reply_done(conv, typing_off=True)
         return self._end()
 
     def drafted(self, conversation_id: str, text: str, now: float, wall: float) -> list[Action]:
@@ -1332,6 +1344,10 @@ class Hub:
         ``session``, that session's next frame waits for the commit."""
 
         def committed(result: Appended) -> None:
+            if op.reply_to is not None and (result.conflict or result.duplicate):
+                if after is not None:  # the concierge's reply, refused: it decides
+                    after(result)
+                return
             if result.conflict is not None:
                 self._transition_lost(conv, session, ref)
                 return
@@ -1437,6 +1453,7 @@ class Hub:
         if conv.decided.status != "ai":
             return
         conv.replying = True
+        conv.answering = message.seq
         self._pin(conv)
         self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", True))
         self._out.append(StartReply(conv.conversation_id, conv.guest_id, conv.guest_name, message))
@@ -1449,7 +1466,15 @@ class Hub:
             self._reply_done(conv, typing_off=True)
             return
 
-        def answered(_: Appended) -> None:
+        def answered(result: Appended) -> None:
+            if result.duplicate or result.conflict is not None:
+                # Stored nothing: the guest message was answered already (by another
+                # server process, or before a restart), or the conversation left the
+                # concierge on another process. Catch up with what it committed.
+                if self.cluster:
+                    self._out.append(Fill(conv.conversation_id))
+                self._reply_done(conv, typing_off=True)
+                return
             # Typing ends with the answer, in the same write.
             self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
             if escalate:
@@ -1459,7 +1484,14 @@ class Hub:
         self._append(
             conv,
             AppendMessage(
-                conversation_id=conv.conversation_id, sender="ai", author="concierge", text=text
+                conversation_id=conv.conversation_id,
+                sender="ai",
+                author="concierge",
+                text=text,
+                # At most one reply per guest message, and only while it is the
+                # concierge's: both decided by the storage, for every server process.
+                expect=("ai", None),
+                reply_to=conv.answering,
             ),
             answered,
         )
@@ -1470,6 +1502,7 @@ class Hub:
         if typing_off:
             self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
         conv.replying = False
+        conv.answering = 0
         self._unpin(conv)
         while conv.replies:
             self._ask_concierge(conv, conv.replies.popleft())

@@ -125,7 +125,12 @@ class AppendMessage(Operation[Appended]):
     original, marked ``duplicate``. With ``expect`` (``(status, assigned_staff_id)``,
     the state a transition was decided against), the write happens only if that is
     still the stored state; otherwise nothing is stored and the result's ``conflict``
-    is the stored state (another server process changed it first)."""
+    is the stored state (another server process changed it first).
+
+    With ``reply_to`` (the concierge's reply: the ``seq`` of the guest message it
+    answers), the store keeps a key unique per guest message: a second reply to the same
+    guest message stores nothing and its result is ``duplicate`` (at most one reply per
+    guest message, whichever node or restart gives it)."""
 
     conversation_id: str = ""
     sender: Sender = "guest"
@@ -135,6 +140,7 @@ class AppendMessage(Operation[Appended]):
     client_msg_id: str | None = None
     status: tuple[Status, str | None, str | None] | None = None
     expect: tuple[Status, str | None] | None = None
+    reply_to: int | None = None  # reply once: the guest message's seq this answers
 
     def apply(self, db: StorageBackend) -> Appended:
         return db.append(self)

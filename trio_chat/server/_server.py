@@ -60,8 +60,8 @@ from ..core.hub import (
     StartReply,
     Write,
 )
-from ..core.protocol import CloseCode, ErrorCode
-from ..core.storage import ExpireSilentGuests, Revocation, StorageBackend
+from ..core.protocol import CloseCode, ErrorCode, Message
+from ..core.storage import ConversationRow, ExpireSilentGuests, Revocation, StorageBackend
 from ..core.tokens import TokenSigner
 from . import _admin
 from ._admission import (
@@ -78,6 +78,7 @@ from ._connection import Connection
 from ._http import HttpFront, PrefixStream, json_response, static_response, text_response
 from ._llm import LlmResponder, LlmSettings
 from ._proxy_protocol import ProxyHeaderError, read_proxy_header
+from ._reply_lease import ReplyLeases
 from ._secrets import token_secret
 from ._staff_console import canned_response, staff_page
 from ._store import Database, Store
@@ -168,6 +169,11 @@ class ServerConfig:
     # Behind a load balancer: every connection opens with a PROXY header (v1 or v2)
     # naming the client, whose address the per-address limits count.
     proxy_protocol: bool = False
+    # -- reply lease: the concierge's owed replies in a cluster (docs/deployment.md) ----
+    # The answering node's lease on a guest message, renewed while it answers; once it
+    # lapses (the node died) another node's recovery scan, run every half lease, answers.
+    # 0 = no leases: only the start-up recovery, as on one node.
+    reply_lease: float = 10.0
 
 
 # -------------------------------------------------------------------------- server
@@ -233,6 +239,7 @@ class ChatServer:
         self.expired_guests = 0
         self._front: HttpFront | None = None
         self._cluster: Cluster | None = None
+        self._reply_leases: ReplyLeases | None = None  # a cluster's (reply lease)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -318,6 +325,13 @@ class ChatServer:
                 threaded=isinstance(db, Database) or getattr(db, "blocking", False),
                 callbacks_context=self._corked,
             )
+            # A node without a concierge takes no leases: it would hold owed replies
+            # it never gives.
+            leased = self._responder is not None and self.config.reply_lease > 0
+            if self._cluster is not None and leased:
+                self._reply_leases = ReplyLeases(
+                    self._store, self._cluster.node, self.config.reply_lease
+                )
             async with trio.open_nursery() as storage:
                 await storage.start(self._store.run)
                 try:
@@ -362,7 +376,10 @@ class ChatServer:
             work.start_soon(self._expire_silent_guests)
             if self._cluster is not None:
                 await work.start(self._cluster.run)
-            await self._answer_unanswered()
+            if self._reply_leases is not None:
+                await work.start(self._reply_leases.recover_forever, self._answer_owed)
+            else:
+                await self._answer_unanswered()
             await work.start(self._watch_revocations)
             task_status.started(self.port)
             await self._shutdown.wait()
@@ -411,7 +428,10 @@ class ChatServer:
             return
         owed = await self.store.read(self.store.db.unanswered, time.time() - 3600)
         for row, message in owed:
-            await self._perform(self.hub.owed(row, message, *self._clock()), None)
+            await self._answer_owed(row, message)
+
+    async def _answer_owed(self, row: ConversationRow, message: Message) -> None:
+        await self._perform(self.hub.owed(row, message, *self._clock()), None)
 
     async def _drain_for_shutdown(self) -> None:
         self._accepting.cancel()
@@ -743,14 +763,28 @@ class ChatServer:
             return
         self._background += 1
 
+        async def answer() -> None:
+            answer = await self._ask_responder(start)
+            await trio.sleep(self.config.typing_delay)
+            actions = self.hub.replied(
+                start.conversation_id, answer.text, answer.escalate, *self._clock()
+            )
+            await self._perform(actions, None)
+
         async def reply() -> None:
             try:
-                answer = await self._ask_responder(start)
-                await trio.sleep(self.config.typing_delay)
-                actions = self.hub.replied(
-                    start.conversation_id, answer.text, answer.escalate, *self._clock()
-                )
-                await self._perform(actions, None)
+                if self._reply_leases is None:
+                    await answer()
+                else:
+                    leases = self._reply_leases
+                    async with leases.holding(start.conversation_id, start.message.seq) as held:
+                        if held:
+                            await answer()
+                        else:  # another node answers it
+                            actions = self.hub.reply_abandoned(
+                                start.conversation_id, *self._clock()
+                            )
+                            await self._perform(actions, None)
             except (StorageError, ProtocolError) as exc:
                 log.warning("the reply for %s failed: %s", start.conversation_id, exc)
             except Exception:

@@ -160,6 +160,19 @@ _MIGRATE_1_TO_2: Final = (
     "ALTER TABLE guests ADD COLUMN last_seen_ts REAL NOT NULL DEFAULT 0",
 )
 
+# -- reply once (the concierge's reply per guest message) --
+# The key of each concierge reply: the guest message it answers. A second reply to the
+# same guest message finds its key taken and stores nothing (``AppendMessage.reply_to``).
+# Created on every open (IF NOT EXISTS): databases of schema 2 made before it get it.
+_REPLY_KEYS: Final = """
+CREATE TABLE IF NOT EXISTS concierge_replies (
+    conversation_id TEXT NOT NULL,
+    guest_seq INTEGER NOT NULL,
+    reply_seq INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, guest_seq)
+) WITHOUT ROWID;
+"""
+
 PRIVATE_FILE: Final = 0o600  # the database holds the token secret: its owner only
 PRIVATE_DIR: Final = 0o700
 
@@ -254,6 +267,7 @@ class Database:
         elif int(row[0]) != SCHEMA_VERSION:
             raise StorageError(f"{self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
         self._add_guest_room()
+        self.writer.executescript(_REPLY_KEYS)
 
     def _add_guest_room(self) -> None:
         """Migration step (the staff console): guests.room, the room number a guest
@@ -375,6 +389,8 @@ class Database:
             if conflict is not None:
                 return conflict
         seq = self._next_seq(op.conversation_id)
+        if op.reply_to is not None and not self._take_reply_key(op, seq):
+            return self._stored_reply(op)
         now = time.time()
         message = Message(
             seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
@@ -423,6 +439,33 @@ class Database:
         status = op.status if op.status is not None else (touched[3] if touched else None)
         self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
         return Appended(message, duplicate=False, at=now)
+
+    # -- reply once -------------------------------------------------------------------
+
+    def _take_reply_key(self, op: AppendMessage, seq: int) -> bool:
+        """Insert-or-nothing of the reply's key, in the batch's transaction: False when
+        the guest message has its reply already."""
+        cursor = self.writer.execute(
+            "INSERT OR IGNORE INTO concierge_replies(conversation_id, guest_seq, reply_seq) "
+            "VALUES (?, ?, ?)",
+            (op.conversation_id, op.reply_to, seq),
+        )
+        return cursor.rowcount == 1
+
+    def _stored_reply(self, op: AppendMessage) -> Appended:
+        """The reply that holds the key (``duplicate``: nothing new was written)."""
+        found = self.writer.execute(
+            "SELECT m.seq, m.sender, m.author, m.text, m.ts FROM concierge_replies r "
+            "JOIN messages m ON m.conversation_id = r.conversation_id AND m.seq = r.reply_seq "
+            "WHERE r.conversation_id = ? AND r.guest_seq = ?",
+            (op.conversation_id, op.reply_to),
+        ).fetchone()
+        if found is None:  # in this very batch, not inserted yet: never asked twice
+            found = (0, op.sender, op.author, op.text, "")
+        seq, sender, author, text, ts = found
+        return Appended(
+            Message(seq, op.conversation_id, sender, author, text, ts, None), duplicate=True
+        )
 
     def _conflict(self, op: AppendMessage) -> Appended | None:
         """A status change decided against a state that is no longer the stored one

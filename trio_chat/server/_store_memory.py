@@ -51,6 +51,8 @@ class MemoryBackend:
         self._messages: dict[str, list[Message]] = {}
         self._by_key: dict[tuple[str, str | None, str], Message] = {}
         self._guest_read: dict[str, int] = {}
+        # reply once: (conversation, guest message seq) -> the concierge's reply to it
+        self._replies: dict[tuple[str, int], Message] = {}
         self._revocations: list[Revocation] = []
         self._guest_created: dict[str, float] = {}  # guest id -> POSIX time
         self.fail_writes = False
@@ -76,6 +78,7 @@ class MemoryBackend:
             {cid: list(messages) for cid, messages in self._messages.items()},
             dict(self._by_key),
             dict(self._guest_read),
+            dict(self._replies),
         )
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
@@ -86,6 +89,7 @@ class MemoryBackend:
             self._messages,
             self._by_key,
             self._guest_read,
+            self._replies,
         ) = saved
 
     def append(self, op: AppendMessage) -> Appended:
@@ -101,6 +105,8 @@ class MemoryBackend:
                 duplicate=False,
                 conflict=(row.status, row.assigned_staff_id, row.assigned_name),
             )
+        if op.reply_to is not None and (op.conversation_id, op.reply_to) in self._replies:
+            return Appended(self._replies[op.conversation_id, op.reply_to], duplicate=True)
         now = time.time()
         message = Message(
             row.last_seq + 1,
@@ -114,6 +120,8 @@ class MemoryBackend:
         self._messages.setdefault(op.conversation_id, []).append(message)
         if op.client_msg_id is not None:
             self._by_key[key] = message
+        if op.reply_to is not None:
+            self._replies[op.conversation_id, op.reply_to] = message
         row.last_seq = message.seq
         row.updated_ts = now
         row.preview = op.text[:PREVIEW_CHARS]

@@ -117,6 +117,53 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX IF NOT EXISTS guests_by_created ON guests(created_ts);
     """,
+    # 3: the concierge's reply, exactly once per guest message. The key of each reply
+    # (a second one to the same guest message stores nothing), and the lease of each
+    # owed reply: the node answering it, until when (renewed while it works); a node
+    # that dies leaves a lease that expires and another node's recovery takes over.
+    """
+    CREATE TABLE IF NOT EXISTS concierge_replies (
+        conversation_id TEXT NOT NULL,
+        guest_seq BIGINT NOT NULL,
+        reply_seq BIGINT NOT NULL,
+        PRIMARY KEY (conversation_id, guest_seq)
+    );
+    CREATE TABLE IF NOT EXISTS reply_leases (
+        conversation_id TEXT NOT NULL,
+        guest_seq BIGINT NOT NULL,
+        owner TEXT NOT NULL,
+        expires_ts DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (conversation_id, guest_seq)
+    );
+    """,
+)
+
+# The database's clock, not the node's: every node judges a lease by the same time.
+_NOW: Final = "extract(epoch FROM clock_timestamp())"
+# Take or renew the lease of one owed reply: inserted, or taken over from the same owner
+# (a renewal) or from an expired one. The row lock decides between two nodes: the one
+# that waited re-reads the row, finds it no longer expired and takes nothing.
+_TAKE_LEASE: Final = (
+    "INSERT INTO reply_leases AS l(conversation_id, guest_seq, owner, expires_ts) "
+    "SELECT o.conversation_id, o.guest_seq, %(owner)s, " + _NOW + " + %(seconds)s "
+    "FROM ({owed}) o "
+    "ON CONFLICT (conversation_id, guest_seq) DO UPDATE "
+    "SET owner = excluded.owner, expires_ts = excluded.expires_ts "
+    "WHERE l.owner = excluded.owner OR l.expires_ts < " + _NOW + " "
+    "RETURNING l.conversation_id, l.guest_seq"
+)
+# The replies recovery may take: the newest message of a conversation still with the
+# concierge is a guest's, younger than ``since``, and its lease expired, or it has none
+# and its node had the time to take one (its node died before it could).
+_OWED_AND_FREE: Final = (
+    "SELECT c.conversation_id, c.last_seq AS guest_seq FROM conversations c "
+    "JOIN messages m ON m.conversation_id = c.conversation_id AND m.seq = c.last_seq "
+    "LEFT JOIN reply_leases l "
+    "ON l.conversation_id = c.conversation_id AND l.guest_seq = c.last_seq "
+    "WHERE c.status = 'ai' AND m.sender = 'guest' AND c.updated_ts > %(since)s "
+    "AND (l.owner IS NULL AND c.updated_ts < " + _NOW + " - %(seconds)s "
+    "OR l.expires_ts < " + _NOW + ") "
+    "ORDER BY c.updated_ts LIMIT %(limit)s"
 )
 
 # A conversation's row with its guest's (``c`` and ``g``: every query joins them).
@@ -344,6 +391,10 @@ class PostgresBackend:
                 conflict=(state.status, state.assigned_staff_id, state.assigned_name),
             )
         seq = state.last_seq + 1
+        if op.reply_to is not None:
+            taken = self._take_reply_key(op, seq)
+            if taken is not None:
+                return taken
         message = Message(
             seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
         )
@@ -388,6 +439,29 @@ class PostgresBackend:
             state.status, state.assigned_staff_id, state.assigned_name = op.status
         state.changed = True
         return Appended(message, duplicate=False, at=now, row=state.row(op.conversation_id))
+
+    def _take_reply_key(self, op: AppendMessage, seq: int) -> Appended | None:
+        """Insert-or-nothing of the reply's key (the conversation's row is locked, and the
+        primary key settles any other race); the stored reply when it was taken."""
+        inserted = self._conn.execute(
+            "INSERT INTO concierge_replies(conversation_id, guest_seq, reply_seq) "
+            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING reply_seq",
+            (op.conversation_id, op.reply_to, seq),
+        ).fetchone()
+        if inserted is not None:
+            return None
+        found = self._conn.execute(
+            "SELECT m.seq, m.sender, m.author, m.text, m.ts FROM concierge_replies r "
+            "JOIN messages m ON m.conversation_id = r.conversation_id AND m.seq = r.reply_seq "
+            "WHERE r.conversation_id = %s AND r.guest_seq = %s",
+            (op.conversation_id, op.reply_to),
+        ).fetchone()
+        if found is None:  # pragma: no cover - the key and its reply commit together
+            raise StorageError("a concierge reply's key has no reply")
+        reply_seq, sender, author, text, ts = found
+        return Appended(
+            Message(reply_seq, op.conversation_id, sender, author, text, ts, None), duplicate=True
+        )
 
     def set_read(self, op: SetRead) -> None:
         column = "read_seq" if op.reader == "staff" else "guest_read_seq"
@@ -650,6 +724,48 @@ class PostgresBackend:
             found.append(
                 (row, Message(row.last_seq, row.conversation_id, sender, author, text, ts, cmid))
             )
+        return found
+
+    # -- reply leases (the concierge's owed replies in a cluster) -----------------------
+
+    def _lease_sql(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """One autocommitted statement on the reader's connection (a lease must not wait
+        behind the writer's batches, nor they behind it)."""
+        with self._read_lock, self._failures("reply lease"):
+            cursor = self._reader_conn().execute(sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
+
+    def take_reply_lease(
+        self, conversation_id: str, guest_seq: int, owner: str, seconds: float
+    ) -> bool:
+        """Take (or, held by ``owner``, renew) the lease of answering one guest message
+        for ``seconds``; False if another owner holds it and it has not expired."""
+        one = "SELECT %(cid)s::text AS conversation_id, %(seq)s::bigint AS guest_seq"
+        params = {"cid": conversation_id, "seq": guest_seq, "owner": owner, "seconds": seconds}
+        return bool(self._lease_sql(_TAKE_LEASE.format(owed=one), params))
+
+    def take_owed_replies(
+        self, since: float, owner: str, seconds: float, limit: int = 100
+    ) -> list[tuple[ConversationRow, Message]]:
+        """Recovery: take the leases of up to ``limit`` owed replies nobody answers (their
+        lease expired, or their node died before taking one) and return what to answer.
+        Two nodes scanning at once never take the same one. Leases older than any owed
+        reply are dropped on the way."""
+        params = {"since": since, "owner": owner, "seconds": seconds, "limit": limit}
+        taken = self._lease_sql(
+            f"WITH taken AS ({_TAKE_LEASE.format(owed=_OWED_AND_FREE)}) "
+            f"SELECT {_CONVERSATION_COLUMNS}, m.sender, m.author, m.text, m.ts, "
+            f"m.client_msg_id, m.seq FROM taken t JOIN {_CONVERSATIONS} "
+            "ON c.conversation_id = t.conversation_id JOIN messages m "
+            "ON m.conversation_id = t.conversation_id AND m.seq = t.guest_seq",
+            params,
+        )
+        self._lease_sql("DELETE FROM reply_leases WHERE expires_ts < %(since)s", {"since": since})
+        found = []
+        for r in taken:
+            row = ConversationRow(*r[:_CONVERSATION_FIELDS])
+            sender, author, text, ts, cmid, seq = r[_CONVERSATION_FIELDS:]
+            found.append((row, Message(seq, row.conversation_id, sender, author, text, ts, cmid)))
         return found
 
     def checkpoint(self) -> None:
