@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=200)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--synchronous", default="FULL")
+    parser.add_argument("--counts-only", action="store_true", help="leave out the timings")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = Database(Path(tmp) / "probe.db", synchronous=args.synchronous)
@@ -207,6 +208,9 @@ def main() -> None:
         )
         for name, frames in cost.frames_by_btree.items():
             print(f"  {name:28} {frames:6.2f} frames per batch")
+        if args.counts_only:
+            db.close()
+            return
         for interval in (None, 0.001, 0.0002):
             lat = busy_loop_latencies(db, cids, args.batches, interval)
             label = f"{sys.getswitchinterval() if interval is None else interval:g} s"
