@@ -25,6 +25,7 @@ import os
 import queue
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -76,26 +77,47 @@ BACKSTOP_CHECKPOINT_PAGES: Final = 16_384  # 64 MiB of 4 KiB pages
 PREVIEW_CHARS: Final = 120
 
 # (head, one row, tail) of the batch statements: see Database._execute_rows.
-ROWS_PER_STATEMENT: Final = 64  # 8 x 64 parameters, far below SQLite's 32,766
+ROWS_PER_STATEMENT: Final = 64  # 14 x 64 parameters, far below SQLite's 32,766
 _INSERT_MESSAGES: Final = (
-    "INSERT OR IGNORE INTO messages(conversation_id, seq, sender, author, author_key, "
-    "text, ts, client_msg_id) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?, ?)",
+    "INSERT INTO message_batch(conversation_id, seq, sender, author, author_key, text, ts, "
+    "client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "",
 )
-_UPDATE_CONVERSATIONS: Final = (
-    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
-    "preview = v.column4 FROM (VALUES ",
-    "(?, ?, ?, ?)",
-    ") AS v WHERE conversations.conversation_id = v.column1",
-)
-_UPDATE_CONVERSATIONS_AND_STATUS: Final = (
-    "UPDATE conversations SET last_seq = v.column2, updated_ts = v.column3, "
-    "preview = v.column4, status = v.column5, assigned_staff_id = v.column6, "
-    "assigned_name = v.column7 FROM (VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?)",
-    ") AS v WHERE conversations.conversation_id = v.column1",
-)
+
+# ---- the commit path (issue 17): temporary objects of the writer connection, never
+# stored in the file (no migration: a schema-2 file is used as it is). Inserting a row
+# into the view stores the message and writes its conversation's summary (and status,
+# for a transition) in the same SQLite step, so a batch of new messages is ONE
+# statement, committed by itself: one GIL hand-off pair per batch where BEGIN, INSERT,
+# UPDATE and COMMIT took four. Its statements run under the outer statement's conflict
+# handling: a retry (the idempotency index) aborts the whole statement.
+_WRITER_TEMP_SCHEMA: Final = """
+CREATE TEMP VIEW IF NOT EXISTS message_batch(conversation_id, seq, sender, author, author_key,
+    text, ts, client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name)
+    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    WHERE 0;
+CREATE TEMP TRIGGER IF NOT EXISTS message_batch_insert INSTEAD OF INSERT ON message_batch
+BEGIN
+    INSERT INTO messages(conversation_id, seq, sender, author, author_key, text, ts,
+                         client_msg_id)
+    VALUES (NEW.conversation_id, NEW.seq, NEW.sender, NEW.author, NEW.author_key, NEW.text,
+            NEW.ts, NEW.client_msg_id);
+    UPDATE conversations SET last_seq = NEW.seq, updated_ts = NEW.updated_ts,
+        preview = NEW.preview,
+        status = coalesce(NEW.new_status, status),
+        assigned_staff_id = iif(NEW.new_status IS NULL, assigned_staff_id, NEW.assigned_staff_id),
+        assigned_name = iif(NEW.new_status IS NULL, assigned_name, NEW.assigned_name)
+    WHERE conversation_id = NEW.conversation_id;
+END;
+"""
+# The writer thread's GIL hand-offs: after each SQLite call it must take the GIL back
+# from the event loop, which, when busy, keeps it up to sys.getswitchinterval() (5 ms by
+# default) per hand-off; every ack waits for the commit. While a threaded Store runs,
+# the interval is at most this (see Store.run).
+WRITER_SWITCH_INTERVAL: Final = 0.001
+_SQLITE_BUSY: Final = 5  # a primary result code: another connection holds the lock
+# ---- end of the commit path's block
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -224,6 +246,7 @@ class Database:
             self._checkpointer: sqlite3.Connection | None = None
             self._synchronous = synchronous
             self._migrate()
+            self.writer.executescript(_WRITER_TEMP_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open database {self.path}: {exc}") from exc
         # Only the writer thread touches these; a failed batch clears the first.
@@ -311,18 +334,28 @@ class Database:
     def apply_batch(self, operations: list[Operation[Any]]) -> list[Any]:
         """Apply every operation in one transaction and commit once.
 
-        The common batch costs a handful of statements, not a few per message: the
-        writer thread gives up the GIL for every SQLite step and under load waits for
-        the busy event loop to take it back. So the batch is first applied assuming no
-        message is a retry: all new messages are inserted by multi-row ``INSERT OR
-        IGNORE`` statements and the touched conversation rows written by one multi-row
-        ``UPDATE``. If any insert was ignored (a retry of a stored message: rare), the
-        transaction is rolled back and the batch applied again one message at a time.
+        The common batch costs one statement, not a few per message: the writer thread
+        gives up the GIL for every SQLite step and under load waits for the busy event
+        loop to take it back. So a batch of new messages only (the common one) is
+        applied assuming none is a retry: one multi-row ``INSERT`` into the
+        ``message_batch`` view stores the messages and their conversations' rows and,
+        run outside any transaction, commits by itself. Any other batch, or one larger
+        than a statement, runs the same inserts between ``BEGIN IMMEDIATE`` and
+        ``COMMIT``. If an insert meets a retry of a stored message (rare: the
+        idempotency index aborts the statement, nothing of it stays), the batch is
+        applied again one message at a time in a transaction.
 
         Returns one result per operation. Raises :class:`StorageError` if the batch
         could not commit; then nothing of it was stored.
         """
         try:
+            if 0 < len(operations) <= ROWS_PER_STATEMENT and all(
+                isinstance(op, AppendMessage) and op.expect is None for op in operations
+            ):
+                results = self._apply_alone(operations)
+                if results is not None:
+                    return results
+                self._last_seq.clear()
             self.writer.execute("BEGIN IMMEDIATE")
             try:
                 results = self._apply(operations, optimistic=True)
@@ -345,6 +378,30 @@ class Database:
             raise
         return results
 
+    def _apply_alone(self, operations: list[Operation[Any]]) -> list[Any] | None:
+        """New messages only, in one statement that is its own transaction (SQLite
+        commits it at its end, ``synchronous`` as configured). ``None`` if it stored
+        nothing and the batch must take the transaction path: it met a retry, or
+        another connection held the lock at the moment it needed it."""
+        self._optimistic = True
+        self._rows = []
+        self._touched = {}
+        try:
+            results = [op.apply(self) for op in operations]
+            head, row_sql, tail = _INSERT_MESSAGES
+            sql = head + ",".join([row_sql] * len(self._rows)) + tail
+            self.writer.execute(sql, [v for row in self._rows for v in row])
+        except sqlite3.IntegrityError:
+            return None
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
+                raise
+            return None
+        finally:
+            self._rows = []
+            self._touched = {}
+        return results
+
     def _apply(self, operations: list[Operation[Any]], *, optimistic: bool) -> list[Any] | None:
         """Apply the batch; ``None`` when an optimistic pass met a retry."""
         self._optimistic = optimistic
@@ -352,9 +409,13 @@ class Database:
         self._touched = {}
         try:
             results = [op.apply(self) for op in operations]
-            if self._execute_rows(_INSERT_MESSAGES, self._rows) != len(self._rows):
-                return None
-            self._write_conversations()
+            try:
+                self._execute_rows(_INSERT_MESSAGES, self._rows)
+            except sqlite3.IntegrityError:
+                # A retry (the statement was undone, the transaction stays open).
+                if optimistic:
+                    return None
+                raise
             return results
         finally:
             self._rows = []
@@ -380,7 +441,8 @@ class Database:
             ).fetchone()
             if row is None:
                 raise StorageError(f"no conversation {conversation_id}")
-            last = int(row[0])
+            # Kept even if this message turns out a retry (it takes no seq): read once.
+            last = self._last_seq[conversation_id] = int(row[0])
         return last + 1
 
     def append(self, op: AppendMessage) -> Appended:
@@ -395,6 +457,7 @@ class Database:
         message = Message(
             seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
         )
+        new_status = op.status if op.status is not None else (None, None, None)
         row = (
             op.conversation_id,
             seq,
@@ -404,16 +467,15 @@ class Database:
             op.text,
             message.ts,
             op.client_msg_id,
+            now,
+            op.text[:PREVIEW_CHARS],
+            *new_status,
         )
         if self._optimistic:
             self._rows.append(row)
         else:
             try:
-                self.writer.execute(
-                    "INSERT INTO messages(conversation_id, seq, sender, author, author_key, "
-                    "text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
+                self._execute_rows(_INSERT_MESSAGES, [row])
             except sqlite3.IntegrityError:
                 # The unique index on (conversation, author, client_msg_id): a retry,
                 # possibly of a message earlier in this same batch.
@@ -437,6 +499,8 @@ class Database:
         self._last_seq[op.conversation_id] = seq
         touched = self._touched.get(op.conversation_id)
         status = op.status if op.status is not None else (touched[3] if touched else None)
+        # Written by the row's own insert (the view's trigger); kept for the checks of
+        # later operations in this batch (_conflict, expire_silent_guests).
         self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
         return Appended(message, duplicate=False, at=now)
 
@@ -497,17 +561,6 @@ class Database:
             f"UPDATE conversations SET {column} = MAX({column}, ?) WHERE conversation_id = ?",
             (op.seq, op.conversation_id),
         )
-
-    def _write_conversations(self) -> None:
-        plain = []
-        with_status = []
-        for conversation_id, (seq, now, preview, status) in self._touched.items():
-            if status is None:
-                plain.append((conversation_id, seq, now, preview))
-            else:
-                with_status.append((conversation_id, seq, now, preview, *status))
-        self._execute_rows(_UPDATE_CONVERSATIONS, plain)
-        self._execute_rows(_UPDATE_CONVERSATIONS_AND_STATUS, with_status)
 
     def create_guest(self, name: str | None, room: str | None = None) -> ConversationRow:
         guest_id = new_id("g")
@@ -776,6 +829,33 @@ class Database:
 # --------------------------------------------------------------------------- Trio
 
 
+_running_writers = 0  # threaded stores running in this process (event loop's thread)
+_switch_interval_before = 0.0
+
+
+@contextlib.contextmanager
+def _short_gil_hand_offs(interval: float | None) -> Iterator[None]:
+    """While a threaded store runs, the process's GIL switch interval is at most
+    ``interval`` (see WRITER_SWITCH_INTERVAL), and back as it was when the last one
+    stops. Only the writer (and the checkpointer) waits on it: they are blocked in
+    SQLite most of the time, so a busy loop is asked for the GIL only when one of
+    them has something to do, and gets it back after a few microseconds."""
+    global _running_writers, _switch_interval_before
+    if interval is None:
+        yield
+        return
+    if _running_writers == 0:
+        _switch_interval_before = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, _switch_interval_before))
+    _running_writers += 1
+    try:
+        yield
+    finally:
+        _running_writers -= 1
+        if _running_writers == 0:
+            sys.setswitchinterval(_switch_interval_before)
+
+
 class _Pending:
     __slots__ = ("counted", "done", "error", "operation", "result")
 
@@ -820,9 +900,11 @@ class Store:
         max_queued: int = 10_000,
         checkpoint_every: int = CHECKPOINT_EVERY,
         callbacks_context: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+        switch_interval: float | None = WRITER_SWITCH_INTERVAL,
     ) -> None:
         self.db = db
         self._threaded = threaded
+        self._switch_interval = switch_interval if threaded else None
         self._in_loop_kick: trio.Event | None = None
         # Entered around each batch's callbacks (the server collects its writes there).
         self._callbacks_context = callbacks_context
@@ -876,17 +958,18 @@ class Store:
 
         task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
-                if self._threaded:
-                    nursery.start_soon(self._checkpoint_when_wanted)
-                try:
-                    await finished.wait()
-                    nursery.cancel_scope.cancel()  # the checkpointer
-                except BaseException:
-                    self._aborting = True
-                    self._wake_writer()
-                    raise
+            with _short_gil_hand_offs(self._switch_interval):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer)
+                    if self._threaded:
+                        nursery.start_soon(self._checkpoint_when_wanted)
+                    try:
+                        await finished.wait()
+                        nursery.cancel_scope.cancel()  # the checkpointer
+                    except BaseException:
+                        self._aborting = True
+                        self._wake_writer()
+                        raise
         finally:
             # Cancelled before the thread even started: fail what it left behind.
             self._aborting = self._aborting or not self._stopping

@@ -1,0 +1,192 @@
+"""The SQLite commit path (issue 17): what one group-commit batch costs, counted, and
+what the cheaper path must still promise (protocol v1: nothing acknowledged lost,
+doubled or reordered; ``seq`` contiguous; ``client_msg_id`` idempotent).
+
+The costs are counted, not timed: statements handed to :mod:`sqlite3` per batch (each
+gives up the GIL and must take it back from the event loop) and WAL frames per batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tests.server.commit_path_probe import (
+    counted_statements,
+    guest_message,
+    measure_batches,
+    populate,
+)
+from trio_chat.server._store import (
+    WRITER_SWITCH_INTERVAL,
+    Appended,
+    AppendMessage,
+    Database,
+    Operation,
+    Store,
+)
+from trio_chat.server._store_memory import MemoryBackend
+
+
+def stored(db: Database, cid: str) -> list[tuple[int, str]]:
+    return [(m.seq, m.text) for m in db.history(cid, 0, 1000)]
+
+
+def test_a_batch_of_new_messages_is_one_statement_and_stores_everything(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "chat.db")
+    cids = populate(db, conversations=10, history=2)
+    ops: list[Operation[Any]] = [
+        guest_message(cid, f"new-{cid}", f"hello {i}") for i, cid in enumerate(cids)
+    ]
+    with counted_statements(db) as seen:
+        results = db.apply_batch(ops)
+    assert len(seen) == 1
+    for i, (cid, result) in enumerate(zip(cids, results, strict=True)):
+        assert isinstance(result, Appended) and not result.duplicate
+        assert result.message.seq == 3
+        assert stored(db, cid)[-1] == (3, f"hello {i}")
+        row = db.conversation(cid)
+        assert row is not None
+        assert (row.last_seq, row.preview, row.updated_ts) == (3, f"hello {i}", result.at)
+
+
+def test_a_batch_mixing_conversations_and_a_transition_is_one_statement_seqs_contiguous(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "chat.db")
+    a, b, c = populate(db, conversations=3, history=1)
+    ops: list[Operation[Any]] = [
+        guest_message(a, "a1", "a one"),
+        guest_message(b, "b1", "b one"),
+        AppendMessage(
+            conversation_id=a, sender="system", text="Anna joined.", status=("staff", "s_1", "Anna")
+        ),
+        guest_message(c, "c1", "c one"),
+        guest_message(a, "a2", "a two" + "x" * 200),
+        guest_message(b, "b2", "b two"),
+    ]
+    with counted_statements(db) as seen:
+        db.apply_batch(ops)
+    assert len(seen) == 1
+    assert [s for s, _ in stored(db, a)] == [1, 2, 3, 4]
+    assert [t for _, t in stored(db, a)][1:] == ["a one", "Anna joined.", "a two" + "x" * 200]
+    assert stored(db, b)[1:] == [(2, "b one"), (3, "b two")]
+    assert stored(db, c)[1:] == [(2, "c one")]
+    row_a, row_b = db.conversation(a), db.conversation(b)
+    assert row_a is not None and row_b is not None
+    # The transition holds although a plain message of the same batch came after it.
+    assert (row_a.status, row_a.assigned_staff_id, row_a.assigned_name) == ("staff", "s_1", "Anna")
+    assert (row_a.last_seq, row_a.preview) == (4, ("a two" + "x" * 200)[:120])
+    assert (row_b.status, row_b.assigned_staff_id, row_b.last_seq) == ("ai", None, 3)
+
+
+def test_a_retry_inside_a_batch_is_exact_and_nothing_of_the_first_attempt_stays(
+    tmp_path: Path,
+) -> None:
+    """The retry comes last, after rows the one-statement attempt had already
+    inserted: that attempt is undone whole, and the batch stored once."""
+    db = Database(tmp_path / "chat.db")
+    a, b = populate(db, conversations=2, history=1)
+    first, other, retry, after = db.apply_batch(
+        [
+            guest_message(a, "x", "first"),
+            guest_message(b, "y", "other"),
+            guest_message(a, "x", "first again"),
+            guest_message(a, "z", "after"),
+        ]
+    )
+    assert not first.duplicate and retry.duplicate and retry.message == first.message
+    assert stored(db, a)[1:] == [(2, "first"), (3, "after")]
+    assert stored(db, b)[1:] == [(2, "other")]
+    assert after.message.seq == 3 and other.message.seq == 2
+    row = db.conversation(a)
+    assert row is not None and (row.last_seq, row.preview) == (3, "after")
+    with counted_statements(db) as seen:
+        (next_one,) = db.apply_batch([guest_message(a, "w", "next")])
+    assert len(seen) == 1 and next_one.message.seq == 4
+
+
+def test_a_retry_across_batches_is_exact_and_the_next_batch_is_one_statement_again(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "chat.db")
+    a, b = populate(db, conversations=2, history=1)
+    (original,) = db.apply_batch([guest_message(a, "x", "first")])
+    new_b, retry = db.apply_batch([guest_message(b, "y", "b"), guest_message(a, "x", "again")])
+    assert retry.duplicate and retry.message == original.message
+    assert new_b.message.seq == 2 and stored(db, b)[1:] == [(2, "b")]
+    with counted_statements(db) as seen:
+        results = db.apply_batch([guest_message(a, "n1", "n1"), guest_message(b, "n2", "n2")])
+    assert len(seen) == 1
+    assert [r.message.seq for r in results] == [3, 3]
+    assert [s for s, _ in stored(db, a)] == [1, 2, 3]
+
+
+def test_a_schema_2_file_is_used_as_it_is(tmp_path: Path) -> None:
+    """The one-statement path lives in the writer connection's temporary schema: an
+    existing file needs no migration and its stored schema does not change."""
+    path = tmp_path / "chat.db"
+    made = Database(path)
+    cid = made.add_guest("Ana").conversation_id
+    made.apply_batch([guest_message(cid, "old", "before")])
+    made.close()
+
+    def stored_schema() -> list[tuple[Any, ...]]:
+        with sqlite3.connect(path) as conn:
+            return sorted(conn.execute("SELECT type, name, sql FROM sqlite_schema").fetchall())
+
+    before = stored_schema()
+    for attempt in range(2):  # opened again and again: the temporary objects each time
+        db = Database(path)
+        with counted_statements(db) as seen:
+            db.apply_batch([guest_message(cid, f"new{attempt}", "after")])
+            (result,) = db.apply_batch([guest_message(cid, f"next{attempt}", "after")])
+        # The conversation's last seq, read once by this writer, then one per batch.
+        assert len(seen) == 1 + 2 and result.message.seq == 3 + 2 * attempt
+        db.close()
+    assert stored_schema() == before
+    assert not any(name == "message_batch" for _, name, _ in before)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+
+
+def test_wal_frames_per_batch_stay_bounded(tmp_path: Path) -> None:
+    """A guard, not a change: one message in each of 10 conversations dirties about two
+    leaf pages per conversation (the messages and the idempotency index; a split now
+    and then), one of the conversations table and one of its status index. More means
+    a new index or column on the write path: look at ``frames_by_btree``."""
+    db = Database(tmp_path / "chat.db")
+    cids = populate(db, conversations=10, history=40)
+    cost = measure_batches(db, cids, batches=20)
+    assert cost.statements_per_batch == 1
+    assert cost.frames_per_batch <= 3 * len(cids) + 4, cost.frames_by_btree
+
+
+async def test_a_running_store_shortens_the_gil_hand_offs_and_restores_them(
+    tmp_path: Path,
+) -> None:
+    before = sys.getswitchinterval()
+    assert before > WRITER_SWITCH_INTERVAL  # CPython's default, 5 ms
+    in_loop = Store(MemoryBackend(), threaded=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(in_loop.run)
+        assert sys.getswitchinterval() == before  # no writer thread: nothing waits
+        in_loop.close()
+    first = Store(Database(tmp_path / "a.db"))
+    second = Store(Database(tmp_path / "b.db"))
+    async with trio.open_nursery() as outer:
+        await outer.start(second.run)
+        assert sys.getswitchinterval() == WRITER_SWITCH_INTERVAL
+        async with trio.open_nursery() as inner:
+            await inner.start(first.run)
+            first.close()
+        # The first store stopped; the second still runs and still needs it short.
+        assert sys.getswitchinterval() == WRITER_SWITCH_INTERVAL
+        second.close()
+    assert sys.getswitchinterval() == before
