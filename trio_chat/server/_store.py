@@ -350,7 +350,9 @@ class Database:
         """
         try:
             if 0 < len(operations) <= ROWS_PER_STATEMENT and all(
-                isinstance(op, AppendMessage) and op.expect is None for op in operations
+                # A reply's key (reply_to) is its own statement: transaction path.
+                isinstance(op, AppendMessage) and op.expect is None and op.reply_to is None
+                for op in operations
             ):
                 results = self._apply_alone(operations)
                 if results is not None:
