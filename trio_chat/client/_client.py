@@ -21,6 +21,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 
@@ -376,14 +377,25 @@ class ChatClient:
         while True:
             self._check_open()
             if self._control is not None and self.state == "connected":
+                connection = self._connection_no
                 try:
                     await self._control.send(frame)
                     return
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass  # the connection ended under us: wait for the next one
+                    if live_only:
+                        return
+                    # The connection ended under us, and the state still says
+                    # "connected" until its reader notices. Wait for that: retrying at
+                    # once would spin without yielding (a failed send does not), so the
+                    # reader never runs and no deadline can fire.
+                    await self.wait_until(partial(self._left_connection, connection))
+                    continue
             if live_only:
                 return
             await self.wait_until(lambda: self.state in ("connected", "closed"))
+
+    def _left_connection(self, connection: int) -> bool:
+        return self._connection_no != connection or self.state != "connected"
 
     def _kick(self) -> None:
         if self._control is not None and self.state == "connected":
