@@ -23,7 +23,7 @@ from typing import Any, Final
 import trio
 import trio_websocket
 
-from ._peers import Target, serving
+from ._peers import FRESH_SQLITE, Storage, Target, on_storage, serving
 from ._scenarios import Figure, Steps
 
 __all__ = ["scenario_cost", "valgrind_available"]
@@ -101,11 +101,17 @@ async def _echo_messages(ws: trio_websocket.WebSocketConnection, count: int) -> 
 
 
 async def scenario_cost(
-    guests: int, messages: int, rounds: int, steps: Steps, old_code: str = ""
+    guests: int,
+    messages: int,
+    rounds: int,
+    steps: Steps,
+    old_code: str = "",
+    storage: Storage = FRESH_SQLITE,
 ) -> tuple[list[Figure], dict[str, Any]]:
     """Instructions per acknowledged message for trio-chat (concierge off and on), the
     bare trio-websocket echo, and the server from ``old_code`` when given; medians of
-    ``rounds`` rounds of ``guests`` x ``messages`` messages."""
+    ``rounds`` rounds of ``guests`` x ``messages`` messages. On PostgreSQL
+    (``storage``) the count is the server's alone: the database's work is not in it."""
     if not valgrind_available():
         raise RuntimeError("the cost scenario needs valgrind (apt-get install valgrind)")
     targets = [Target("chat", "chat"), Target("chat", "chat", "rules")]
@@ -114,6 +120,7 @@ async def scenario_cost(
             Target("chat", "chat", code=old_code),
             Target("chat", "chat", "rules", code=old_code),
         ]
+    targets = on_storage(targets, storage)
     targets.append(Target("trio-websocket", "echo"))
     steps.start("cost", len(targets))
     counted: dict[Target, list[float]] = {}

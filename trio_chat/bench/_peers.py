@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -23,10 +23,44 @@ import trio
 from ..testing._processes import ServerProcess, free_port
 from ._workers import worker_args
 
-__all__ = ["PEER_REQUIREMENTS", "Target", "peer_python", "serving"]
+__all__ = [
+    "FRESH_SQLITE",
+    "PEER_REQUIREMENTS",
+    "Storage",
+    "Target",
+    "on_storage",
+    "peer_python",
+    "serving",
+]
 
 # What a Python user would install for a Socket.IO server today.
 PEER_REQUIREMENTS: Final = ("python-socketio>=5,<6", "uvicorn[standard]>=0.30")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a trio-chat server under test keeps its data. ``db`` "" is a fresh SQLite
+    file in the run's directory (the default); otherwise a ``postgresql://`` URL. With
+    ``bus`` (``redis://``) the server runs as a cluster node."""
+
+    db: str = ""
+    bus: str = ""
+
+    def db_for(self, workdir: Path, name: str = "bench.db") -> str:
+        return self.db or str(workdir / name)
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--bus", self.bus] if self.bus else []
+
+    @property
+    def label(self) -> str:
+        if "://" not in self.db:
+            return ""  # SQLite, the default
+        return " on PostgreSQL + Redis" if self.bus else " on PostgreSQL"
+
+
+FRESH_SQLITE: Final = Storage()  # the default: a new SQLite file for every server
 
 
 @dataclass(frozen=True)
@@ -40,6 +74,7 @@ class Target:
     concierge: str = "off"
     engine: str = ""  # trio-chat's frame engine; "" for its default
     code: str = ""  # another trio-chat source tree to run (its PYTHONPATH); "" for this one
+    storage: Storage = FRESH_SQLITE  # trio-chat's database (and bus); SQLite by default
 
     @property
     def label(self) -> str:
@@ -47,12 +82,17 @@ class Target:
         old = " (old code)" if self.code else ""
         concierge = "off" if self.concierge == "off" else "on"
         return {
-            "chat": f"trio-chat{old}, concierge {concierge}{engine}",
+            "chat": f"trio-chat{old}{self.storage.label}, concierge {concierge}{engine}",
             "null": f"null server ({self.dialect})",
             "trio-websocket": "bare trio-websocket echo",
             "websockets": "websockets (asyncio) echo",
             "socketio": "python-socketio 5 + uvicorn",
         }[self.kind]
+
+
+def on_storage(targets: Sequence[Target], storage: Storage) -> list[Target]:
+    """``targets`` with every trio-chat server among them on ``storage`` (``bench --db``)."""
+    return [replace(t, storage=storage) if t.kind == "chat" else t for t in targets]
 
 
 def peer_venv() -> Path:
@@ -134,20 +174,34 @@ BENCH_SERVER_FLAGS: Final = (
 )  # fmt: skip
 
 
-def chat_server_args(port: int, db: Path, concierge: str = "off", engine: str = "") -> list[str]:
+def chat_server_args(
+    port: int, db: Path | str, concierge: str = "off", engine: str = "", bus: str = ""
+) -> list[str]:
     """``trio-chat serve`` as benchmarks run it (``BENCH_SERVER_FLAGS``)."""
     engine_flags = ["--frame-engine", engine] if engine else []
+    bus_flags = ["--bus", bus] if bus else []
     return [
         "-m", "trio_chat", "serve", "--port", str(port), "--db", str(db),
-        "--concierge", concierge, *BENCH_SERVER_FLAGS, *engine_flags,
+        "--concierge", concierge, *BENCH_SERVER_FLAGS, *engine_flags, *bus_flags,
     ]  # fmt: skip
 
 
-def chat_server_process(db: Path, code: str = "") -> ServerProcess:
+def chat_server_process(db: Path, code: str = "", storage: Storage = FRESH_SQLITE) -> ServerProcess:
     """A restartable ``trio-chat serve`` (concierge off) for the steady load and the
-    storms, from the source tree ``code`` ("": this one)."""
+    storms, from the source tree ``code`` ("": this one), on ``storage`` (the SQLite
+    file ``db`` by default)."""
+    # ServerProcess passes its own ``--db`` (a path) first; a URL goes after it, and
+    # argparse keeps the last ``--db`` given.
+    url_flags = ["--db", storage.db] if storage.db else []
     return ServerProcess(
-        db, free_port(), "--concierge", "off", *BENCH_SERVER_FLAGS, env=code_env(code)
+        db,
+        free_port(),
+        "--concierge",
+        "off",
+        *BENCH_SERVER_FLAGS,
+        *url_flags,
+        *storage.flags,
+        env=code_env(code),
     )
 
 
@@ -168,7 +222,13 @@ async def serving(
     if target.kind == "chat":
         argv = [
             sys.executable,
-            *chat_server_args(port, workdir / "bench.db", target.concierge, target.engine),
+            *chat_server_args(
+                port,
+                target.storage.db_for(workdir),
+                target.concierge,
+                target.engine,
+                target.storage.bus,
+            ),
         ]
         path = "/ws"
     elif target.kind == "null":

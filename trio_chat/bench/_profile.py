@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import trio
 
-from ._peers import Target, serving
+from ._peers import FRESH_SQLITE, Storage, Target, on_storage, serving
 from ._scenarios import Figure, Steps, closed_loop
 
 __all__ = ["STAGES", "classify", "py_spy", "scenario_profile"]
@@ -166,7 +166,12 @@ async def _profiled(
 
 
 async def scenario_profile(
-    guests: int, duration: float, workers: int, steps: Steps, old_code: str = ""
+    guests: int,
+    duration: float,
+    workers: int,
+    steps: Steps,
+    old_code: str = "",
+    storage: Storage = FRESH_SQLITE,
 ) -> tuple[list[Figure], dict[str, Any]]:
     """The cost of a message in each stage, trio-chat (concierge off) beside the bare
     trio-websocket echo (and the server from ``old_code``), all under ``guests``
@@ -177,6 +182,7 @@ async def scenario_profile(
     }
     if old_code:
         targets["trio-chat (old code)"] = Target("chat", "chat", code=old_code)
+    targets = dict(zip(targets, on_storage(list(targets.values()), storage), strict=True))
     steps.start("profile", len(targets))
     duration = max(1.0, duration)
     profiles: dict[str, Any] = {"guests": guests}

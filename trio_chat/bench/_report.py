@@ -7,14 +7,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
+from ._cluster import QUICK, ClusterSizes, scenario_cluster
 from ._cost import scenario_cost
-from ._peers import Target, peer_python
+from ._peers import Storage, Target, on_storage, peer_python
 from ._profile import STAGES, WRITER, scenario_profile
 from ._scenarios import (
     ENGINE_TARGETS,
@@ -40,11 +41,16 @@ DEFAULT_GUESTS: Final = {
     "steady": 10_000,
     "storm": 10_000,
 }
+DEFAULT_DURATION: Final = 5.0
+DEFAULT_ROUNDS: Final = 3
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="trio-chat bench")
-    parser.add_argument("scenario", nargs="?", default="all", choices=["all", *SCENARIOS])
+    # ``cluster`` needs PostgreSQL and Redis: asked for by name, never part of ``all``.
+    parser.add_argument(
+        "scenario", nargs="?", default="all", choices=["all", *SCENARIOS, "cluster"]
+    )
     parser.add_argument(
         "--guests",
         type=int,
@@ -55,7 +61,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--messages", type=int, default=50, help="cost: messages per guest in each round"
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        help="seconds of load (cluster: 3)",
+    )
     parser.add_argument(
         "--rate", type=float, default=2000.0, help="steady: messages per second in total"
     )
@@ -69,7 +80,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=DEFAULT_ROUNDS,
         help="throughput and cost: measure each setup this many times",
     )
     parser.add_argument(
@@ -85,6 +96,32 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default="",
         help="also run the trio-chat server from this source tree (a checkout of an "
         "earlier commit, say), beside this one in the same run",
+    )
+    # -- the cluster (PostgreSQL + Redis) -------------------------------------------------
+    parser.add_argument(
+        "--db",
+        default="",
+        metavar="URL",
+        help="run every trio-chat server on this database (postgresql://...; default: a "
+        "fresh SQLite file per server); cluster: this PostgreSQL instead of a throwaway one",
+    )
+    parser.add_argument(
+        "--bus",
+        default="",
+        metavar="URL",
+        help="redis://host:port/0: the servers run as cluster nodes (needs a postgresql:// "
+        "--db); cluster: this Redis instead of a throwaway one",
+    )
+    parser.add_argument(
+        "--recovery-guests",
+        type=int,
+        default=None,
+        help="cluster: guests on the two nodes when one is killed (default 1000)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="cluster: every part small and one round (for tests; the figures mean little)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
@@ -105,8 +142,14 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
     wanted = SCENARIOS if args.scenario == "all" else (args.scenario,)
     many = max(args.workers, 4)
     old = args.compare_with
+    storage = Storage(args.db, args.bus)
     with Steps(show=not args.json) as steps:
         for name in wanted:
+            if name == "cluster":
+                result = await scenario_cluster(cluster_sizes(args), steps, args.db, args.bus)
+                figures += result[0]
+                series.update(result[1])
+                continue
             guests = args.guests or DEFAULT_GUESTS[name]
             if name == "throughput":
                 peer = await peer_python() if args.socketio else None
@@ -114,7 +157,13 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
                 if old:
                     targets += [Target("chat", "chat", c, code=old) for c in ("off", "rules")]
                 result = await scenario_throughput(
-                    guests, args.duration, args.workers, args.rounds, steps, peer, targets
+                    guests,
+                    args.duration,
+                    args.workers,
+                    args.rounds,
+                    steps,
+                    peer,
+                    on_storage(targets, storage),
                 )
             elif name == "engines":
                 result = await scenario_throughput(
@@ -124,23 +173,54 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
                     args.rounds,
                     steps,
                     None,
-                    ENGINE_TARGETS,
+                    on_storage(ENGINE_TARGETS, storage),
                     name="engines",
                     figures_of=engine_figures,
                 )
             elif name == "cost":
-                result = await scenario_cost(guests, args.messages, args.rounds, steps, old)
+                result = await scenario_cost(
+                    guests, args.messages, args.rounds, steps, old, storage
+                )
             elif name == "profile":
-                result = await scenario_profile(guests, args.duration, args.workers, steps, old)
+                result = await scenario_profile(
+                    guests, args.duration, args.workers, steps, old, storage
+                )
             elif name == "idle":
-                result = await scenario_idle(guests, many, steps, old)
+                result = await scenario_idle(guests, many, steps, old, storage)
             elif name == "steady":
-                result = await scenario_steady(guests, args.rate, args.duration, many, steps, old)
+                result = await scenario_steady(
+                    guests, args.rate, args.duration, many, steps, old, storage
+                )
             else:
-                result = await scenario_storm(guests, many, steps, old)
+                result = await scenario_storm(guests, many, steps, old, storage)
             figures += result[0]
             series.update(result[1])
     return figures, series
+
+
+def cluster_sizes(args: argparse.Namespace) -> ClusterSizes:
+    """The sizes of ``bench cluster``: its defaults (or ``--quick``'s), with whatever
+    was given on the command line instead."""
+    base = QUICK if args.quick else ClusterSizes()
+    given = {
+        "guests": args.guests,
+        "duration": args.duration if args.duration != DEFAULT_DURATION else None,
+        "rounds": args.rounds if args.rounds != DEFAULT_ROUNDS else None,
+        "workers": args.workers,
+        "recovery_guests": args.recovery_guests,
+    }
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def check_storage(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--db``/``--bus``, if anything."""
+    postgres = args.db.startswith(("postgresql://", "postgres://"))
+    throwaway = args.scenario == "cluster" and not args.db  # bench cluster starts one
+    if args.bus and not (postgres or throwaway):
+        return "--bus needs a postgresql:// --db (a cluster shares one database)"
+    if args.scenario == "cluster" and args.db and not postgres:
+        return "bench cluster: --db must be a postgresql:// URL"
+    return None
 
 
 def _results(figures: list[Figure], series: dict[str, Any]) -> dict[str, Any]:
@@ -294,6 +374,10 @@ def bench_command(args: argparse.Namespace) -> int:
         figures = [_figure_from(f) for f in saved["figures"]]
         report(figures, saved.get("series", {}), args.json, None, args.plots)
         return 0
+    problem = check_storage(args)
+    if problem is not None:
+        print(f"trio-chat bench: {problem}", file=sys.stderr)
+        return 2
     figures, series = trio.run(run_benchmarks, args)
     report(figures, series, args.json, getattr(args, "out", None), getattr(args, "plots", None))
     return 0

@@ -37,7 +37,7 @@ from ..client._client import CRASH_SPREAD
 from ..server._admin import create_staff_token
 from ..testing._processes import ServerProcess, python_process, wait_for_marker
 from ..testing._stats import per_interval, percentile
-from ._peers import Target, chat_server_process, serving
+from ._peers import FRESH_SQLITE, Storage, Target, chat_server_process, on_storage, serving
 from ._workers import worker_args
 
 __all__ = ["Figure", "Steps", "scenario_idle", "scenario_steady", "scenario_storm",
@@ -336,7 +336,9 @@ def engine_figures(
     crowds: Sequence[int],
 ) -> list[Figure]:
     """The server with each frame engine, websockets' beside wsproto's (A/B)."""
-    null, wsproto, websockets = ENGINE_TARGETS
+    # The targets as measured (``bench --db`` moves the servers onto PostgreSQL).
+    measured = {(t.kind, t.engine): t for t, _ in rates}
+    null, wsproto, websockets = (measured[(t.kind, t.engine)] for t in ENGINE_TARGETS)
     figures = []
     for crowd in crowds:
         a, b = rates[(wsproto, crowd)], rates[(websockets, crowd)]
@@ -477,7 +479,7 @@ IDLE_STEPS: Final = 4  # memory is read at 1/4, 2/4, 3/4 and all of the guests
 
 
 async def scenario_idle(
-    guests: int, workers: int, steps: Steps, old_code: str = ""
+    guests: int, workers: int, steps: Steps, old_code: str = "", storage: Storage = FRESH_SQLITE
 ) -> tuple[list[Figure], dict[str, Any]]:
     """``guests`` idle authenticated guests; server RSS per guest above its own
     baseline, beside a bare trio-websocket server holding as many connections (and
@@ -486,6 +488,7 @@ async def scenario_idle(
     targets = [Target("chat", "chat"), Target("trio-websocket", "echo")]
     if old_code:
         targets.append(Target("chat", "chat", code=old_code))
+    targets = on_storage(targets, storage)
     steps.start("idle", len(targets) * IDLE_STEPS)
     held: dict[Target, list[tuple[int, int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -578,11 +581,19 @@ async def _steady_run(
 
 
 async def _steady_chat(
-    tmp: Path, guests: int, rate: float, duration: float, workers: int, code: str = ""
+    tmp: Path,
+    guests: int,
+    rate: float,
+    duration: float,
+    workers: int,
+    code: str = "",
+    storage: Storage = FRESH_SQLITE,
 ) -> tuple[list[float], list[float], int]:
     db_path = tmp / f"steady{'-old' if code else ''}.db"
-    token = create_staff_token(db_path, "night shift")
-    server = chat_server_process(db_path, code)
+    # A name of its own: on a shared database (``bench --db``) an earlier run's
+    # night shift is still there.
+    token = create_staff_token(storage.db or db_path, f"night shift {time.time_ns()}")
+    server = chat_server_process(db_path, code, storage)
     async with trio.open_nursery() as nursery:
         await server.start(nursery)
         try:
@@ -592,7 +603,13 @@ async def _steady_chat(
 
 
 async def scenario_steady(
-    guests: int, rate: float, duration: float, workers: int, steps: Steps, old_code: str = ""
+    guests: int,
+    rate: float,
+    duration: float,
+    workers: int,
+    steps: Steps,
+    old_code: str = "",
+    storage: Storage = FRESH_SQLITE,
 ) -> tuple[list[Figure], dict[str, Any]]:
     """``guests`` connected guests sending ``rate`` messages per second in total (open
     loop) while two staff consoles watch every conversation: ack latency and
@@ -601,10 +618,12 @@ async def scenario_steady(
     steps.start("steady", 3 if old_code else 2)
     old: tuple[list[float], list[float], int] | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        acks, delivered, lost = await _steady_chat(Path(tmp), guests, rate, duration, workers)
+        acks, delivered, lost = await _steady_chat(
+            Path(tmp), guests, rate, duration, workers, storage=storage
+        )
         if old_code:
             steps.advance("old code")
-            old = await _steady_chat(Path(tmp), guests, rate, duration, workers, old_code)
+            old = await _steady_chat(Path(tmp), guests, rate, duration, workers, old_code, storage)
         steps.advance("bare trio-websocket echo")
         async with serving(Target("trio-websocket", "echo"), Path(tmp)) as (url, _):
             echo, _, _ = await _steady_run(url, "echo", guests, rate, duration, workers)
@@ -715,11 +734,16 @@ STORMS: Final = (
 
 
 async def _storms(
-    guests: int, workers: int, steps: Steps, storms: Sequence[Any], code: str = ""
+    guests: int,
+    workers: int,
+    steps: Steps,
+    storms: Sequence[Any],
+    code: str = "",
+    storage: Storage = FRESH_SQLITE,
 ) -> dict[str, StormRun]:
     runs: dict[str, StormRun] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = chat_server_process(Path(tmp) / "storm.db", code)
+        server = chat_server_process(Path(tmp) / "storm.db", code, storage)
         async with trio.open_nursery() as nursery:
             await server.start(nursery)
             for name, jitter, spread, how, _ in storms:
@@ -733,7 +757,7 @@ async def _storms(
 
 
 async def scenario_storm(
-    guests: int, workers: int, steps: Steps, old_code: str = ""
+    guests: int, workers: int, steps: Steps, old_code: str = "", storage: Storage = FRESH_SQLITE
 ) -> tuple[list[Figure], dict[str, Any]]:
     """A reconnect storm: ``guests`` connected, the server killed (SIGKILL) or restarted
     gracefully (SIGINT: it spreads its ``reconnect.after_ms`` hints); how long until
@@ -742,8 +766,10 @@ async def scenario_storm(
     from ``old_code``)."""
     judged_storms = [s for s in STORMS if s[-1]]
     steps.start("storm", len(STORMS) + (len(judged_storms) if old_code else 0))
-    runs = await _storms(guests, workers, steps, STORMS)
-    old = await _storms(guests, workers, steps, judged_storms, old_code) if old_code else {}
+    runs = await _storms(guests, workers, steps, STORMS, storage=storage)
+    old = (
+        await _storms(guests, workers, steps, judged_storms, old_code, storage) if old_code else {}
+    )
     herd = runs["no jitter, kill -9"]
     figures = []
     for name, *_, judged in STORMS:

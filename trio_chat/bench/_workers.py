@@ -91,7 +91,14 @@ async def closed_loop(
         number = sent[client.index]
         client.send_message(f"m{number}", f"msg {number % 10000:04d}")
 
-    clients = await _connect_many(count, url, dialect, source, on_answer=answered)
+    # Several URLs (comma-separated: the nodes of a cluster) share the guests evenly.
+    urls = url.split(",")
+    clients = []
+    for i, node_url in enumerate(urls):
+        share = count // len(urls) + (1 if i < count % len(urls) else 0)
+        clients += await _connect_many(share, node_url, dialect, source, on_answer=answered)
+    for index, client in enumerate(clients):
+        client.index = index
     if freeze:
         gc.freeze()
     started = time.monotonic()
@@ -215,6 +222,128 @@ async def staff(url: str, token: str, conversations: list[str]) -> None:
     await _stdin_line()
     console.close()
     _print({"samples": samples})
+
+
+# ----------------------------------------------------------------------- cluster
+
+RELAY_MARKER: Final = b"relay t="
+
+
+async def relay(
+    send_url: str, watch_url: str, count: int, rate: float, duration: float, source: str | None
+) -> None:
+    """Delivery latency between two sessions of each guest: ``count`` guests register
+    on ``send_url`` and each opens a second session of itself (a second tab: the same
+    token) on ``watch_url``; prints ``{"ready": ...}``. On ``go`` the senders send
+    ``rate`` messages per second in total (open loop, round robin, each stamped with
+    ``time.monotonic``) for ``duration`` seconds; prints every message's latency from
+    its sending to its push reaching the watching session, and how many never did."""
+    samples: list[tuple[float, float]] = []
+    expected = int(rate * duration)
+    drained = asyncio.Event()
+
+    def pushed(client: WsClient, payload: bytes, now: float) -> None:
+        at = payload.find(RELAY_MARKER)
+        if at < 0 or b'"type":"message"' not in payload:
+            return
+        start = at + len(RELAY_MARKER)
+        sent = float(payload[start : payload.index(b'"', start)])
+        samples.append((sent, now - sent))
+        if len(samples) >= expected:
+            drained.set()
+
+    senders = await _connect_many(count, send_url, "chat", source)
+    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def watcher(sender: WsClient) -> WsClient:
+        token = (field(sender.welcome, b"token") or b"").decode()
+        async with limit:
+            return await open_client(watch_url, "chat", token=token, source=source, on_other=pushed)
+
+    watchers = await asyncio.gather(*(watcher(s) for s in senders))
+    resumed = sum(
+        field(w.welcome, b"conversation_id") == field(s.welcome, b"conversation_id")
+        for s, w in zip(senders, watchers, strict=True)
+    )
+    gc.freeze()
+    _print({"ready": True, "guests": count, "resumed": resumed})
+    await _stdin_line()  # "go"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for k in range(expected):
+        delay = t0 + k / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.monotonic()
+        senders[k % count].send_message(f"r{k}", f"relay t={now:.6f}")
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(drained.wait(), 10)
+    for client in (*senders, *watchers):
+        client.close()
+    _print({"sent": expected, "lost": expected - len(samples), "samples": samples})
+
+
+async def failover(urls: list[str], count: int, source: str | None, within: float) -> None:
+    """Recovery after a node dies: ``count`` guests, half on each of the two ``urls``,
+    each registered and with one message acknowledged (the first half's time for that
+    is printed: the baseline). Then, when a guest's connection drops, it goes to the
+    other URL at once (at most ``CONNECT_CONCURRENCY`` handshakes at a time, as at the
+    start), resumes with its token and sends one message; it is back when that is
+    acknowledged. Prints, once as many guests are back as were on the first URL (or
+    after ``within`` seconds), when each dropped guest lost its connection and was back
+    (``time.monotonic``, shared by every process on the machine)."""
+    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    acked: dict[int, asyncio.Future[None]] = {}
+
+    def answered(client: WsClient, payload: bytes, now: float) -> None:
+        future = acked.get(client.index)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def signed_in(url: str, index: int, token: str | None = None) -> WsClient:
+        async with limit:
+            client = await open_client(url, "chat", token=token, source=source, on_answer=answered)
+        client.index = index
+        acked[index] = asyncio.get_running_loop().create_future()
+        client.send_message(f"f{index}.{time.monotonic_ns()}", "are you there?")
+        await asyncio.wait_for(acked[index], within)
+        return client
+
+    first_half = count - count // 2
+    started = time.monotonic()
+    doomed = await asyncio.gather(*(signed_in(urls[0], i) for i in range(first_half)))
+    first_sign_in = time.monotonic() - started
+    survivors = await asyncio.gather(*(signed_in(urls[1], i) for i in range(first_half, count)))
+    lost: list[float] = []
+    back: list[float] = []
+    moved_elsewhere = 0  # resumed into another conversation: must stay 0
+    all_back = asyncio.Event()
+
+    async def come_back(client: WsClient) -> None:
+        nonlocal moved_elsewhere
+        await client.closed
+        lost_at = time.monotonic()
+        token = (field(client.welcome, b"token") or b"").decode()
+        again = await signed_in(urls[1], client.index, token)
+        if field(again.welcome, b"conversation_id") != field(client.welcome, b"conversation_id"):
+            moved_elsewhere += 1
+        survivors.append(again)
+        lost.append(lost_at)
+        back.append(time.monotonic())
+        if len(back) == len(doomed):
+            all_back.set()
+
+    gc.freeze()
+    waiting = [asyncio.ensure_future(come_back(c)) for c in doomed]
+    _print({"ready": True, "first_sign_in_s": first_sign_in, "on_doomed_node": len(doomed)})
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(all_back.wait(), within)
+    for task in waiting:
+        task.cancel()
+    for client in (*doomed, *survivors):
+        client.close()
+    _print({"lost": lost, "back": back, "moved_elsewhere": moved_elsewhere,
+            "missing": len(doomed) - len(back)})  # fmt: skip
 
 
 async def null_server(dialect: str, port: int) -> None:
@@ -398,6 +527,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     echo = command("echo-server", url=False, dialect=False)
     echo.add_argument("--port", type=int, required=True)
     echo.add_argument("--engine", choices=["trio-websocket", "websockets"], required=True)
+    relayed = command("relay", url=False, dialect=False)
+    relayed.add_argument("--send-url", required=True)
+    relayed.add_argument("--watch-url", required=True)
+    relayed.add_argument("--count", type=int, required=True)
+    relayed.add_argument("--rate", type=float, required=True)
+    relayed.add_argument("--duration", type=float, required=True)
+    relayed.add_argument("--source", default=None)
+    failing = command("failover", dialect=False)
+    failing.add_argument("--count", type=int, required=True)
+    failing.add_argument("--within", type=float, default=120.0)
+    failing.add_argument("--source", default=None)
     storm = command("storm", dialect=False)
     storm.add_argument("--count", type=int, required=True)
     storm.add_argument("--jitter", choices=["none", "full", "equal", "decorrelated"])
@@ -424,6 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elif args.command == "staff":
         _run_asyncio(staff(args.url, args.token, Path(args.conversations).read_text().split()))
+    elif args.command == "relay":
+        _run_asyncio(
+            relay(args.send_url, args.watch_url, args.count, args.rate, args.duration, args.source)
+        )
+    elif args.command == "failover":
+        _run_asyncio(failover(args.url.split(","), args.count, args.source, args.within))
     elif args.command == "null-server":
         _run_asyncio(null_server(args.dialect, args.port))
     elif args.command == "echo-server" and args.engine == "websockets":
