@@ -19,18 +19,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trio_chat import ChatServer
+from trio_chat.core.protocol import typing_frame
 from trio_chat.server._concierge import (
     Concierge,
     ConciergeMemory,
     KnowledgeBase,
+    ResponderReply,
     ResponderRequest,
     RulesResponder,
     default_kb_path,
 )
 
+from ..conftest import make_config
+from ..helpers import connect
 from .concierge_before import ConciergeBefore
 
 GOLDEN = Path(__file__).with_name("concierge_golden.json")
@@ -259,3 +265,89 @@ def _write_golden() -> None:
 
 if __name__ == "__main__":
     _write_golden()
+
+
+# ------------------------------------------------ the server's half of a reply
+
+
+class AnswersAtOnce:
+    """A responder that answers without waiting, as the rules concierge does."""
+
+    history_window = 0
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.broken = broken
+        self.asked: list[str] = []
+
+    async def respond(self, request: ResponderRequest) -> ResponderReply:
+        raise AssertionError("the server awaited a responder that answers at once")
+
+    def respond_now(self, request: ResponderRequest) -> ResponderReply:
+        self.asked.append(request.text)
+        if self.broken:
+            raise RuntimeError("the rules broke")
+        return ResponderReply(f"at once: {request.text}")
+
+
+async def test_a_responder_that_answers_at_once_is_called_directly(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """No coroutine to run and no timeout to arm for the rules concierge: the server
+    calls ``respond_now``. (Before, it awaited ``respond`` under ``fail_after``.)"""
+    responder = AnswersAtOnce()
+    srv = ChatServer(make_config(tmp_path), responder=responder)
+    await nursery.start(srv.run)
+    assert srv.port
+    async with connect(srv.port) as guest:
+        await guest.hello(None, name="Maria")
+        await guest.send(type="message", client_msg_id="m1", text="hello?")
+        assert (await guest.expect("message", sender="ai"))["text"] == "at once: hello?"
+    assert responder.asked == ["hello?"]
+
+
+async def test_a_responder_that_fails_at_once_still_hands_over(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    srv = ChatServer(make_config(tmp_path), responder=AnswersAtOnce(broken=True))
+    await nursery.start(srv.run)
+    assert srv.port
+    async with connect(srv.port) as guest:
+        await guest.hello(None, name="Maria")
+        await guest.send(type="message", client_msg_id="m1", text="hello?")
+        assert "trouble" in (await guest.expect("message", sender="ai"))["text"]
+        assert (await guest.expect("status"))["status"] == "waiting"
+
+
+async def test_the_rules_concierge_answers_through_the_server_as_before(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    srv = ChatServer(make_config(tmp_path, concierge="rules"))
+    await nursery.start(srv.run)
+    assert srv.port
+    async with connect(srv.port) as guest:
+        await guest.hello(None, name="Maria")
+        said = ["What time is breakfast?", "blah", "more blah", "yes"]
+        for k, text in enumerate(said):
+            await guest.send(type="message", client_msg_id=f"m{k}", text=text)
+            reply = await guest.expect("message", sender="ai")
+            answer, _ = _OLD.reply(text, _memory_after(said[:k]))
+            assert reply["text"] == answer.text
+
+
+def _memory_after(texts: list[str]) -> ConciergeMemory:
+    memory = ConciergeMemory()
+    for text in texts:
+        _, memory = _OLD.reply(text, memory)
+    return memory
+
+
+def test_the_concierges_typing_frames_are_encoded_once() -> None:
+    first = typing_frame("c-typing-test", "ai", True)
+    assert typing_frame("c-typing-test", "ai", True) is first
+    assert json.loads(first) == {
+        "type": "typing",
+        "conversation_id": "c-typing-test",
+        "sender": "ai",
+        "active": True,
+    }
+    assert json.loads(typing_frame("c-typing-test", "ai", False))["active"] is False

@@ -501,7 +501,9 @@ class Responder(Protocol):
     timeout; a responder that raises or times out is replaced, for that message, by
     an apology and a hand-off to staff, so a broken responder never silences a guest.
     One that keeps a deadline of its own may say so in an ``answer_timeout`` attribute
-    (seconds): the server then waits at least that long.
+    (seconds): the server then waits at least that long. One that answers without
+    waiting may offer a synchronous ``respond_now(request)``: the server calls it
+    instead, with no timeout to arm (a failure is handled the same way).
     """
 
     history_window: int
