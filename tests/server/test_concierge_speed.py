@@ -32,6 +32,7 @@ from trio_chat.server._concierge import (
     ResponderReply,
     ResponderRequest,
     RulesResponder,
+    _any_of,
     default_kb_path,
 )
 
@@ -351,3 +352,12 @@ def test_the_concierges_typing_frames_are_encoded_once() -> None:
         "active": True,
     }
     assert json.loads(typing_frame("c-typing-test", "ai", False))["active"] is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab c-", max_size=5), max_size=8), st.text("ab c-", max_size=12))
+def test_the_factored_phrase_pattern_finds_what_in_finds(phrases: list[str], text: str) -> None:
+    """The hand-over and [normalize] lists as one factored pattern: found in ``text``
+    exactly when one of the phrases is (prefixes of each other, repeats, "")."""
+    found = _any_of(phrases).search(text) is not None
+    assert found == any(p in text for p in phrases)

@@ -259,8 +259,30 @@ def default_kb_path() -> Path:
 
 def _any_of(phrases: Iterable[str]) -> re.Pattern[str]:
     """A pattern found in a text exactly when one of ``phrases`` is in it (``in``)."""
-    alternatives = [re.escape(p) for p in phrases]
-    return re.compile("|".join(alternatives) if alternatives else r"(?!)")
+    return re.compile(_one_of(phrases))
+
+
+def _one_of(phrases: Iterable[str]) -> str:
+    """A regular expression for exactly ``phrases``, their shared beginnings factored
+    out ("check in|check out" as "check (?:in|out)"): at each place in a text the
+    search tries one branch per next letter, not one per phrase."""
+    trie: dict[str, Any] = {}
+    for phrase in phrases:
+        node = trie
+        for letter in phrase:
+            node = node.setdefault(letter, {})
+        node[""] = {}  # a phrase ends here
+    if not trie:
+        return r"(?!)"
+
+    def pattern(node: dict[str, Any]) -> str:
+        branches = [re.escape(k) + pattern(node[k]) for k in sorted(node) if k]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return pattern(trie)
 
 
 class _Tokenizer:
@@ -344,11 +366,7 @@ class Concierge:
             for t in self.kb.topics
         )
         self._person_re = _any_of(self.kb.person_phrases)
-        self._upset_re = re.compile(
-            r"\b(?:" + "|".join(re.escape(w) for w in self.kb.upset_words) + r")\b"
-            if self.kb.upset_words
-            else r"(?!)"
-        )
+        self._upset_re = re.compile(r"\b(?:" + _one_of(self.kb.upset_words) + r")\b")
 
     def wants_person(self, text: str) -> bool:
         """True when the guest asks for a human."""
