@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_chat import ChatServer
+from trio_chat.bench._cost import _guest_messages
 from trio_chat.core.protocol import typing_frame
 from trio_chat.server._concierge import (
     Concierge,
@@ -361,3 +363,24 @@ def test_the_factored_phrase_pattern_finds_what_in_finds(phrases: list[str], tex
     exactly when one of the phrases is (prefixes of each other, repeats, "")."""
     found = _any_of(phrases).search(text) is not None
     assert found == any(p in text for p in phrases)
+
+
+# ------------------------------------------- the bench's paced guests (bench cost --paced)
+
+
+async def test_a_paced_guest_sends_only_once_its_message_is_answered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``bench cost --paced``: when a guest's turn ends, the concierge's answer to its
+    last message is stored and delivered, so no reply spills into the next round."""
+    srv = ChatServer(make_config(tmp_path, concierge="rules"))
+    await nursery.start(srv.run)
+    assert srv.port
+    with trio.fail_after(20):
+        ws = await trio_websocket.connect_websocket_url(nursery, f"ws://127.0.0.1:{srv.port}/ws")
+        await ws.send_message(json.dumps({"type": "hello", "token": None}))
+        welcome = json.loads(await ws.get_message())
+        await _guest_messages(ws, "g", 3, answered=True)
+        stored = await srv.store.read(srv.store.db.recent, welcome["conversation_id"], 10)
+        await ws.aclose()
+    assert [m.sender for m in stored] == ["guest", "ai"] * 3

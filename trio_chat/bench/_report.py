@@ -86,6 +86,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="also run the trio-chat server from this source tree (a checkout of an "
         "earlier commit, say), beside this one in the same run",
     )
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="cost: each guest waits for the concierge's answer before its next message "
+        "(commits then batch the same way whatever the code costs)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
@@ -129,7 +135,9 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
                     figures_of=engine_figures,
                 )
             elif name == "cost":
-                result = await scenario_cost(guests, args.messages, args.rounds, steps, old)
+                result = await scenario_cost(
+                    guests, args.messages, args.rounds, steps, old, args.paced
+                )
             elif name == "profile":
                 result = await scenario_profile(guests, args.duration, args.workers, steps, old)
             elif name == "idle":
