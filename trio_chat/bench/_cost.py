@@ -40,19 +40,33 @@ async def _control(pid: int, *args: str) -> None:
     await trio.run_process(["callgrind_control", *args, str(pid)], capture_stdout=True)
 
 
-async def _guest_messages(ws: trio_websocket.WebSocketConnection, name: str, count: int) -> None:
-    """``count`` messages, each sent once the previous one is acknowledged."""
+async def _guest_messages(
+    ws: trio_websocket.WebSocketConnection, name: str, count: int, answered: bool = False
+) -> None:
+    """``count`` messages, each sent once the previous one is acknowledged (and, with
+    ``answered``, once the concierge's answer to it has come: its typing stops with it)."""
     for k in range(count):
         frame = {"type": "message", "client_msg_id": f"{name}-{k}", "text": f"message {k}"}
         await ws.send_message(json.dumps(frame))
-        while '"type":"ack"' not in str(await ws.get_message()):
-            pass
+        acked, replied = False, not answered
+        while not (acked and replied):
+            got = str(await ws.get_message())
+            acked = acked or '"type":"ack"' in got
+            replied = replied or ('"type":"typing"' in got and '"active":false' in got)
 
 
 async def _counted_rounds(
-    url: str, pid: int, out_dir: Path, guests: int, messages: int, rounds: int, dialect: str
+    url: str,
+    pid: int,
+    out_dir: Path,
+    guests: int,
+    messages: int,
+    rounds: int,
+    dialect: str,
+    answered: bool = False,
 ) -> list[float]:
-    """Instructions per message in each of ``rounds`` rounds on one running server."""
+    """Instructions per message in each of ``rounds`` rounds on one running server
+    (``answered``: each guest waits for the concierge's answer too)."""
     per_message: list[float] = []
     async with trio.open_nursery() as nursery:
         sockets = []
@@ -67,7 +81,7 @@ async def _counted_rounds(
             async with trio.open_nursery() as load:
                 for i, ws in enumerate(sockets):
                     if dialect == "chat":
-                        load.start_soon(_guest_messages, ws, f"{tag}{i}", count)
+                        load.start_soon(_guest_messages, ws, f"{tag}{i}", count, answered)
                     else:
                         load.start_soon(_echo_messages, ws, count)
 
@@ -107,11 +121,17 @@ async def scenario_cost(
     steps: Steps,
     old_code: str = "",
     storage: Storage = FRESH_SQLITE,
+    paced: bool = False,
 ) -> tuple[list[Figure], dict[str, Any]]:
     """Instructions per acknowledged message for trio-chat (concierge off and on), the
     bare trio-websocket echo, and the server from ``old_code`` when given; medians of
     ``rounds`` rounds of ``guests`` x ``messages`` messages. On PostgreSQL
-    (``storage``) the count is the server's alone: the database's work is not in it."""
+    (``storage``) the count is the server's alone: the database's work is not in it.
+
+    ``paced``: each guest also waits for the concierge's answer before its next
+    message. How many writes share a commit then no longer drifts with the server's
+    speed (a faster reply otherwise meets fewer guest messages to commit with), so a
+    change in the code's cost shows as itself."""
     if not valgrind_available():
         raise RuntimeError("the cost scenario needs valgrind (apt-get install valgrind)")
     targets = [Target("chat", "chat"), Target("chat", "chat", "rules")]
@@ -133,12 +153,20 @@ async def scenario_cost(
         for target in targets:
             async with serving(target, out_dir, wrap=wrap, within=300) as (url, proc):
                 counted[target] = await _counted_rounds(
-                    url, proc.pid, out_dir, guests, messages, rounds, target.dialect
+                    url,
+                    proc.pid,
+                    out_dir,
+                    guests,
+                    messages,
+                    rounds,
+                    target.dialect,
+                    answered=paced and target.concierge != "off",
                 )
             steps.advance(target.label)
     median = {t: statistics.median(v) for t, v in counted.items()}
     new_off, new_on, echo = targets[0], targets[1], targets[-1]
-    size = f"{guests} guests x {messages} messages, median of {rounds}"
+    paced_note = ", each answered before the next" if paced else ""
+    size = f"{guests} guests x {messages} messages{paced_note}, median of {rounds}"
     figures = [
         Figure(
             f"instructions per message, concierge off ({size})",

@@ -123,6 +123,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         action="store_true",
         help="cluster: every part small and one round (for tests; the figures mean little)",
     )
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="cost: each guest waits for the concierge's answer before its next message "
+        "(commits then batch the same way whatever the code costs)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--out", metavar="PATH", help="also write the JSON results here")
     parser.add_argument("--plots", metavar="DIR", help="also draw the results as PNGs here")
@@ -179,7 +185,7 @@ async def run_benchmarks(args: argparse.Namespace) -> tuple[list[Figure], dict[s
                 )
             elif name == "cost":
                 result = await scenario_cost(
-                    guests, args.messages, args.rounds, steps, old, storage
+                    guests, args.messages, args.rounds, steps, old, storage, args.paced
                 )
             elif name == "profile":
                 result = await scenario_profile(

@@ -11,6 +11,7 @@ text, ready to be sent as it is to any number of connections.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -460,6 +461,9 @@ def status_frame(conversation_id: str, status: Status, assigned_to: str | None) 
     )
 
 
+# The concierge's typing on and off go out with every answer, the same two frames per
+# conversation: encoded once while the conversation is busy (frames are immutable).
+@functools.lru_cache(maxsize=4096)
 def typing_frame(conversation_id: str, sender: Sender, active: bool) -> str:
     return encode(
         {"type": "typing", "conversation_id": conversation_id, "sender": sender, "active": active}

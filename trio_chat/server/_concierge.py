@@ -18,8 +18,9 @@ import math
 import re
 import tomllib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
@@ -256,18 +257,56 @@ def default_kb_path() -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "hotel.toml"
 
 
+def _any_of(phrases: Iterable[str]) -> re.Pattern[str]:
+    """A pattern found in a text exactly when one of ``phrases`` is in it (``in``)."""
+    return re.compile(_one_of(phrases))
+
+
+def _one_of(phrases: Iterable[str]) -> str:
+    """A regular expression for exactly ``phrases``, their shared beginnings factored
+    out ("check in|check out" as "check (?:in|out)"): at each place in a text the
+    search tries one branch per next letter, not one per phrase."""
+    trie: dict[str, Any] = {}
+    for phrase in phrases:
+        node = trie
+        for letter in phrase:
+            node = node.setdefault(letter, {})
+        node[""] = {}  # a phrase ends here
+    if not trie:
+        return r"(?!)"
+
+    def pattern(node: dict[str, Any]) -> str:
+        branches = [re.escape(k) + pattern(node[k]) for k in sorted(node) if k]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return pattern(trie)
+
+
 class _Tokenizer:
-    __slots__ = ("normalize",)
+    __slots__ = ("_any_phrase", "normalize")
 
     def __init__(self, normalize: tuple[tuple[str, str], ...]) -> None:
         self.normalize = normalize
+        self._any_phrase = _any_of(phrase for phrase, _ in normalize)
 
     def __call__(self, text: str) -> list[str]:
         text = " " + " ".join(text.lower().replace("’", "'").split()) + " "
-        for phrase, replacement in self.normalize:
-            if phrase in text:
-                text = text.replace(phrase, f" {replacement} ")
-        return [_stem(w) for w in _WORD_RE.findall(text) if len(w) > 1 and w not in _STOPWORDS]
+        # Most messages fold nothing: one regular expression says so, instead of a
+        # Python step per phrase. When one does, the phrases go in order (a replacement
+        # may make the next phrase appear), exactly as before.
+        if self._any_phrase.search(text):
+            for phrase, replacement in self.normalize:
+                if phrase in text:
+                    text = text.replace(phrase, f" {replacement} ")
+        # _stem, inlined: a call per word was a good part of a reply's cost.
+        return [
+            w[:-1] if len(w) > 3 and w[-1] == "s" and w[-2] != "s" else w
+            for w in _WORD_RE.findall(text)
+            if len(w) > 1 and w not in _STOPWORDS
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +328,14 @@ class ConciergeAnswer:
 
 
 class Concierge:
-    """Answers guest messages from a :class:`KnowledgeBase`, deterministically."""
+    """Answers guest messages from a :class:`KnowledgeBase`, deterministically.
+
+    A reply is on the path of every guest message a conversation in ``ai`` gets, so
+    what can be worked out once is, here: each topic's weight per token, the answer
+    objects. Per message, the phrase lists are one regular expression each and the
+    letters are counted in C (``filter``, ``map``), not a Python step per item: the
+    same answers (``tests/server/test_concierge_speed.py`` holds it to main's).
+    """
 
     def __init__(self, kb: KnowledgeBase | None = None) -> None:
         self.kb = kb if kb is not None else KnowledgeBase.default()
@@ -303,104 +349,138 @@ class Concierge:
             for token in topic.tokens:
                 topics_of.setdefault(token, []).append(index)
         self._topics_of = {token: tuple(indices) for token, indices in topics_of.items()}
-        self._upset_re = re.compile(
-            r"\b(?:" + "|".join(re.escape(w) for w in self.kb.upset_words) + r")\b"
-            if self.kb.upset_words
-            else r"(?!)"
+        # What each of a topic's tokens is worth to it, multiplied out once, in the
+        # order the scoring rule states it (so every score is the same to the last bit).
+        self._weights = tuple(
+            {
+                t: self.kb.idf[t]
+                * (1.5 if t in topic.keywords else 1.0)
+                # A phrase folded by [normalize] ("room service") is the most specific cue.
+                * (2.0 if t in self._phrase_tokens else 1.0)
+                for t in topic.tokens
+            }
+            for topic in self.kb.topics
         )
+        self._answers = tuple(
+            ConciergeAnswer(t.answer, "smalltalk" if t.smalltalk else "answer", t.id)
+            for t in self.kb.topics
+        )
+        self._person_re = _any_of(self.kb.person_phrases)
+        self._upset_re = re.compile(r"\b(?:" + _one_of(self.kb.upset_words) + r")\b")
 
     def wants_person(self, text: str) -> bool:
         """True when the guest asks for a human."""
         folded = " ".join(text.lower().split())
-        return any(p in folded for p in self.kb.person_phrases)
+        return self._person_re.search(folded) is not None
 
     def is_upset(self, text: str) -> bool:
         """True when the guest is plainly unhappy (strong words, shouting, !!!)."""
-        if self._upset_re.search(text.lower()):
+        if self._upset_re.search(text.lower()) or "!!!" in text:
             return True
-        letters = [c for c in text if c.isalpha()]
-        shouting = len(letters) >= 12 and sum(c.isupper() for c in letters) / len(letters) > 0.8
-        return shouting or "!!!" in text
+        letters = "".join(filter(str.isalpha, text))
+        return len(letters) >= 12 and sum(map(str.isupper, letters)) / len(letters) > 0.8
 
     def best_topic(self, text: str) -> tuple[Topic | None, float]:
         """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
         explains enough of the message (see ``MIN_COVERAGE``)."""
-        ranked = self._ranked(text)
-        return ranked[0] if ranked else (None, 0.0)
+        best = self._best(text)
+        return (None, 0.0) if best is None else (self.kb.topics[best[0]], best[1])
 
     def topics_for(self, text: str, limit: int = 3) -> list[Topic]:
         """The topics that explain ``text`` best, best first (what a language model is
         given to ground its answer), at most ``limit``; smalltalk is left out."""
         return [topic for topic, _ in self._ranked(text) if not topic.smalltalk][:limit]
 
+    def _scored(self, text: str) -> list[tuple[int, float]]:
+        """Every topic (by index, in the knowledge base's order) that explains enough of
+        ``text`` (``MIN_COVERAGE``), with its score."""
+        tokens = set(self._tokenize(text))
+        if not tokens:
+            return []
+        information = sum(map(self.kb.idf.get, tokens, repeat(self._unknown_weight)))
+        floor = MIN_COVERAGE * information
+        candidates = set(chain.from_iterable(map(self._topics_of.get, tokens, repeat(()))))
+        topics, weights = self.kb.topics, self._weights
+        scored = []
+        for index in sorted(candidates):
+            topic = topics[index]
+            score = sum(map(weights[index].__getitem__, tokens & topic.tokens))
+            if topic.smalltalk:
+                score *= SMALLTALK_WEIGHT
+            if score > 0 and score >= floor:
+                scored.append((index, score))
+        return scored
+
+    def _best(self, text: str) -> tuple[int, float] | None:
+        """The first of the best in :meth:`_ranked`'s order, without sorting them all."""
+        best = None
+        for index, score in self._scored(text):
+            if best is None or score > best[1]:
+                best = (index, score)
+        return best
+
     def _ranked(self, text: str) -> list[tuple[Topic, float]]:
         """Every topic that explains enough of ``text`` (``MIN_COVERAGE``), best first;
         ties keep the knowledge base's order."""
-        tokens = set(self._tokenize(text))
-        information = sum(self.kb.idf.get(t, self._unknown_weight) for t in tokens)
-        scored: list[tuple[Topic, float]] = []
-        for index in sorted({i for t in tokens for i in self._topics_of.get(t, ())}):
-            topic = self.kb.topics[index]
-            score = sum(
-                self.kb.idf[t]
-                * (1.5 if t in topic.keywords else 1.0)
-                # A phrase folded by [normalize] ("room service") is the most specific cue.
-                * (2.0 if t in self._phrase_tokens else 1.0)
-                for t in tokens & topic.tokens
-            )
-            if topic.smalltalk:
-                score *= SMALLTALK_WEIGHT
-            if score > 0 and score >= MIN_COVERAGE * information:
-                scored.append((topic, score))
+        topics = self.kb.topics
+        scored = [(topics[index], score) for index, score in self._scored(text)]
         scored.sort(key=lambda ts: -ts[1])  # stable: ties stay in the base's order
         return scored
 
     def reply(self, text: str, memory: ConciergeMemory) -> tuple[ConciergeAnswer, ConciergeMemory]:
         """Answer ``text``; returns the answer and the memory to keep for next time."""
-        folded = " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
-        if self.wants_person(text) or (memory.offered_person and folded in self.kb.yes_words):
-            return (
-                ConciergeAnswer(
-                    "Of course. I'm bringing in a member of our team now; they will see "
-                    "everything we've said so far.",
-                    "escalate",
-                    escalate=True,
-                ),
-                ConciergeMemory(),
-            )
+        if self.wants_person(text) or (
+            memory.offered_person and _yes_folded(text) in self.kb.yes_words
+        ):
+            return _HANDING_OVER, _FORGOTTEN
         if self.is_upset(text):
-            return (
-                ConciergeAnswer(
-                    "I'm so sorry about this. I'm asking a member of our team to help you "
-                    "personally, right now.",
-                    "escalate",
-                    escalate=True,
-                ),
-                ConciergeMemory(),
-            )
-        topic, score = self.best_topic(text)
-        if topic is not None and score >= MIN_SCORE * (SMALLTALK_WEIGHT if topic.smalltalk else 1):
-            kind: Literal["answer", "smalltalk"] = "smalltalk" if topic.smalltalk else "answer"
-            return ConciergeAnswer(topic.answer, kind, topic.id), ConciergeMemory()
+            return _SORRY_HANDING_OVER, _FORGOTTEN
+        best = self._best(text)
+        if best is not None:
+            index, score = best
+            answer = self._answers[index]
+            if score >= MIN_SCORE * (SMALLTALK_WEIGHT if answer.kind == "smalltalk" else 1):
+                return answer, _FORGOTTEN
         streak = memory.unanswered_streak + 1
         if streak >= 2:
-            return (
-                ConciergeAnswer(
-                    "I'm sorry, I don't have an answer for that either. Would you like me to "
-                    "bring in a member of our team? Just say yes, or use 'talk to a person'.",
-                    "offer",
-                ),
-                ConciergeMemory(unanswered_streak=streak, offered_person=True),
-            )
-        return (
-            ConciergeAnswer(
-                "I'm sorry, I'm not sure about that one. Could you put it another way? I can "
-                "help with check-in and check-out, breakfast, Wi-Fi, parking, the spa, room "
-                "service, housekeeping, taxis and tips for the area.",
-                "unknown",
-            ),
-            ConciergeMemory(unanswered_streak=streak, offered_person=memory.offered_person),
+            return _OFFER, ConciergeMemory(unanswered_streak=streak, offered_person=True)
+        return _UNKNOWN, ConciergeMemory(
+            unanswered_streak=streak, offered_person=memory.offered_person
         )
+
+
+_NOT_IN_A_WORD: Final = re.compile(r"[^\w\s']")
+
+
+def _yes_folded(text: str) -> str:
+    """The message as an answer to "would you like a person?" is compared."""
+    return " ".join(_NOT_IN_A_WORD.sub(" ", text.lower()).split())
+
+
+# Replies are immutable: the fixed ones are made once.
+_FORGOTTEN: Final = ConciergeMemory()
+_HANDING_OVER: Final = ConciergeAnswer(
+    "Of course. I'm bringing in a member of our team now; they will see "
+    "everything we've said so far.",
+    "escalate",
+    escalate=True,
+)
+_SORRY_HANDING_OVER: Final = ConciergeAnswer(
+    "I'm so sorry about this. I'm asking a member of our team to help you personally, right now.",
+    "escalate",
+    escalate=True,
+)
+_OFFER: Final = ConciergeAnswer(
+    "I'm sorry, I don't have an answer for that either. Would you like me to "
+    "bring in a member of our team? Just say yes, or use 'talk to a person'.",
+    "offer",
+)
+_UNKNOWN: Final = ConciergeAnswer(
+    "I'm sorry, I'm not sure about that one. Could you put it another way? I can "
+    "help with check-in and check-out, breakfast, Wi-Fi, parking, the spa, room "
+    "service, housekeeping, taxis and tips for the area.",
+    "unknown",
+)
 
 
 # ----------------------------------------------------------------- the interface
@@ -439,7 +519,9 @@ class Responder(Protocol):
     timeout; a responder that raises or times out is replaced, for that message, by
     an apology and a hand-off to staff, so a broken responder never silences a guest.
     One that keeps a deadline of its own may say so in an ``answer_timeout`` attribute
-    (seconds): the server then waits at least that long.
+    (seconds): the server then waits at least that long. One that answers without
+    waiting may offer a synchronous ``respond_now(request)``: the server calls it
+    instead, with no timeout to arm (a failure is handled the same way).
     """
 
     history_window: int
@@ -462,7 +544,7 @@ class RulesResponder:
 
     def respond_now(self, request: ResponderRequest) -> ResponderReply:
         """The synchronous core of :meth:`respond`."""
-        memory = self._memory.pop(request.conversation_id, ConciergeMemory())
+        memory = self._memory.pop(request.conversation_id, _FORGOTTEN)
         answer, memory = self.concierge.reply(request.text, memory)
         self._memory[request.conversation_id] = memory
         if len(self._memory) > self._max:

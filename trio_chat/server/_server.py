@@ -820,7 +820,13 @@ class ChatServer:
             tuple(recent),
             draft,
         )
+        answer_now: Callable[[ResponderRequest], ResponderReply] | None = getattr(
+            responder, "respond_now", None
+        )
         try:
+            if answer_now is not None:
+                # It answers without waiting (the rules): no timeout to arm, no coroutine.
+                return answer_now(request)
             # A responder that keeps its own deadline (the language model, which then
             # falls back to the rules) gets the time to do so, and a little more.
             own = getattr(responder, "answer_timeout", None)
