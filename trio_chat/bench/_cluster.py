@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -109,7 +110,10 @@ async def cluster_services(db: str = "", bus: str = "") -> AsyncIterator[tuple[D
         try:
             databases = Databases(db)
             if not db:
-                postgres = await trio.to_thread.run_sync(stack.enter_context, postgres_instance())
+                # With fsync, as SQLite's synchronous=FULL beside it: an ack is durable.
+                postgres = await trio.to_thread.run_sync(
+                    stack.enter_context, partial(postgres_instance, durable=True)
+                )
                 databases = Databases(create=postgres.create_database)
             if not bus:
                 redis = await trio.to_thread.run_sync(stack.enter_context, redis_instance())

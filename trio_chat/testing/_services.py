@@ -53,6 +53,7 @@ class PostgresInstance:
     bindir: Path
     datadir: Path
     port: int
+    durable: bool = False  # fsync on: for benchmarks set beside SQLite's synchronous=FULL
 
     @property
     def url(self) -> str:
@@ -75,7 +76,7 @@ class PostgresInstance:
             f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 "
             # No fsync (nothing survives the machine anyway), but commits are written
             # to the WAL before they return, so a killed server loses no commit.
-            "-c fsync=off "
+            f"-c fsync={'on' if self.durable else 'off'} "
             "-c max_connections=200"
         )
         self._ctl("-o", options, "-l", str(self.datadir / "log"), "-w", "start")
@@ -94,8 +95,9 @@ class PostgresInstance:
 
 
 @contextmanager
-def postgres_instance() -> Iterator[PostgresInstance]:
-    """A fresh PostgreSQL cluster on a free port, gone afterwards. Raises
+def postgres_instance(*, durable: bool = False) -> Iterator[PostgresInstance]:
+    """A fresh PostgreSQL cluster on a free port, gone afterwards; ``durable``: with
+    fsync (a benchmark's, measured beside SQLite's synchronous=FULL). Raises
     ``RuntimeError`` if PostgreSQL's binaries are not installed."""
     bindir = postgres_bin()
     if bindir is None:
@@ -126,7 +128,7 @@ def postgres_instance() -> Iterator[PostgresInstance]:
             stdout=subprocess.DEVNULL,
             timeout=120,
         )
-        instance = PostgresInstance(bindir, datadir, free_port())
+        instance = PostgresInstance(bindir, datadir, free_port(), durable)
         instance.start()
         try:
             yield instance
