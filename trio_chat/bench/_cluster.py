@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -112,7 +111,7 @@ async def cluster_services(db: str = "", bus: str = "") -> AsyncIterator[tuple[D
             if not db:
                 # With fsync, as SQLite's synchronous=FULL beside it: an ack is durable.
                 postgres = await trio.to_thread.run_sync(
-                    stack.enter_context, partial(postgres_instance, durable=True)
+                    stack.enter_context, postgres_instance(durable=True)
                 )
                 databases = Databases(create=postgres.create_database)
             if not bus:
