@@ -870,17 +870,30 @@ class _Pending:
 
     def fail(self, error: StorageError) -> None:
         self.error = error
-        if self.operation.on_error is not None:
-            self.operation.on_error(error)
+        on_error = self._let_go()
+        if on_error[1] is not None:
+            on_error[1](error)
         if self.done is not None:
             self.done.set()
 
     def succeed(self, result: Any) -> None:
         self.result = result
-        if self.operation.on_commit is not None:
-            self.operation.on_commit(result)
+        on_commit = self._let_go()
+        if on_commit[0] is not None:
+            on_commit[0](result)
         if self.done is not None:
             self.done.set()
+
+    def _let_go(self) -> tuple[Callable[[Any], None] | None, Callable[[Any], None] | None]:
+        """The operation's callbacks, which it lets go of now: exactly one runs, once.
+        They refer back to it (the shell's closures hold the hub's ``Write``, which holds
+        the operation), a reference cycle per write that only the cycle collector would
+        free: under load its collections of those cycles stalled every ack for up to
+        300 ms (the steady benchmark's p99)."""
+        operation = self.operation
+        callbacks = (operation.on_commit, operation.on_error)
+        operation.on_commit = operation.on_error = None
+        return callbacks
 
 
 class Store:
