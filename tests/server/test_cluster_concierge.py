@@ -65,6 +65,21 @@ async def until(check: Any, within: float = 20.0) -> None:
             await trio.sleep(0.05)
 
 
+async def concierge_node(
+    nursery: trio.Nursery, tmp_path: Path, pg_url: str, redis_server: RedisInstance
+) -> ChatServer:
+    """An in-process node answering with the rules, on the test's short lease."""
+    return await start_node(
+        nursery,
+        tmp_path,
+        pg_url,
+        bus=redis_server.url,
+        concierge="rules",
+        typing_delay=0,
+        reply_lease=LEASE,
+    )
+
+
 def stored(pg_url: str, cid: str) -> list[tuple[int, str]]:
     db = PostgresBackend(pg_url, create=False)
     try:
@@ -90,15 +105,7 @@ async def test_the_survivor_answers_once_after_the_answering_node_is_killed(
     llm = FakeLlm(default=Stream(["never in time"], first_after=600))
     async with trio.open_nursery() as nursery:
         await nursery.start(llm.run)
-        survivor = await start_node(
-            nursery,
-            tmp_path,
-            pg_url,
-            bus=redis_server.url,
-            concierge="rules",
-            typing_delay=0,
-            reply_lease=LEASE,
-        )
+        survivor = await concierge_node(nursery, tmp_path, pg_url, redis_server)
         assert survivor.port
         with stalled_node(pg_url, redis_server.url, llm) as (doomed, port):
             async with connect(port) as guest:
@@ -133,15 +140,7 @@ async def test_a_conversation_claimed_before_the_lease_lapses_is_not_answered(
     llm = FakeLlm(default=Stream(["never in time"], first_after=600))
     async with trio.open_nursery() as nursery:
         await nursery.start(llm.run)
-        survivor = await start_node(
-            nursery,
-            tmp_path,
-            pg_url,
-            bus=redis_server.url,
-            concierge="rules",
-            typing_delay=0,
-            reply_lease=LEASE,
-        )
+        survivor = await concierge_node(nursery, tmp_path, pg_url, redis_server)
         assert survivor.port
         # The dead node's lease lasts long enough for staff to claim before it lapses.
         with stalled_node(pg_url, redis_server.url, llm, lease=5.0) as (doomed, port):
@@ -187,17 +186,7 @@ async def test_two_nodes_recovering_the_same_owed_messages_answer_each_once(
         nodes: list[ChatServer] = []
 
         async def start() -> None:
-            nodes.append(
-                await start_node(
-                    nursery,
-                    tmp_path,
-                    pg_url,
-                    bus=redis_server.url,
-                    concierge="rules",
-                    typing_delay=0,
-                    reply_lease=LEASE,
-                )
-            )
+            nodes.append(await concierge_node(nursery, tmp_path, pg_url, redis_server))
 
         async with trio.open_nursery() as starting:
             starting.start_soon(start)

@@ -7,7 +7,6 @@ schema 2), idempotently."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,6 @@ import pytest
 
 from trio_chat.core.storage import AppendMessage
 from trio_chat.server._backends import open_backend
-from trio_chat.server._store_memory import MemoryBackend
-
-BACKENDS = ["memory", "sqlite", "postgres"]
-
-
-@pytest.fixture(params=BACKENDS)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "memory":
-        backend: Any = MemoryBackend()
-    elif request.param == "sqlite":
-        backend = open_backend(tmp_path / "chat.db")
-    else:
-        backend = open_backend(request.getfixturevalue("pg_url"))
-    yield backend
-    backend.close()
 
 
 def guest(cid: str, text: str = "where is breakfast?") -> AppendMessage:

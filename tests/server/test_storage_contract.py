@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,7 @@ from trio_chat.core.storage import (
     TouchGuest,
 )
 from trio_chat.server._backends import open_backend
-from trio_chat.server._store_memory import MemoryBackend
 from trio_chat.server._store_postgres import PostgresBackend
-
-BACKENDS = ["memory", "sqlite", "postgres"]
 
 
 def guest_message(cid: str, cmid: str | None, text: str = "hi", key: str = "g:g") -> AppendMessage:
@@ -44,18 +40,6 @@ def system_message(
     return AppendMessage(
         conversation_id=cid, sender="system", text="changed", status=status, expect=expect
     )
-
-
-@pytest.fixture(params=BACKENDS)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "memory":
-        backend: Any = MemoryBackend()
-    elif request.param == "sqlite":
-        backend = open_backend(tmp_path / "chat.db")
-    else:
-        backend = open_backend(request.getfixturevalue("pg_url"))
-    yield backend
-    backend.close()
 
 
 def test_seq_is_contiguous_from_one(db: Any) -> None:

@@ -540,25 +540,22 @@ class ChatServer:
         # The one place a connection's failure stops: nothing here reaches another
         # connection or the server.
         self._handlers += 1
-        if self.config.proxy_protocol:
-            named = await self._read_proxy_header(stream)
-            if named is None:
-                self._handlers -= 1
-                self._idle.set()
-                with trio.move_on_after(self.config.close_timeout) as scope:
-                    scope.shield = True
-                    await trio.aclose_forcefully(stream)
-                return
-            stream = named
-        address = peer_address(stream)
-        refused = self.limits.enter(address)
         try:
-            await front.handle(stream, refused)
-        except Exception:
-            log.exception("connection handler failed")
+            if self.config.proxy_protocol:
+                named = await self._read_proxy_header(stream)
+                if named is None:
+                    return
+                stream = named
+            address = peer_address(stream)
+            refused = self.limits.enter(address)
+            try:
+                await front.handle(stream, refused)
+            except Exception:
+                log.exception("connection handler failed")
+            finally:
+                if refused is None:
+                    self.limits.leave(address)
         finally:
-            if refused is None:
-                self.limits.leave(address)
             self._handlers -= 1
             self._idle.set()
             with trio.move_on_after(self.config.close_timeout) as scope:

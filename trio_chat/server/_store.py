@@ -870,30 +870,29 @@ class _Pending:
 
     def fail(self, error: StorageError) -> None:
         self.error = error
-        on_error = self._let_go()
-        if on_error[1] is not None:
-            on_error[1](error)
+        on_error = self.operation.on_error
+        self._let_go()
+        if on_error is not None:
+            on_error(error)
         if self.done is not None:
             self.done.set()
 
     def succeed(self, result: Any) -> None:
         self.result = result
-        on_commit = self._let_go()
-        if on_commit[0] is not None:
-            on_commit[0](result)
+        on_commit = self.operation.on_commit
+        self._let_go()
+        if on_commit is not None:
+            on_commit(result)
         if self.done is not None:
             self.done.set()
 
-    def _let_go(self) -> tuple[Callable[[Any], None] | None, Callable[[Any], None] | None]:
-        """The operation's callbacks, which it lets go of now: exactly one runs, once.
-        They refer back to it (the shell's closures hold the hub's ``Write``, which holds
-        the operation), a reference cycle per write that only the cycle collector would
-        free: under load its collections of those cycles stalled every ack for up to
-        300 ms (the steady benchmark's p99)."""
-        operation = self.operation
-        callbacks = (operation.on_commit, operation.on_error)
-        operation.on_commit = operation.on_error = None
-        return callbacks
+    def _let_go(self) -> None:
+        """Exactly one of the operation's callbacks runs, once: the operation lets go of
+        both first. They refer back to it (the shell's closures hold the hub's
+        ``Write``, which holds the operation), a reference cycle per write that only
+        the cycle collector would free: under load its collections of those cycles
+        stalled every ack for up to 300 ms (the steady benchmark's p99)."""
+        self.operation.on_commit = self.operation.on_error = None
 
 
 class Store:
