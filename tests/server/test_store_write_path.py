@@ -128,6 +128,100 @@ def test_a_retry_across_batches_is_exact_and_the_next_batch_is_one_statement_aga
     assert [s for s, _ in stored(db, a)] == [1, 2, 3]
 
 
+def concierge_reply(cid: str, answers: int, text: str) -> AppendMessage:
+    return AppendMessage(
+        conversation_id=cid,
+        sender="ai",
+        author="concierge",
+        text=text,
+        expect=("ai", None),
+        reply_to=answers,
+    )
+
+
+def test_a_batch_with_replies_and_transitions_is_one_statement_with_its_checks(
+    tmp_path: Path,
+) -> None:
+    """The concierge's replies (a key each, an expected status) and a transition
+    (an expected status) share the guests' statement: no transaction of their own."""
+    db = Database(tmp_path / "chat.db")
+    a, b = populate(db, conversations=2, history=1)
+    asked_a, asked_b = db.apply_batch([guest_message(a, "a1", "a?"), guest_message(b, "b1", "b?")])
+    ops: list[Operation[Any]] = [
+        concierge_reply(a, asked_a.message.seq, "answer a"),
+        guest_message(b, "b2", "b again"),
+        concierge_reply(b, asked_b.message.seq, "answer b"),
+        AppendMessage(
+            conversation_id=b,
+            sender="system",
+            text="Olga joined.",
+            status=("staff", "s_1", "Olga"),
+            expect=("ai", None),
+        ),
+    ]
+    with counted_statements(db) as seen:
+        reply_a, again_b, reply_b, joined = db.apply_batch(ops)
+    assert len(seen) == 1
+    assert not any(r.duplicate or r.conflict for r in (reply_a, again_b, reply_b, joined))
+    assert stored(db, a)[1:] == [(2, "a?"), (3, "answer a")]
+    assert stored(db, b)[1:] == [(2, "b?"), (3, "b again"), (4, "answer b"), (5, "Olga joined.")]
+    row = db.conversation(b)
+    assert row is not None and (row.status, row.assigned_staff_id, row.last_seq) == (
+        "staff",
+        "s_1",
+        5,
+    )
+    # The keys were taken: a second reply to either guest message stores nothing.
+    (again,) = db.apply_batch([concierge_reply(a, asked_a.message.seq, "twice")])
+    assert again.duplicate and again.message.text == "answer a"
+
+
+def test_a_failed_check_in_the_statement_undoes_it_and_the_batch_is_exact(
+    tmp_path: Path,
+) -> None:
+    """A reply whose key is taken, and one decided against a status a transition of
+    the same batch changed, come after rows the statement had inserted: it is undone
+    whole, the batch applied one operation at a time, each result as if alone."""
+    db = Database(tmp_path / "chat.db")
+    a, b, c = populate(db, conversations=3, history=1)
+    asked_a, asked_b = db.apply_batch([guest_message(a, "a1", "a?"), guest_message(b, "b1", "b?")])
+    db.apply_batch([concierge_reply(a, asked_a.message.seq, "answer a")])
+    ops: list[Operation[Any]] = [
+        guest_message(c, "c1", "c first"),
+        AppendMessage(
+            conversation_id=b,
+            sender="system",
+            text="Olga joined.",
+            status=("staff", "s_1", "Olga"),
+            expect=("ai", None),
+        ),
+        concierge_reply(a, asked_a.message.seq, "a second answer"),
+        concierge_reply(b, asked_b.message.seq, "too late for b"),
+        guest_message(c, "c2", "c second"),
+    ]
+    first_c, joined, twice, late, second_c = db.apply_batch(ops)
+    assert not joined.conflict and joined.message.seq == 3
+    assert twice.duplicate and twice.message.text == "answer a"
+    assert late.conflict == ("staff", "s_1", "Olga")
+    assert [first_c.message.seq, second_c.message.seq] == [2, 3]
+    assert stored(db, a)[1:] == [(2, "a?"), (3, "answer a")]
+    assert stored(db, b)[1:] == [(2, "b?"), (3, "Olga joined.")]
+    assert stored(db, c)[1:] == [(2, "c first"), (3, "c second")]
+    # b's reply key was not taken by the refused reply.
+    released = AppendMessage(
+        conversation_id=b,
+        sender="system",
+        text="Back to the concierge.",
+        status=("ai", None, None),
+        expect=("staff", "s_1"),
+    )
+    with counted_statements(db) as seen:
+        (given,) = db.apply_batch([released])
+        (answer,) = db.apply_batch([concierge_reply(b, asked_b.message.seq, "now b")])
+    assert len(seen) == 2 and given.conflict is None
+    assert not answer.duplicate and answer.message.seq == 5
+
+
 def test_a_schema_2_file_is_used_as_it_is(tmp_path: Path) -> None:
     """The one-statement path lives in the writer connection's temporary schema: an
     existing file needs no migration and its stored schema does not change."""

@@ -77,11 +77,12 @@ BACKSTOP_CHECKPOINT_PAGES: Final = 16_384  # 64 MiB of 4 KiB pages
 PREVIEW_CHARS: Final = 120
 
 # (head, one row, tail) of the batch statements: see Database._execute_rows.
-ROWS_PER_STATEMENT: Final = 64  # 14 x 64 parameters, far below SQLite's 32,766
+ROWS_PER_STATEMENT: Final = 64  # 16 x 64 parameters, far below SQLite's 32,766
 _INSERT_MESSAGES: Final = (
     "INSERT INTO message_batch(conversation_id, seq, sender, author, author_key, text, ts, "
-    "client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name, "
+    "expect_status, expect_staff_id, reply_to) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "",
 )
 
@@ -90,15 +91,26 @@ _INSERT_MESSAGES: Final = (
 # into the view stores the message and writes its conversation's summary (and status,
 # for a transition) in the same SQLite step, so a batch of new messages is ONE
 # statement, committed by itself: one GIL hand-off pair per batch where BEGIN, INSERT,
-# UPDATE and COMMIT took four. Its statements run under the outer statement's conflict
-# handling: a retry (the idempotency index) aborts the whole statement.
+# UPDATE and COMMIT took four. The checks a message may carry run in the same step: a
+# transition's or a reply's expected status (``expect``) and a reply's key
+# (``reply_to``). Its statements run under the outer statement's conflict handling: a
+# retry (the idempotency index), a key already taken or a status changed meanwhile
+# aborts the whole statement, and the batch is applied again one operation at a time.
 _WRITER_TEMP_SCHEMA: Final = """
-CREATE TEMP VIEW IF NOT EXISTS message_batch(conversation_id, seq, sender, author, author_key,
-    text, ts, client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name)
-    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+CREATE TEMP VIEW message_batch(conversation_id, seq, sender, author, author_key,
+    text, ts, client_msg_id, updated_ts, preview, new_status, assigned_staff_id, assigned_name,
+    expect_status, expect_staff_id, reply_to)
+    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL
     WHERE 0;
-CREATE TEMP TRIGGER IF NOT EXISTS message_batch_insert INSTEAD OF INSERT ON message_batch
+CREATE TEMP TRIGGER message_batch_insert INSTEAD OF INSERT ON message_batch
 BEGIN
+    SELECT RAISE(ABORT, 'status changed')
+    WHERE NEW.expect_status IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM conversations WHERE conversation_id = NEW.conversation_id
+        AND status = NEW.expect_status AND assigned_staff_id IS NEW.expect_staff_id);
+    INSERT INTO concierge_replies(conversation_id, guest_seq, reply_seq)
+    SELECT NEW.conversation_id, NEW.reply_to, NEW.seq WHERE NEW.reply_to IS NOT NULL;
     INSERT INTO messages(conversation_id, seq, sender, author, author_key, text, ts,
                          client_msg_id)
     VALUES (NEW.conversation_id, NEW.seq, NEW.sender, NEW.author, NEW.author_key, NEW.text,
@@ -255,6 +267,8 @@ class Database:
         self._touched = {}  # conversation rows to write at the end of the batch
         self._rows: list[tuple[Any, ...]] = []  # messages to insert at the end of the batch
         self._optimistic = True
+        # _apply_alone: the statement checks expect and reply_to (else append does)
+        self._checks_in_statement = False
         # sqlite3 connections are not thread-safe; each is used by one thread at a time.
         self._read_lock = threading.Lock()
 
@@ -336,23 +350,23 @@ class Database:
 
         The common batch costs one statement, not a few per message: the writer thread
         gives up the GIL for every SQLite step and under load waits for the busy event
-        loop to take it back. So a batch of new messages only (the common one) is
-        applied assuming none is a retry: one multi-row ``INSERT`` into the
-        ``message_batch`` view stores the messages and their conversations' rows and,
-        run outside any transaction, commits by itself. Any other batch, or one larger
-        than a statement, runs the same inserts between ``BEGIN IMMEDIATE`` and
-        ``COMMIT``. If an insert meets a retry of a stored message (rare: the
-        idempotency index aborts the statement, nothing of it stays), the batch is
-        applied again one message at a time in a transaction.
+        loop to take it back. So a batch of new messages only (the common one, the
+        concierge's replies and the transitions' system messages included) is applied
+        assuming every check passes: one multi-row ``INSERT`` into the
+        ``message_batch`` view stores the messages and their conversations' rows, checks
+        each expected status and takes each reply's key, and, run outside any
+        transaction, commits by itself. Any other batch, or one larger than a
+        statement, runs the same inserts between ``BEGIN IMMEDIATE`` and ``COMMIT``,
+        with the checks made one operation at a time. If a check fails or an insert
+        meets a retry of a stored message (rare: the statement aborts, nothing of it
+        stays), the batch is applied again one message at a time in a transaction.
 
         Returns one result per operation. Raises :class:`StorageError` if the batch
         could not commit; then nothing of it was stored.
         """
         try:
             if 0 < len(operations) <= ROWS_PER_STATEMENT and all(
-                # A reply's key (reply_to) is its own statement: transaction path.
-                isinstance(op, AppendMessage) and op.expect is None and op.reply_to is None
-                for op in operations
+                isinstance(op, AppendMessage) for op in operations
             ):
                 results = self._apply_alone(operations)
                 if results is not None:
@@ -382,10 +396,12 @@ class Database:
 
     def _apply_alone(self, operations: list[Operation[Any]]) -> list[Any] | None:
         """New messages only, in one statement that is its own transaction (SQLite
-        commits it at its end, ``synchronous`` as configured). ``None`` if it stored
-        nothing and the batch must take the transaction path: it met a retry, or
-        another connection held the lock at the moment it needed it."""
+        commits it at its end, ``synchronous`` as configured) and makes the messages'
+        checks itself. ``None`` if it stored nothing and the batch must take the
+        transaction path: it met a retry, a reply's key already taken or a status other
+        than expected, or another connection held the lock when it needed it."""
         self._optimistic = True
+        self._checks_in_statement = True
         self._rows = []
         self._touched = {}
         try:
@@ -400,6 +416,7 @@ class Database:
                 raise
             return None
         finally:
+            self._checks_in_statement = False
             self._rows = []
             self._touched = {}
         return results
@@ -448,12 +465,13 @@ class Database:
         return last + 1
 
     def append(self, op: AppendMessage) -> Appended:
-        if op.expect is not None:
+        in_statement = self._checks_in_statement
+        if op.expect is not None and not in_statement:
             conflict = self._conflict(op)
             if conflict is not None:
                 return conflict
         seq = self._next_seq(op.conversation_id)
-        if op.reply_to is not None and not self._take_reply_key(op, seq):
+        if op.reply_to is not None and not in_statement and not self._take_reply_key(op, seq):
             return self._stored_reply(op)
         now = time.time()
         message = Message(
@@ -472,6 +490,8 @@ class Database:
             now,
             op.text[:PREVIEW_CHARS],
             *new_status,
+            *(op.expect if in_statement and op.expect is not None else (None, None)),
+            op.reply_to if in_statement else None,
         )
         if self._optimistic:
             self._rows.append(row)
