@@ -7,7 +7,7 @@ import pytest
 
 from trio_chat.bench._peers import Target
 from trio_chat.bench._profile import WRITER, breakdown, classify
-from trio_chat.bench._scenarios import THROUGHPUT_TARGETS, Figure, throughput_figures
+from trio_chat.bench._scenarios import THROUGHPUT_TARGETS, Figure, in_turn, throughput_figures
 
 NULL_CHAT, NULL_ECHO, NULL_SIO, CHAT_OFF, CHAT_ON, TW_ECHO, WS_ECHO, SIO = THROUGHPUT_TARGETS
 
@@ -173,3 +173,17 @@ def test_targets_name_how_the_load_generator_speaks_to_them() -> None:
         t.dialect for t in THROUGHPUT_TARGETS if t.kind != "null"
     }
     assert Target("chat", "chat", "rules").label == "trio-chat, concierge on"
+
+
+def test_each_round_takes_the_targets_in_another_turn() -> None:
+    """No target always runs first, last or right after the same one (the machine
+    slows under sustained load: a fixed order favoured whoever ran first)."""
+    targets = list("abcdefgh")
+    orders = [in_turn(targets, r, 3) for r in range(3)]
+    assert orders[0] == targets
+    assert all(sorted(order) == targets for order in orders)
+    assert len({order[0] for order in orders}) == 3
+    assert len({order[-1] for order in orders}) == 3
+    followers = {order[order.index("d") + 1] for order in orders if order[-1] != "d"}
+    assert followers == {"c", "e"}
+    assert in_turn(targets, 0, 1) == targets

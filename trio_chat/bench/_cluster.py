@@ -48,6 +48,7 @@ from ._scenarios import (
     Figure,
     Steps,
     closed_loop,
+    in_turn,
     quantiles,
     read_json_line,
     source_address,
@@ -218,8 +219,8 @@ async def _throughput(
     runs += [(ONE_NODE, large), (TWO_NODES, large)]
     rates: dict[tuple[Setup, int], list[float]] = {}
     latencies: dict[tuple[Setup, int], list[float]] = {}
-    for _ in range(sizes.rounds):
-        for setup, crowd in runs:
+    for round_ in range(sizes.rounds):
+        for setup, crowd in in_turn(runs, round_, sizes.rounds):
             with tempfile.TemporaryDirectory() as tmp:
                 async with _started(setup, databases, bus, Path(tmp)) as url:
                     rate, lat = await closed_loop(url, "chat", crowd, sizes.duration, sizes.workers)

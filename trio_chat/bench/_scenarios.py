@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -206,7 +206,21 @@ async def closed_loop(
     return rate, sorted(x for r in results for x in r["latencies"])
 
 
+T = TypeVar("T")
+
 SATURATING: Final = 4  # the second crowd, in multiples of ``guests``
+
+
+def in_turn(targets: Sequence[T], round_: int, rounds: int) -> list[T]:
+    """The order of the targets in round ``round_`` of ``rounds``: each round starts at
+    another target, spread evenly, and every other round runs backwards, so no target
+    always runs first, last or right after the same one. This machine runs slower
+    under minutes of load than after a pause, and by up to a quarter from one minute to
+    the next: in one fixed order, concierge on always ran right after concierge off."""
+    start = round_ * len(targets) // max(1, rounds)
+    order = [*targets[start:], *targets[:start]]
+    return order[::-1] if round_ % 2 else order
+
 
 THROUGHPUT_TARGETS: Final = (
     Target("null", "chat"),
@@ -386,9 +400,9 @@ async def scenario_throughput(
     per_round: dict[tuple[Target, int], list[float]] = {}
     latencies: dict[tuple[Target, int], list[float]] = {}
     steps.start(name, rounds * len(crowds) * len(targets))
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for crowd in crowds:
-            for target in targets:
+            for target in in_turn(targets, round_, rounds):
                 with tempfile.TemporaryDirectory() as tmp:
                     async with serving(target, Path(tmp), peer) as (url, _):
                         rate, lat = await closed_loop(url, target.dialect, crowd, duration, workers)
