@@ -140,9 +140,37 @@ async def _wait_listening(port: int, proc: trio.Process, within: float = 30) -> 
             await trio.sleep(0.05)
 
 
-def code_env(code: str) -> dict[str, str] | None:
-    """The environment that runs the trio-chat source tree at ``code`` ("": this one)."""
-    return {"PYTHONPATH": str(Path(code).resolve())} if code else None
+def code_env(code: str) -> dict[str, str]:
+    """The environment that runs the trio-chat source tree at ``code`` ("": this one).
+
+    ``python -m`` puts the working directory first on the import path: run from a
+    checkout, it imported that checkout's ``trio_chat`` ahead of ``PYTHONPATH``, and an
+    A/B run from the repository compared the code with itself. ``PYTHONSAFEPATH``
+    (Python 3.11) leaves the working directory out."""
+    env = {"PYTHONSAFEPATH": "1"}
+    if code:
+        env["PYTHONPATH"] = str(Path(code).resolve())
+    return env
+
+
+def tree_problem(code: str) -> str | None:
+    """Why ``code`` cannot be compared (``--compare-with``): it holds no ``trio_chat``
+    package, or another one is imported in its place; None when it is the one that
+    runs."""
+    package = Path(code).resolve() / "trio_chat"
+    if not (package / "__init__.py").is_file():
+        return f"{code} holds no trio_chat package (a checkout of trio-chat, please)"
+    done = subprocess.run(
+        [sys.executable, "-c", "import trio_chat; print(trio_chat.__file__)"],
+        env={**os.environ, **code_env(code)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = Path(done.stdout.strip()).resolve().parent if done.returncode == 0 else None
+    if found != package:
+        return f"--compare-with {code}: its server would run {found or done.stderr.strip()}"
+    return None
 
 
 @asynccontextmanager

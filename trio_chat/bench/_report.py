@@ -15,7 +15,7 @@ import trio
 
 from ._cluster import QUICK, ClusterSizes, scenario_cluster
 from ._cost import scenario_cost
-from ._peers import Storage, Target, on_storage, peer_python
+from ._peers import Storage, Target, on_storage, peer_python, tree_problem
 from ._profile import STAGES, WRITER, scenario_profile
 from ._scenarios import (
     ENGINE_TARGETS,
@@ -381,6 +381,8 @@ def bench_command(args: argparse.Namespace) -> int:
         report(figures, saved.get("series", {}), args.json, None, args.plots)
         return 0
     problem = check_storage(args)
+    if problem is None and getattr(args, "compare_with", None):
+        problem = tree_problem(args.compare_with)
     if problem is not None:
         print(f"trio-chat bench: {problem}", file=sys.stderr)
         return 2
