@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio_websocket
 from hypothesis import given, settings
@@ -306,6 +307,43 @@ async def test_a_responder_that_answers_at_once_is_called_directly(
         await guest.send(type="message", client_msg_id="m1", text="hello?")
         assert (await guest.expect("message", sender="ai"))["text"] == "at once: hello?"
     assert responder.asked == ["hello?"]
+
+
+async def test_an_instant_answer_takes_no_task_a_typing_pause_one_each(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no typing pause the answer is given in the commit's callback that asked for
+    it (a task per reply cost the concierge-on server a tenth of its CPU a message);
+    with a pause, each reply waits in a task of its own, typing shown meanwhile."""
+    spawned: list[str] = []
+
+    for pause in (0.0, 0.2):
+        config = make_config(tmp_path / str(pause), typing_delay=pause)
+        srv = ChatServer(config, responder=AnswersAtOnce())
+        await nursery.start(srv.run)
+        assert srv.port and srv._work is not None
+        work = srv._work
+
+        def counted(fn: Any, *args: Any, original: Any = work.start_soon, **kw: Any) -> None:
+            spawned.append(fn.__qualname__)
+            original(fn, *args, **kw)
+
+        monkeypatch.setattr(work, "start_soon", counted)
+        spawned.clear()
+        async with connect(srv.port) as guest:
+            await guest.hello(None, name="Maria")
+            for k in range(3):
+                await guest.send(type="message", client_msg_id=f"m{k}", text=f"q{k}")
+                await guest.expect("ack")
+                acked = trio.current_time()
+                await guest.expect("typing", sender="ai", active=True)
+                reply = await guest.expect("message", sender="ai")
+                assert reply["text"] == f"at once: q{k}"
+                assert trio.current_time() - acked >= pause * 0.9
+                await guest.expect("typing", sender="ai", active=False)
+        replies = [name for name in spawned if "_start_reply" in name]
+        assert len(replies) == (0 if pause == 0 else 3), spawned
+        srv.shutdown()
 
 
 async def test_a_responder_that_fails_at_once_still_hands_over(

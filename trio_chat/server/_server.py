@@ -94,6 +94,13 @@ __all__ = ["GC_THRESHOLDS", "ChatServer", "ServerConfig"]
 
 log = logging.getLogger("trio_chat.server")
 
+# What the guest reads when the responder raised: it hands over to staff.
+RESPONDER_FAILED: Final = ResponderReply(
+    "I'm sorry, I'm having trouble answering right now. I'm "
+    "asking a member of our team to help you.",
+    escalate=True,
+)
+
 # The collector thresholds of processes that hold thousands of long-lived objects: the
 # server (``trio-chat serve``) and the load generators. CPython's defaults rescan them
 # all again and again, in pauses of 60-200 ms (see docs/benchmarks.md).
@@ -756,8 +763,33 @@ class ChatServer:
 
     def _start_reply(self, start: StartReply) -> None:
         """Answer in the server's nursery (not the connection's: a reply must still come
-        if the guest closes the tab)."""
+        if the guest closes the tab); or here and now, when nothing is to be waited for."""
         if self._work is None or self._shutdown.is_set():
+            return
+        responder = self._responder
+        answer_now: Callable[[ResponderRequest], ResponderReply] | None = getattr(
+            responder, "respond_now", None
+        )
+        if (
+            answer_now is not None
+            and self.config.typing_delay <= 0
+            and self._reply_leases is None
+            and not getattr(responder, "history_window", 0)
+        ):
+            # An instant answer with nothing to wait for (no typing pause, no lease to
+            # take, no history to read) is given in the commit's callback that asked
+            # for it: no task per reply, no trip through the scheduler. Its write
+            # queues behind the guest's. (The concierge on: 0.90 x the CPU a message.)
+            given = self._answer_now(answer_now, self._request(start, []))
+            try:
+                actions = self.hub.replied(
+                    start.conversation_id, given.text, given.escalate, *self._clock()
+                )
+                self._perform_now(actions)
+            except ProtocolError as exc:
+                log.warning("the reply for %s failed: %s", start.conversation_id, exc)
+            except Exception:
+                log.exception("the reply for %s failed", start.conversation_id)
             return
         self._background += 1
 
@@ -805,26 +837,14 @@ class ChatServer:
             stored = await self.store.read(self.store.db.recent, start.conversation_id, window + 1)
             recent = [m for m in stored if m.seq < start.message.seq][-window:]
 
-        def draft(text: str) -> None:
-            for action in self.hub.drafted(start.conversation_id, text, *self._clock()):
-                if isinstance(action, Send):
-                    self._carry_out(action)
-
-        request = ResponderRequest(
-            start.conversation_id,
-            start.guest_id,
-            start.guest_name,
-            start.message.text,
-            tuple(recent),
-            draft,
-        )
+        request = self._request(start, recent)
         answer_now: Callable[[ResponderRequest], ResponderReply] | None = getattr(
             responder, "respond_now", None
         )
+        if answer_now is not None:
+            # It answers without waiting (the rules): no timeout to arm, no coroutine.
+            return self._answer_now(answer_now, request)
         try:
-            if answer_now is not None:
-                # It answers without waiting (the rules): no timeout to arm, no coroutine.
-                return answer_now(request)
             # A responder that keeps its own deadline (the language model, which then
             # falls back to the rules) gets the time to do so, and a little more.
             own = getattr(responder, "answer_timeout", None)
@@ -835,11 +855,32 @@ class ChatServer:
                 return await responder.respond(request)
         except Exception:
             log.exception("the responder failed; handing over to staff")
-            return ResponderReply(
-                "I'm sorry, I'm having trouble answering right now. I'm "
-                "asking a member of our team to help you.",
-                escalate=True,
-            )
+            return RESPONDER_FAILED
+
+    def _request(self, start: StartReply, recent: list[Message]) -> ResponderRequest:
+        def draft(text: str) -> None:
+            for action in self.hub.drafted(start.conversation_id, text, *self._clock()):
+                if isinstance(action, Send):
+                    self._carry_out(action)
+
+        return ResponderRequest(
+            start.conversation_id,
+            start.guest_id,
+            start.guest_name,
+            start.message.text,
+            tuple(recent),
+            draft,
+        )
+
+    @staticmethod
+    def _answer_now(
+        answer_now: Callable[[ResponderRequest], ResponderReply], request: ResponderRequest
+    ) -> ResponderReply:
+        try:
+            return answer_now(request)
+        except Exception:
+            log.exception("the responder failed; handing over to staff")
+            return RESPONDER_FAILED
 
     # -- revocation (staff hardening) ------------------------------------------------
 
