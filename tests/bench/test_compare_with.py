@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 import trio_chat
-from trio_chat.bench._peers import code_env, tree_problem
+from trio_chat.bench._peers import (
+    BENCH_SERVER_FLAGS,
+    bench_flags,
+    code_env,
+    missing_flags,
+    tree_problem,
+)
 
 REPOSITORY = Path(trio_chat.__file__).resolve().parent.parent
 
@@ -52,3 +58,20 @@ def test_the_bench_refuses_a_tree_it_would_not_run(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2 and "no trio_chat package" in done.stderr
+
+
+def test_an_earlier_server_gets_only_the_bench_flags_it_takes(tmp_path: Path) -> None:
+    """A tree from before the limits took no flag to turn them off: its server starts
+    without those flags instead of exiting on an unknown option."""
+    other = fake_tree(tmp_path / "older")
+    (other / "trio_chat" / "_cli.py").write_text(
+        "import argparse\n"
+        "serve = argparse.ArgumentParser(prog='trio-chat serve')\n"
+        'serve.add_argument("--rate-limit")\n'
+        'serve.add_argument("--heartbeat")\n'
+    )
+    flags = bench_flags(str(other))
+    assert flags == ["--rate-limit", "0", "--heartbeat", "0"]
+    assert "--typing-delay" in missing_flags(str(other))
+    assert bench_flags("") == list(BENCH_SERVER_FLAGS)
+    assert missing_flags(str(REPOSITORY)) == []

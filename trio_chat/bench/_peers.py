@@ -203,15 +203,54 @@ BENCH_SERVER_FLAGS: Final = (
 
 
 def chat_server_args(
-    port: int, db: Path | str, concierge: str = "off", engine: str = "", bus: str = ""
+    port: int,
+    db: Path | str,
+    concierge: str = "off",
+    engine: str = "",
+    bus: str = "",
+    code: str = "",
 ) -> list[str]:
-    """``trio-chat serve`` as benchmarks run it (``BENCH_SERVER_FLAGS``)."""
+    """``trio-chat serve`` as benchmarks run it (``BENCH_SERVER_FLAGS``, less those the
+    server of the tree ``code`` does not know)."""
     engine_flags = ["--frame-engine", engine] if engine else []
     bus_flags = ["--bus", bus] if bus else []
     return [
         "-m", "trio_chat", "serve", "--port", str(port), "--db", str(db),
-        "--concierge", concierge, *BENCH_SERVER_FLAGS, *engine_flags, *bus_flags,
+        "--concierge", concierge, *bench_flags(code), *engine_flags, *bus_flags,
     ]  # fmt: skip
+
+
+_KNOWN_FLAGS: dict[str, frozenset[str]] = {}
+
+
+def serve_flags(code: str) -> frozenset[str]:
+    """The benchmark flags the source tree ``code`` mentions (its ``--help`` leaves out
+    the hidden ones, such as ``--typing-delay``)."""
+    if code not in _KNOWN_FLAGS:
+        source = "\n".join(
+            path.read_text(errors="replace") for path in (Path(code) / "trio_chat").rglob("*.py")
+        )
+        flags = BENCH_SERVER_FLAGS[::2]
+        _KNOWN_FLAGS[code] = frozenset(f for f in flags if f'"{f}"' in source)
+    return _KNOWN_FLAGS[code]
+
+
+def bench_flags(code: str = "") -> list[str]:
+    """``BENCH_SERVER_FLAGS`` that the server of ``code`` takes: an earlier tree may
+    predate some (the limits each came with their issue); what it lacks it does not
+    have, so there is nothing to turn off. Except the typing pause: see
+    :func:`missing_flags`."""
+    if not code:
+        return list(BENCH_SERVER_FLAGS)
+    known = serve_flags(code)
+    pairs = zip(BENCH_SERVER_FLAGS[::2], BENCH_SERVER_FLAGS[1::2], strict=True)
+    return [item for flag, value in pairs if flag in known for item in (flag, value)]
+
+
+def missing_flags(code: str) -> list[str]:
+    """The benchmark flags the server of ``code`` does not take."""
+    known = serve_flags(code)
+    return [flag for flag in BENCH_SERVER_FLAGS[::2] if flag not in known]
 
 
 def chat_server_process(db: Path, code: str = "", storage: Storage = FRESH_SQLITE) -> ServerProcess:
@@ -226,7 +265,7 @@ def chat_server_process(db: Path, code: str = "", storage: Storage = FRESH_SQLIT
         free_port(),
         "--concierge",
         "off",
-        *BENCH_SERVER_FLAGS,
+        *bench_flags(code),
         *url_flags,
         *storage.flags,
         env=code_env(code),
@@ -256,6 +295,7 @@ async def serving(
                 target.concierge,
                 target.engine,
                 target.storage.bus,
+                target.code,
             ),
         ]
         path = "/ws"

@@ -15,7 +15,7 @@ import trio
 
 from ._cluster import QUICK, ClusterSizes, scenario_cluster
 from ._cost import scenario_cost
-from ._peers import Storage, Target, on_storage, peer_python, tree_problem
+from ._peers import Storage, Target, missing_flags, on_storage, peer_python, tree_problem
 from ._profile import STAGES, WRITER, scenario_profile
 from ._scenarios import (
     ENGINE_TARGETS,
@@ -386,6 +386,20 @@ def bench_command(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"trio-chat bench: {problem}", file=sys.stderr)
         return 2
+    if getattr(args, "compare_with", None):
+        lacking = missing_flags(args.compare_with)
+        if lacking:
+            print(
+                f"trio-chat bench: the server of {args.compare_with} runs without "
+                f"{', '.join(lacking)} (it predates them)"
+                + (
+                    "; its concierge pauses before every reply, so its concierge-on "
+                    "figures do not compare"
+                    if "--typing-delay" in lacking
+                    else ""
+                ),
+                file=sys.stderr,
+            )
     figures, series = trio.run(run_benchmarks, args)
     report(figures, series, args.json, getattr(args, "out", None), getattr(args, "plots", None))
     return 0
