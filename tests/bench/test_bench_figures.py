@@ -7,7 +7,14 @@ import pytest
 
 from trio_chat.bench._peers import Target
 from trio_chat.bench._profile import WRITER, breakdown, classify
-from trio_chat.bench._scenarios import THROUGHPUT_TARGETS, Figure, in_turn, throughput_figures
+from trio_chat.bench._scenarios import (
+    THROUGHPUT_TARGETS,
+    Figure,
+    cpu_figures,
+    in_turn,
+    process_cpu,
+    throughput_figures,
+)
 
 NULL_CHAT, NULL_ECHO, NULL_SIO, CHAT_OFF, CHAT_ON, TW_ECHO, WS_ECHO, SIO = THROUGHPUT_TARGETS
 
@@ -187,3 +194,26 @@ def test_each_round_takes_the_targets_in_another_turn() -> None:
     followers = {order[order.index("d") + 1] for order in orders if order[-1] != "d"}
     assert followers == {"c", "e"}
     assert in_turn(targets, 0, 1) == targets
+
+
+def test_cpu_figures_set_each_server_beside_the_same_baselines_as_the_rates() -> None:
+    chat, on, echo = (
+        Target("chat", "chat"),
+        Target("chat", "chat", "rules"),
+        Target("trio-websocket", "echo"),
+    )
+    old = Target("chat", "chat", code="/elsewhere")
+    cpu = {(chat, 50): 120.0, (on, 50): 200.0, (echo, 50): 60.0, (old, 50): 150.0}
+    figures = {f.baseline_name: f for f in cpu_figures(cpu, [50])}
+    assert figures[echo.label].ratio == 2.0 and figures[echo.label].unit == "µs"
+    assert figures[chat.label].value == 200.0  # concierge on, beside off
+    assert figures[old.label].ratio == 0.8
+    assert all(f.verdict == "" for f in figures.values())
+
+
+def test_process_cpu_reads_this_process() -> None:
+    import os
+
+    spent = process_cpu(os.getpid())
+    assert spent is not None and spent > 0
+    assert process_cpu(2**22 + 12345) is None

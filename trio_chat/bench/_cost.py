@@ -150,8 +150,11 @@ async def scenario_cost(
             "valgrind", "--tool=callgrind", "--instr-atstart=no",
             f"--callgrind-out-file={out_dir}/cg.%p",
         ]  # fmt: skip
-        for target in targets:
-            async with serving(target, out_dir, wrap=wrap, within=300) as (url, proc):
+        for index, target in enumerate(targets):
+            # A database of its own each: an earlier tree cannot open a later schema.
+            workdir = out_dir / f"server-{index}"
+            workdir.mkdir()
+            async with serving(target, workdir, wrap=wrap, within=300) as (url, proc):
                 counted[target] = await _counted_rounds(
                     url,
                     proc.pid,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import signal
 import statistics
@@ -337,6 +338,55 @@ def throughput_figures(
     return figures
 
 
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds the process has used, all its threads (None off Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_figures(cpu: dict[tuple[Target, int], float], crowds: Sequence[int]) -> list[Figure]:
+    """The server's CPU per answered message (all its threads, the connections'
+    opening included), beside the same baselines as the rates. Other work on the
+    machine slows a server without adding to its CPU time, so these ratios move far
+    less from one round to the next than the rates do (a figure, not a target)."""
+    figures: list[Figure] = []
+    by_kind = {(t.kind, t.concierge, bool(t.code), crowd): t for t, crowd in cpu if not t.engine}
+    for crowd in crowds:
+
+        def spent(
+            kind: str, concierge: str = "off", *, old: bool = False, crowd: int = crowd
+        ) -> tuple[Target, float] | None:
+            target = by_kind.get((kind, concierge, old, crowd))
+            return None if target is None else (target, cpu[(target, crowd)])
+
+        pairs = [
+            (spent("chat"), spent("trio-websocket")),
+            (spent("chat"), spent("socketio")),
+            (spent("chat", "rules"), spent("chat")),
+            (spent("chat"), spent("chat", old=True)),
+            (spent("chat", "rules"), spent("chat", "rules", old=True)),
+        ]
+        for ours, theirs in pairs:
+            if ours is None or theirs is None:
+                continue
+            figures.append(
+                Figure(
+                    f"server CPU per answered message, {crowd} guests: {ours[0].label}",
+                    ours[1],
+                    theirs[1],
+                    "µs",
+                    "lower",
+                    "",
+                    theirs[0].label,
+                )
+            )
+    return figures
+
+
 ENGINE_TARGETS: Final = (
     Target("null", "chat"),
     Target("chat", "chat", "off", "wsproto"),
@@ -399,19 +449,30 @@ async def scenario_throughput(
     crowds = (guests, guests * SATURATING)
     per_round: dict[tuple[Target, int], list[float]] = {}
     latencies: dict[tuple[Target, int], list[float]] = {}
+    cpu_rounds: dict[tuple[Target, int], list[float]] = {}
     steps.start(name, rounds * len(crowds) * len(targets))
     for round_ in range(rounds):
         for crowd in crowds:
             for target in in_turn(targets, round_, rounds):
                 with tempfile.TemporaryDirectory() as tmp:
-                    async with serving(target, Path(tmp), peer) as (url, _):
+                    async with serving(target, Path(tmp), peer) as (url, proc):
+                        before = process_cpu(proc.pid)
                         rate, lat = await closed_loop(url, target.dialect, crowd, duration, workers)
+                        after = process_cpu(proc.pid)
                 per_round.setdefault((target, crowd), []).append(rate)
                 latencies.setdefault((target, crowd), []).extend(lat)
+                if before is not None and after is not None and rate > 0:
+                    spent = (after - before) / (rate * duration) * 1e6
+                    cpu_rounds.setdefault((target, crowd), []).append(spent)
                 steps.advance(f"{target.label}, {crowd} guests")
     rates = {key: statistics.median(values) for key, values in per_round.items()}
     figures = figures_of(rates, latencies, crowds)
+    cpu = {key: statistics.median(values) for key, values in cpu_rounds.items()}
+    figures += cpu_figures(cpu, crowds)
     series = {
+        f"{name}_cpu_us_per_message": {
+            f"{t.label}, {crowd} guests": v for (t, crowd), v in cpu_rounds.items()
+        },
         f"{name}_latency_ms": {
             f"{t.label}, {crowd} guests": quantiles(sorted(v))
             for (t, crowd), v in latencies.items()
