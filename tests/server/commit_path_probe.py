@@ -50,6 +50,29 @@ def guest_message(cid: str, cmid: str, text: str) -> AppendMessage:
     )
 
 
+def concierge_reply(cid: str, answers: int, text: str = "On the first floor.") -> AppendMessage:
+    """The concierge's reply to the guest message ``answers`` (its seq)."""
+    return AppendMessage(
+        conversation_id=cid,
+        sender="ai",
+        author="concierge",
+        text=text,
+        expect=("ai", None),
+        reply_to=answers,
+    )
+
+
+def staff_joins(cid: str) -> AppendMessage:
+    """Olga claims ``cid`` from the concierge (a transition: status and its check)."""
+    return AppendMessage(
+        conversation_id=cid,
+        sender="system",
+        text="Olga joined.",
+        status=("staff", "s_1", "Olga"),
+        expect=("ai", None),
+    )
+
+
 _SQLITE_CALLS = frozenset(
     {"Connection.execute", "Connection.executemany", "Connection.executescript"}
     | {"Cursor.execute", "Cursor.executemany", "Cursor.executescript"}

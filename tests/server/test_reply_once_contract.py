@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.server.commit_path_probe import concierge_reply
 from trio_chat.core.storage import AppendMessage
 from trio_chat.server._backends import open_backend
 
@@ -22,15 +23,7 @@ def guest(cid: str, text: str = "where is breakfast?") -> AppendMessage:
     )
 
 
-def reply(cid: str, answers: int, text: str = "On the first floor.") -> AppendMessage:
-    return AppendMessage(
-        conversation_id=cid,
-        sender="ai",
-        author="concierge",
-        text=text,
-        expect=("ai", None),
-        reply_to=answers,
-    )
+reply = concierge_reply
 
 
 def test_a_second_reply_to_the_same_guest_message_stores_nothing(db: Any) -> None:

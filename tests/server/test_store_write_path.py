@@ -16,10 +16,12 @@ from typing import Any
 import trio
 
 from tests.server.commit_path_probe import (
+    concierge_reply,
     counted_statements,
     guest_message,
     measure_batches,
     populate,
+    staff_joins,
 )
 from trio_chat.server._store import (
     WRITER_SWITCH_INTERVAL,
@@ -128,17 +130,6 @@ def test_a_retry_across_batches_is_exact_and_the_next_batch_is_one_statement_aga
     assert [s for s, _ in stored(db, a)] == [1, 2, 3]
 
 
-def concierge_reply(cid: str, answers: int, text: str) -> AppendMessage:
-    return AppendMessage(
-        conversation_id=cid,
-        sender="ai",
-        author="concierge",
-        text=text,
-        expect=("ai", None),
-        reply_to=answers,
-    )
-
-
 def test_a_batch_with_replies_and_transitions_is_one_statement_with_its_checks(
     tmp_path: Path,
 ) -> None:
@@ -151,13 +142,7 @@ def test_a_batch_with_replies_and_transitions_is_one_statement_with_its_checks(
         concierge_reply(a, asked_a.message.seq, "answer a"),
         guest_message(b, "b2", "b again"),
         concierge_reply(b, asked_b.message.seq, "answer b"),
-        AppendMessage(
-            conversation_id=b,
-            sender="system",
-            text="Olga joined.",
-            status=("staff", "s_1", "Olga"),
-            expect=("ai", None),
-        ),
+        staff_joins(b),
     ]
     with counted_statements(db) as seen:
         reply_a, again_b, reply_b, joined = db.apply_batch(ops)
@@ -188,13 +173,7 @@ def test_a_failed_check_in_the_statement_undoes_it_and_the_batch_is_exact(
     db.apply_batch([concierge_reply(a, asked_a.message.seq, "answer a")])
     ops: list[Operation[Any]] = [
         guest_message(c, "c1", "c first"),
-        AppendMessage(
-            conversation_id=b,
-            sender="system",
-            text="Olga joined.",
-            status=("staff", "s_1", "Olga"),
-            expect=("ai", None),
-        ),
+        staff_joins(b),
         concierge_reply(a, asked_a.message.seq, "a second answer"),
         concierge_reply(b, asked_b.message.seq, "too late for b"),
         guest_message(c, "c2", "c second"),
