@@ -155,3 +155,124 @@ async def test_writing_without_blocking_to_a_dead_socket_raises_the_stream_error
     # The closed socket's number may belong to a new connection by now: never write.
     with pytest.raises(trio.ClosedResourceError):
         stream.send_without_blocking(b"anyone there?")
+
+
+class CountedReads:
+    """``os.read`` as the prefix stream calls it, counted: calls, and those that
+    found the socket empty."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import trio_chat.server._http as http
+
+        self.calls = 0
+        self.empty = 0
+        real = http.os.read
+
+        def read(fd: int, size: int) -> bytes:
+            self.calls += 1
+            try:
+                return real(fd, size)
+            except BlockingIOError:
+                self.empty += 1
+                raise
+
+        monkeypatch.setattr(http.os, "read", read)
+
+
+async def test_a_socket_is_read_once_per_frame_when_the_peer_waits_for_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chat client sends its next frame after our answer: the stream waits for the
+    socket, then reads once (trio's own stream reads, meets an empty socket, waits,
+    and reads again: a system call more per message)."""
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    reads = CountedReads(monkeypatch)
+
+    async def peer() -> None:
+        for k in range(5):
+            await far.send_all(f"frame {k}".encode())
+            assert await far.receive_some() == b"answer"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        for k in range(5):
+            assert await stream.receive_some() == f"frame {k}".encode()
+            assert stream.send_without_blocking(b"answer")
+    assert (reads.calls, reads.empty) == (5, 0)
+
+
+async def test_after_a_full_read_the_next_one_reads_before_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    await far.send_all(bytes(10_000))
+    waits = 0
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counted_wait(sock: trio.socket.SocketType) -> None:
+        nonlocal waits
+        waits += 1
+        await real_wait(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted_wait)
+    reads = CountedReads(monkeypatch)
+    got = b""
+    while len(got) < 10_000:
+        got += await stream.receive_some(4096)
+    assert got == bytes(10_000)
+    # 4096 (waited: nothing was known), 4096 (full before: read at once), the rest.
+    assert (waits, reads.calls, reads.empty) == (1, 3, 0)
+    # Full again? No: the last read was short, so the next one waits first.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.receive_some, 4096)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert (waits, reads.calls) == (2, 3)
+
+
+async def test_reading_ends_as_a_stream_does_eof_reset_close_and_cancel() -> None:
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    # Cancelled while waiting: nothing is lost; the next receive gets what came.
+    async with trio.open_nursery() as nursery:
+
+        async def waiting() -> None:
+            await stream.receive_some()
+            raise AssertionError("nothing was sent")
+
+        nursery.start_soon(waiting)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    await far.send_all(b"still here")
+    assert await stream.receive_some() == b"still here"
+    with pytest.raises(ValueError):
+        await stream.receive_some(0)
+    # The peer closes: b"" (end of stream), again and again.
+    await far.aclose()
+    assert await stream.receive_some() == b""
+    assert await stream.receive_some() == b""
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_some()
+    # Closed by another task while waiting.
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    async with trio.open_nursery() as nursery:
+
+        async def closed_while_waiting() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.receive_some()
+
+        nursery.start_soon(closed_while_waiting)
+        await trio.testing.wait_all_tasks_blocked()
+        await stream.aclose()
+    # The peer goes away leaving our bytes unread: the read fails (ECONNRESET).
+    near, far = await socket_stream_pair()
+    stream = PrefixStream(near, b"")
+    await stream.send_all(b"unread by the peer")
+    await far.aclose()
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
