@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import trio
@@ -162,11 +163,9 @@ class CountedReads:
     found the socket empty."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import trio_chat.server._http as http
-
         self.calls = 0
         self.empty = 0
-        real = http.os.read
+        real = os.read
 
         def read(fd: int, size: int) -> bytes:
             self.calls += 1
@@ -176,7 +175,7 @@ class CountedReads:
                 self.empty += 1
                 raise
 
-        monkeypatch.setattr(http.os, "read", read)
+        monkeypatch.setattr(os, "read", read)
 
 
 async def test_a_socket_is_read_once_per_frame_when_the_peer_waits_for_answers(
