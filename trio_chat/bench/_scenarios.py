@@ -242,6 +242,23 @@ def _bounded(ceilings: dict[str, float], *measured: tuple[Target, float]) -> boo
     return any(rate * HEADROOM > ceilings.get(t.dialect, 0.0) for t, rate in measured)
 
 
+def measured_for(
+    values: dict[tuple[Target, int], float],
+    kind: str,
+    crowd: int,
+    concierge: str = "off",
+    *,
+    old: bool = False,
+) -> tuple[Target, float] | None:
+    """The server of ``kind`` (this tree's, or with ``old`` the ``--compare-with``
+    tree's; not a frame-engine variant) and its value at ``crowd``, if measured."""
+    for (target, at), value in values.items():
+        same = (target.kind, target.concierge, bool(target.code)) == (kind, concierge, old)
+        if same and at == crowd and not target.engine:
+            return target, value
+    return None
+
+
 def throughput_figures(
     rates: dict[tuple[Target, int], float],
     latencies: dict[tuple[Target, int], list[float]],
@@ -253,19 +270,7 @@ def throughput_figures(
     either side came within ``HEADROOM`` of its dialect's ceiling is marked bounded."""
     targets = list(dict.fromkeys(t for t, _ in rates))
     figures: list[Figure] = []
-    by_kind = {(t.kind, t.concierge, t.code, crowd): t for t, crowd in rates if not t.engine}
-
-    def rate_of(
-        kind: str, crowd: int, concierge: str = "off", *, old: bool = False
-    ) -> tuple[Target, float] | None:
-        codes = {t.code for t, _ in rates if t.code} if old else {""}
-        target = next(
-            (by_kind[key] for code in codes if (key := (kind, concierge, code, crowd)) in by_kind),
-            None,
-        )
-        if target is None:
-            return None
-        return target, rates[(target, crowd)]
+    rate_of = functools.partial(measured_for, rates)
 
     for crowd in crowds:
         measured = [t for t in targets if (t, crowd) in rates]
@@ -354,21 +359,14 @@ def cpu_figures(cpu: dict[tuple[Target, int], float], crowds: Sequence[int]) -> 
     machine slows a server without adding to its CPU time, so these ratios move far
     less from one round to the next than the rates do (a figure, not a target)."""
     figures: list[Figure] = []
-    by_kind = {(t.kind, t.concierge, bool(t.code), crowd): t for t, crowd in cpu if not t.engine}
+    spent = functools.partial(measured_for, cpu)
     for crowd in crowds:
-
-        def spent(
-            kind: str, concierge: str = "off", *, old: bool = False, crowd: int = crowd
-        ) -> tuple[Target, float] | None:
-            target = by_kind.get((kind, concierge, old, crowd))
-            return None if target is None else (target, cpu[(target, crowd)])
-
         pairs = [
-            (spent("chat"), spent("trio-websocket")),
-            (spent("chat"), spent("socketio")),
-            (spent("chat", "rules"), spent("chat")),
-            (spent("chat"), spent("chat", old=True)),
-            (spent("chat", "rules"), spent("chat", "rules", old=True)),
+            (spent("chat", crowd), spent("trio-websocket", crowd)),
+            (spent("chat", crowd), spent("socketio", crowd)),
+            (spent("chat", crowd, "rules"), spent("chat", crowd)),
+            (spent("chat", crowd), spent("chat", crowd, old=True)),
+            (spent("chat", crowd, "rules"), spent("chat", crowd, "rules", old=True)),
         ]
         for ours, theirs in pairs:
             if ours is None or theirs is None:
