@@ -346,6 +346,42 @@ async def test_an_instant_answer_takes_no_task_a_typing_pause_one_each(
         srv.shutdown()
 
 
+async def test_an_instant_answer_is_committed_with_its_guest_message(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """One commit for a guest message and its answer (a second commit per message held
+    replies alone in a third of the batches under load), the answer's frames right
+    behind the ack; after a restart nothing is owed and nothing is answered twice."""
+    config = make_config(tmp_path)
+    srv = ChatServer(config, responder=AnswersAtOnce())
+    await nursery.start(srv.run)
+    assert srv.port
+    async with connect(srv.port) as guest:
+        welcome = await guest.hello(None, name="Maria")
+        for k in range(3):
+            before = srv.store.batches
+            await guest.send(type="message", client_msg_id=f"m{k}", text=f"q{k}")
+            frames = [await guest.recv() for _ in range(5)]
+            assert [f["type"] for f in frames] == ["ack", "message", "typing", "message", "typing"]
+            assert frames[3]["seq"] == frames[0]["seq"] + 1 == 2 * k + 2
+            assert frames[3]["text"] == f"at once: q{k}"
+            await srv.store.wait_settled()
+            assert srv.store.batches == before + 1
+    srv.shutdown()
+    await srv.wait_stopped()
+    again = AnswersAtOnce()
+    srv = ChatServer(config, responder=again)
+    await nursery.start(srv.run)
+    assert srv.port
+    await srv.wait_idle()
+    assert again.asked == []
+    async with connect(srv.port) as guest:
+        await guest.hello(welcome["token"])
+        await guest.send(type="history", after_seq=0)
+        stored = (await guest.expect("history"))["messages"]
+        assert [m["sender"] for m in stored] == ["guest", "ai"] * 3
+
+
 async def test_a_responder_that_fails_at_once_still_hands_over(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

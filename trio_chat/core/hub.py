@@ -54,6 +54,7 @@ __all__ = [
     "Fill",
     "Hub",
     "HubConfig",
+    "InstantAnswer",
     "LiveConversation",
     "Read",
     "Relay",
@@ -145,6 +146,12 @@ class StartReply:
     message: Message
 
 
+# An answer the concierge gives at once (the rules), asked before the guest message is
+# stored: (conversation_id, guest_id, guest_name, text) -> (answer, escalate). It must
+# not raise (the shell turns a failure into a hand-over) and must not wait.
+InstantAnswer = Callable[[str, str, str | None, str], tuple[str, bool]]
+
+
 @dataclass(frozen=True, slots=True)
 class Fill:
     """Cluster only: read what ``conversation_id`` committed after what this server
@@ -224,6 +231,7 @@ class LiveConversation:
         "guest_read_seq",
         "guest_room",
         "guest_sessions",
+        "instant_escalations",
         "last_seq",
         "preview",
         "read_seq",
@@ -257,6 +265,10 @@ class LiveConversation:
         self.replying = False  # the concierge is answering
         self.answering = 0  # the seq of the guest message it is answering
         self.replies: deque[Message] | None = None  # guest messages waiting for an answer
+        # Instant answers being written that hand over to staff: until the hand-over is
+        # decided, later guest messages wait for its outcome (the concierge may have to
+        # be silent by then).
+        self.instant_escalations = 0
 
     @property
     def state(self) -> ConversationState:
@@ -343,12 +355,20 @@ class Hub:
     Each event method returns the actions it calls for, in order. ``now`` is the
     shell's monotonic clock (rate limits), ``wall`` the POSIX time (timestamps).
     ``concierge`` says whether guest messages in ``ai`` get a :class:`StartReply`.
+
+    :attr:`instant_answer`, set by a shell whose concierge answers at once (the rules,
+    no typing pause), is asked before a guest message in ``ai`` is stored: the answer
+    is written with the message, in the same transaction (``AppendMessage.answer``),
+    and pushed with its ack. Otherwise, and whenever the answer could not be stored
+    there, the message gets a :class:`StartReply` after its commit.
     """
 
     def __init__(self, signer: TokenSigner, config: HubConfig, *, concierge: bool) -> None:
         self.signer = signer
         self.config = config
         self.concierge = concierge
+        self.instant_answer: InstantAnswer | None = None
+        self._handing_over: set[AppendMessage] = set()  # instant answers that escalate
         self.sessions: dict[int, Session] = {}
         self.conversations: dict[str, LiveConversation] = {}
         self.staff_room: set[int] = set()
@@ -422,6 +442,8 @@ class Hub:
         conv = write.conversation
         op = write.operation
         if isinstance(op, AppendMessage) and conv is not None:
+            if op.answer is not None:
+                self._instant_settled(conv, op)
             if op.status is not None:
                 self._transition_done(conv)
             if op.sender == "ai":
@@ -1185,18 +1207,20 @@ class Hub:
         self, session: Session, conv: LiveConversation, frame: proto.SendMessage
     ) -> None:
         author_key = "g:" + conv.guest_id
+        op = AppendMessage(
+            conversation_id=conv.conversation_id,
+            sender="guest",
+            author=conv.guest_id,
+            author_key=author_key,
+            text=frame.text,
+            client_msg_id=frame.client_msg_id,
+        )
+        escalate = self._answer_at_once(conv, op)
         self._post(
             session,
             conv,
-            AppendMessage(
-                conversation_id=conv.conversation_id,
-                sender="guest",
-                author=conv.guest_id,
-                author_key=author_key,
-                text=frame.text,
-                client_msg_id=frame.client_msg_id,
-            ),
-            after=lambda message: self._after_guest_message(conv, message),
+            op,
+            after=lambda result: self._after_guest_message(conv, result.message, result, escalate),
         )
 
     # -- rate limits -------------------------------------------------------------------
@@ -1300,19 +1324,21 @@ class Hub:
         session: Session,
         conv: LiveConversation,
         op: AppendMessage,
-        after: Callable[[Message], None] | None = None,
+        after: Callable[[Appended], None] | None = None,
     ) -> None:
         """Store a client's message without holding up its next frame: the ack (or an
         ``internal`` error) follows the commit."""
 
         def committed(result: Appended) -> None:
             message = result.message
+            if op.answer is not None:
+                self._instant_settled(conv, op)
             if session.id in self.sessions:
                 self._send(session.id, proto.ack_frame(message))
             if not result.duplicate:
                 self._committed(conv, result)
                 if after is not None:
-                    after(message)
+                    after(result)
                 self._summary_changed(conv)
 
         self._write(op, committed, session=session, ref=op.client_msg_id, conv=conv)
@@ -1429,10 +1455,65 @@ class Hub:
 
     # -- the concierge ----------------------------------------------------------------
 
-    def _after_guest_message(self, conv: LiveConversation, message: Message) -> None:
+    def _answer_at_once(self, conv: LiveConversation, op: AppendMessage) -> bool:
+        """Give the guest message ``op`` its instant answer to store with it, when the
+        concierge answers at once and nothing earlier decides otherwise: the
+        conversation is the concierge's, with no change of status and no other answer
+        under way. Returns whether the answer hands over to staff."""
+        answer_now = self.instant_answer
+        if (
+            answer_now is None
+            or not self.concierge
+            or self.cluster  # another process may answer first: a reply lease decides
+            or conv.status != "ai"
+            or conv.upcoming is not None
+            or conv.replying
+            or conv.replies
+            or conv.instant_escalations
+        ):
+            return False
+        text, escalate = answer_now(conv.conversation_id, conv.guest_id, conv.guest_name, op.text)
+        op.answer = AppendMessage(
+            conversation_id=conv.conversation_id,
+            sender="ai",
+            author="concierge",
+            text=text,
+            # Still the concierge's when stored (a claim may commit first): else the
+            # guest message is stored alone and asks again after its commit.
+            expect=("ai", None),
+        )
+        if escalate:
+            conv.instant_escalations += 1
+            self._handing_over.add(op.answer)
+        return escalate
+
+    def _instant_settled(self, conv: LiveConversation, op: AppendMessage) -> None:
+        """The write of a guest message with an instant answer is done, either way."""
+        if op.answer in self._handing_over:
+            self._handing_over.discard(op.answer)
+            conv.instant_escalations -= 1
+
+    def _after_guest_message(
+        self,
+        conv: LiveConversation,
+        message: Message,
+        stored: Appended | None = None,
+        escalate: bool = False,
+    ) -> None:
         """A guest message is stored: reopen a resolved conversation, then let the
         concierge answer (only when there is work: most messages in a busy hotel go to
-        conversations with staff, or to a server without a concierge)."""
+        conversations with staff, or to a server without a concierge). ``stored``: its
+        commit, which may hold its instant answer (handing over when ``escalate``)."""
+        answer = stored.answer if stored is not None else None
+        if answer is not None and not answer.duplicate and answer.conflict is None:
+            # Typing, then the answer, then typing's end: the order of any reply, in
+            # the same write as the ack.
+            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", True))
+            self._committed(conv, answer)
+            self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", False))
+            if escalate:
+                self._transition(conv, "concierge_escalate")
+            return
         status = conv.decided.status
         if status == "resolved":
             self._transition(

@@ -11,7 +11,7 @@ Nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import StorageError
@@ -84,6 +84,9 @@ class Appended:
     # The conversation as this commit left it, from backends that have it at hand
     # (PostgreSQL: a cluster's notifications carry it); None otherwise.
     row: ConversationRow | None = None
+    # The outcome of the operation's ``answer`` (None: it had none, or this message was
+    # not stored).
+    answer: Appended | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +144,19 @@ class AppendMessage(Operation[Appended]):
     status: tuple[Status, str | None, str | None] | None = None
     expect: tuple[Status, str | None] | None = None
     reply_to: int | None = None  # reply once: the guest message's seq this answers
+    # The concierge's answer, given before the commit (an instant answer): stored right
+    # after this message, in the same transaction, only if this message is new (its
+    # ``expect`` still checked). Its outcome is the result's ``answer``. It takes no
+    # reply key: nothing can answer a guest message again whose answer committed with
+    # it (the owed replies are guest messages stored last, and a cluster, whose nodes
+    # could race, does not answer at once).
+    answer: AppendMessage | None = None
 
     def apply(self, db: StorageBackend) -> Appended:
-        return db.append(self)
+        stored = db.append(self)
+        if self.answer is None or stored.duplicate or stored.conflict is not None:
+            return stored
+        return replace(stored, answer=db.append(self.answer))
 
 
 @dataclass(eq=False)

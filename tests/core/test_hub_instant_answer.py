@@ -1,0 +1,188 @@
+"""An answer the concierge gives at once (``Hub.instant_answer``) is asked before the
+guest message is stored, written with it (``AppendMessage.answer``) and pushed with its
+ack: one commit, one write. Whenever something earlier decides otherwise (a change of
+status in flight, an answer under way, a hand-over being written) the message takes
+the usual way: a :class:`StartReply` after its commit."""
+
+from __future__ import annotations
+
+from tests.server.commit_path_probe import staff_joins
+from trio_chat.core.hub import Write
+from trio_chat.core.storage import AppendMessage
+
+from .test_hub import Driver, types
+
+
+class Answers:
+    """The hub's instant answer: records what it was asked."""
+
+    def __init__(self, escalate_on: str = "a person please") -> None:
+        self.asked: list[str] = []
+        self.escalate_on = escalate_on
+
+    def __call__(
+        self, conversation_id: str, guest_id: str, guest_name: str | None, text: str
+    ) -> tuple[str, bool]:
+        self.asked.append(text)
+        return f"at once: {text}", text == self.escalate_on
+
+
+def answer_of(write: Write) -> AppendMessage | None:
+    assert isinstance(write.operation, AppendMessage)
+    return write.operation.answer
+
+
+def instant_driver() -> tuple[Driver, Answers]:
+    d = Driver(concierge=True)
+    answers = Answers()
+    d.hub.instant_answer = answers
+    return d, answers
+
+
+def history(d: Driver, cid: str) -> list[tuple[str, str]]:
+    return [(m.sender, m.text) for m in d.backend.history(cid, 0, 100)]
+
+
+def test_the_answer_is_written_with_the_message_and_pushed_with_its_ack() -> None:
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.hold = True
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    [write] = d.held
+    assert answer_of(write) is not None  # one write for both
+    assert answers.asked == ["breakfast?"]
+    assert d.take(guest) == []  # nothing before the commit
+    d.commit()
+    frames = d.take(guest)
+    assert types(frames) == ["ack", "message", "typing", "message", "typing"]
+    assert frames[1]["sender"] == "guest" and frames[1]["seq"] == 1
+    assert frames[2]["sender"] == "ai" and frames[2]["active"] is True
+    assert frames[3]["sender"] == "ai" and frames[3]["seq"] == 2
+    assert frames[3]["text"] == "at once: breakfast?"
+    assert frames[4]["active"] is False
+    assert d.replies == []  # no StartReply
+    assert history(d, cid) == [("guest", "breakfast?"), ("ai", "at once: breakfast?")]
+    assert d.hub.last_seq(cid) == 2
+
+
+def test_a_retry_is_not_answered_again() -> None:
+    d, _ = instant_driver()
+    guest, welcome = d.guest()
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    d.take(guest)
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    frames = d.take(guest)
+    assert types(frames) == ["ack"] and frames[0]["seq"] == 1
+    assert d.replies == []
+    assert [s for s, _ in history(d, welcome["conversation_id"])] == ["guest", "ai"]
+
+
+def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> None:
+    """The answer was decided while the conversation was the concierge's, but a claim
+    reached the storage first (the hub never decides so itself; the storage checks all
+    the same). The guest message is stored, its answer is not, and the message asks
+    the usual way after its commit; that answer meets the claim too: nothing stored."""
+    d, answers = instant_driver()
+    answered_before = answers.asked
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.hold = True
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    [write] = d.held
+    d.held.clear()
+    d.hold = False
+    d.backend.apply_batch([staff_joins(cid)])
+    [result] = d.backend.apply_batch([write.operation])
+    assert result.answer is not None and result.answer.conflict is not None
+    d.run(d.hub.stored(write, result, d.now, 0.0))
+    frames = d.take(guest)
+    assert types(frames) == ["ack", "message", "typing"]  # asking the usual way
+    [start] = d.replies
+    d.reply(start)
+    assert types(d.take(guest)) == ["typing"]  # it ends, with nothing said
+    assert answered_before == ["breakfast?"]
+    assert [s for s, _ in history(d, cid)] == ["system", "guest"]
+
+
+def test_with_a_change_of_status_in_flight_the_message_asks_after_its_commit() -> None:
+    """A message in ``resolved`` reopens the conversation first: no instant answer, the
+    concierge answers once the reopening is stored (in the order the protocol says)."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    staff = d.staff()
+    d.send(staff, type="claim", conversation_id=cid)
+    d.send(staff, type="resolve", conversation_id=cid)
+    d.take(guest)
+    d.send(guest, type="message", client_msg_id="m1", text="one more thing")
+    assert answers.asked == []
+    assert types(d.take(guest)) == ["ack", "message", "message", "status", "typing"]
+    [start] = d.replies
+    assert start.message.text == "one more thing"
+
+
+def test_an_answer_under_way_the_usual_way_keeps_the_order() -> None:
+    """While a StartReply is unanswered, later messages wait their turn behind it."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.hub.instant_answer = None
+    d.send(guest, type="message", client_msg_id="m1", text="one")
+    [start] = d.replies
+    d.hub.instant_answer = answers
+    d.send(guest, type="message", client_msg_id="m2", text="two")
+    assert answers.asked == []  # one is still being answered
+    d.reply(start, "answer one")
+    assert [s.message.text for s in d.replies] == ["one", "two"]
+    d.reply(d.replies[1], "answer two")
+    assert [t for _, t in history(d, cid)] == ["one", "two", "answer one", "answer two"]
+
+
+def test_a_hand_over_in_flight_silences_the_messages_behind_it() -> None:
+    """The answer to the first message hands over to staff; a second message sent
+    before that commit is not answered at once, and once the hand-over is decided the
+    concierge is silent (as when the answer came after the commit)."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.hold = True
+    d.send(guest, type="message", client_msg_id="m1", text="a person please")
+    d.send(guest, type="message", client_msg_id="m2", text="hello?")
+    assert answers.asked == ["a person please"]
+    first, second = list(d.held)
+    assert answer_of(first) is not None
+    assert answer_of(second) is None
+    d.hold = False
+    d.commit()  # the hand-over is written as soon as the first commit decides it
+    assert d.replies == []
+    assert [s for s, _ in history(d, cid)] == ["guest", "ai", "system", "guest"]
+    assert d.hub.conversations[cid].status == "waiting"
+    # Back with the concierge later: instant answers again.
+    assert d.hub.conversations[cid].instant_escalations == 0
+
+
+def test_a_failed_write_releases_the_hand_over_it_carried() -> None:
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    d.backend.fail_writes = True
+    d.send(guest, type="message", client_msg_id="m1", text="a person please")
+    errors = d.take(guest)
+    assert types(errors) == ["error"] and errors[0]["code"] == "internal"
+    assert d.hub.conversations.get(cid) is None or (
+        d.hub.conversations[cid].instant_escalations == 0
+    )
+    d.backend.fail_writes = False
+    d.send(guest, type="message", client_msg_id="m2", text="breakfast?")
+    assert answers.asked == ["a person please", "breakfast?"]
+    assert [s for s, _ in history(d, cid)] == ["guest", "ai"]
+
+
+def test_without_a_concierge_nothing_is_asked() -> None:
+    d, answers = instant_driver()
+    d.hub.concierge = False
+    guest, _ = d.guest()
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    assert answers.asked == [] and d.replies == []
+    assert types(d.take(guest)) == ["ack", "message"]
