@@ -6,6 +6,8 @@ the usual way: a :class:`StartReply` after its commit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tests.server.commit_path_probe import staff_joins
 from trio_chat.core.hub import Write
 from trio_chat.core.storage import AppendMessage
@@ -14,17 +16,19 @@ from .test_hub import Driver, types
 
 
 class Answers:
-    """The hub's instant answer: records what it was asked."""
+    """The hub's instant answer: records what it was asked, and which answers it was
+    told to keep (stored)."""
 
     def __init__(self, escalate_on: str = "a person please") -> None:
         self.asked: list[str] = []
+        self.kept: list[str] = []
         self.escalate_on = escalate_on
 
     def __call__(
         self, conversation_id: str, guest_id: str, guest_name: str | None, text: str
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, bool, Callable[[], None]]:
         self.asked.append(text)
-        return f"at once: {text}", text == self.escalate_on
+        return f"at once: {text}", text == self.escalate_on, lambda: self.kept.append(text)
 
 
 def answer_of(write: Write) -> AppendMessage | None:
@@ -66,8 +70,11 @@ def test_the_answer_is_written_with_the_message_and_pushed_with_its_ack() -> Non
     assert d.hub.last_seq(cid) == 2
 
 
-def test_a_retry_is_not_answered_again() -> None:
-    d, _ = instant_driver()
+def test_a_retry_is_not_answered_again_and_its_answer_is_not_kept() -> None:
+    """A retry is asked for its answer (nobody knows it is a retry before the storage
+    says so), but the answer is neither stored nor kept: a concierge that remembers
+    the conversation does not count it."""
+    d, answers = instant_driver()
     guest, welcome = d.guest()
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     d.take(guest)
@@ -76,6 +83,7 @@ def test_a_retry_is_not_answered_again() -> None:
     assert types(frames) == ["ack"] and frames[0]["seq"] == 1
     assert d.replies == []
     assert [s for s, _ in history(d, welcome["conversation_id"])] == ["guest", "ai"]
+    assert answers.asked == ["breakfast?", "breakfast?"] and answers.kept == ["breakfast?"]
 
 
 def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> None:
@@ -84,7 +92,6 @@ def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> Non
     the same). The guest message is stored, its answer is not, and the message asks
     the usual way after its commit; that answer meets the claim too: nothing stored."""
     d, answers = instant_driver()
-    answered_before = answers.asked
     guest, welcome = d.guest()
     cid = welcome["conversation_id"]
     d.hold = True
@@ -101,7 +108,7 @@ def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> Non
     [start] = d.replies
     d.reply(start)
     assert types(d.take(guest)) == ["typing"]  # it ends, with nothing said
-    assert answered_before == ["breakfast?"]
+    assert answers.asked == ["breakfast?"] and answers.kept == []
     assert [s for s, _ in history(d, cid)] == ["system", "guest"]
 
 
@@ -153,16 +160,14 @@ def test_a_hand_over_in_flight_silences_the_messages_behind_it() -> None:
     first, second = list(d.held)
     assert answer_of(first) is not None
     assert answer_of(second) is None
-    d.hold = False
-    d.commit()  # the hand-over is written as soon as the first commit decides it
+    d.commit()  # in the order written: the hand-over decided in the first commit, last
     assert d.replies == []
-    assert [s for s, _ in history(d, cid)] == ["guest", "ai", "system", "guest"]
+    assert [s for s, _ in history(d, cid)] == ["guest", "ai", "guest", "system"]
     assert d.hub.conversations[cid].status == "waiting"
-    # Back with the concierge later: instant answers again.
-    assert d.hub.conversations[cid].instant_escalations == 0
+    assert d.hub.conversations[cid].guest_writes == 0
 
 
-def test_a_failed_write_releases_the_hand_over_it_carried() -> None:
+def test_a_failed_write_keeps_nothing_and_blocks_nothing() -> None:
     d, answers = instant_driver()
     guest, welcome = d.guest()
     cid = welcome["conversation_id"]
@@ -170,12 +175,11 @@ def test_a_failed_write_releases_the_hand_over_it_carried() -> None:
     d.send(guest, type="message", client_msg_id="m1", text="a person please")
     errors = d.take(guest)
     assert types(errors) == ["error"] and errors[0]["code"] == "internal"
-    assert d.hub.conversations.get(cid) is None or (
-        d.hub.conversations[cid].instant_escalations == 0
-    )
+    assert d.hub.conversations[cid].guest_writes == 0
     d.backend.fail_writes = False
     d.send(guest, type="message", client_msg_id="m2", text="breakfast?")
     assert answers.asked == ["a person please", "breakfast?"]
+    assert answers.kept == ["breakfast?"]  # the failed write's answer is not
     assert [s for s, _ in history(d, cid)] == ["guest", "ai"]
 
 
@@ -186,3 +190,66 @@ def test_without_a_concierge_nothing_is_asked() -> None:
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     assert answers.asked == [] and d.replies == []
     assert types(d.take(guest)) == ["ack", "message"]
+
+
+def test_a_message_still_being_written_keeps_the_next_from_answering_first() -> None:
+    """Staff hands back while the guest writes: the first message, sent while the
+    conversation was still staff's, asks after its commit; the second, sent once the
+    hand-back committed but before the first did, must not be answered ahead of it."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    staff = d.staff()
+    d.send(staff, type="claim", conversation_id=cid)
+    d.hold = True
+    d.send(staff, type="release", conversation_id=cid)
+    d.send(guest, type="message", client_msg_id="m1", text="one")
+    release, first = list(d.held)
+    d.held.clear()
+    d._commit(release)  # back with the concierge; "one" is still being written
+    d.send(guest, type="message", client_msg_id="m2", text="two")
+    assert answers.asked == []  # "one" is in flight: "two" waits its turn
+    d.held.appendleft(first)
+    d.commit()
+    d.hold = False
+    while d.replies:
+        start = d.replies.pop(0)
+        d.reply(start, f"answer {start.message.text}")
+    texts = [t for s, t in history(d, cid) if s in ("guest", "ai")]
+    assert texts == ["one", "two", "answer one", "answer two"]
+
+
+def test_after_an_answer_given_the_usual_way_answers_keep_the_order() -> None:
+    """A message in ``resolved`` reopens the conversation and is answered after its
+    commit. A message sent while that answer is written goes the usual way too; the
+    next one, sent once that answer committed but before the message before it did,
+    must not be answered ahead of it."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    cid = welcome["conversation_id"]
+    staff = d.staff()
+    d.send(staff, type="claim", conversation_id=cid)
+    d.send(staff, type="resolve", conversation_id=cid)
+    d.send(guest, type="message", client_msg_id="m0", text="zero")  # reopens
+    [start] = d.replies
+    d.hold = True
+    d.reply(start, "answer zero")
+    d.send(guest, type="message", client_msg_id="m1", text="one")
+    answer_zero, one = list(d.held)
+    d.held.clear()
+    d._commit(answer_zero)
+    d.send(guest, type="message", client_msg_id="m2", text="two")
+    assert answers.asked == []  # "one" is still being written
+    d.held.appendleft(one)
+    d.commit()
+    d.hold = False
+    answered = 1
+    while answered < len(d.replies):
+        start = d.replies[answered]
+        d.reply(start, f"answer {start.message.text}")
+        answered += 1
+    texts = [t for s, t in history(d, cid) if s in ("guest", "ai")]
+    assert texts == ["zero", "answer zero", "one", "two", "answer one", "answer two"]
+    # All answered and committed: the next message is answered at once.
+    d.send(guest, type="message", client_msg_id="m3", text="three")
+    assert answers.asked == ["three"] and answers.kept == ["three"]

@@ -15,7 +15,7 @@ import itertools
 import json
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,17 @@ class AnswersAtOnce:
         return ResponderReply(f"at once: {request.text}")
 
 
+class AnswersAhead(AnswersAtOnce):
+    """Also answers before the guest message is stored (``respond_ahead``)."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        super().__init__(broken=broken)
+        self.kept: list[str] = []
+
+    def respond_ahead(self, request: ResponderRequest) -> tuple[ResponderReply, Callable[[], None]]:
+        return self.respond_now(request), lambda: self.kept.append(request.text)
+
+
 async def test_a_responder_that_answers_at_once_is_called_directly(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -353,7 +364,8 @@ async def test_an_instant_answer_is_committed_with_its_guest_message(
     replies alone in a third of the batches under load), the answer's frames right
     behind the ack; after a restart nothing is owed and nothing is answered twice."""
     config = make_config(tmp_path)
-    srv = ChatServer(config, responder=AnswersAtOnce())
+    responder = AnswersAhead()
+    srv = ChatServer(config, responder=responder)
     await nursery.start(srv.run)
     assert srv.port
     async with connect(srv.port) as guest:
@@ -367,9 +379,16 @@ async def test_an_instant_answer_is_committed_with_its_guest_message(
             assert frames[3]["text"] == f"at once: q{k}"
             await srv.store.wait_settled()
             assert srv.store.batches == before + 1
+        # A retry is asked (nobody knows it is one before the storage does), but its
+        # answer is neither stored nor kept.
+        await guest.send(type="message", client_msg_id="m0", text="q0")
+        assert (await guest.expect("ack"))["seq"] == 1
+        await srv.store.wait_settled()
+        assert responder.asked == ["q0", "q1", "q2", "q0"]
+        assert responder.kept == ["q0", "q1", "q2"]
     srv.shutdown()
     await srv.wait_stopped()
-    again = AnswersAtOnce()
+    again = AnswersAhead()
     srv = ChatServer(config, responder=again)
     await nursery.start(srv.run)
     assert srv.port
@@ -409,6 +428,30 @@ async def test_the_rules_concierge_answers_through_the_server_as_before(
             reply = await guest.expect("message", sender="ai")
             answer, _ = _OLD.reply(text, _memory_after(said[:k]))
             assert reply["text"] == answer.text
+
+
+async def test_the_rules_concierge_does_not_count_a_retry(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The rules answer before the guest message is stored; what they remember (two
+    unanswered questions in a row, then the offer of a person) moves on only for the
+    answers stored. A retry of an unanswered question is not a second one: "yes"
+    afterwards is not taken as accepting an offer the guest never saw."""
+    srv = ChatServer(make_config(tmp_path, concierge="rules"))
+    await nursery.start(srv.run)
+    assert srv.port
+    async with connect(srv.port) as guest:
+        await guest.hello(None, name="Maria")
+        await guest.send(type="message", client_msg_id="m1", text="zxqv blorf wibble")
+        first = await guest.expect("message", sender="ai")
+        await guest.send(type="message", client_msg_id="m1", text="zxqv blorf wibble")
+        await guest.expect("ack")
+        await guest.send(type="message", client_msg_id="m2", text="yes")
+        second = await guest.expect("message", sender="ai")
+    said = ["zxqv blorf wibble", "yes"]
+    expected = [_OLD.reply(text, _memory_after(said[:k]))[0] for k, text in enumerate(said)]
+    assert [first["text"], second["text"]] == [answer.text for answer in expected]
+    assert not expected[1].escalate
 
 
 def _memory_after(texts: list[str]) -> ConciergeMemory:

@@ -147,9 +147,12 @@ class StartReply:
 
 
 # An answer the concierge gives at once (the rules), asked before the guest message is
-# stored: (conversation_id, guest_id, guest_name, text) -> (answer, escalate). It must
-# not raise (the shell turns a failure into a hand-over) and must not wait.
-InstantAnswer = Callable[[str, str, str | None, str], tuple[str, bool]]
+# stored: (conversation_id, guest_id, guest_name, text) -> (answer, escalate, keep).
+# ``keep`` is called once the answer is stored, and only then: a concierge that
+# remembers the conversation (the rules' streak of unanswered questions) moves on
+# only for answers the guest gets, not for a retry's or a failed write's. It must not
+# raise (the shell turns a failure into a hand-over) and must not wait.
+InstantAnswer = Callable[[str, str, str | None, str], tuple[str, bool, Callable[[], None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +234,7 @@ class LiveConversation:
         "guest_read_seq",
         "guest_room",
         "guest_sessions",
-        "instant_escalations",
+        "guest_writes",
         "last_seq",
         "preview",
         "read_seq",
@@ -265,10 +268,10 @@ class LiveConversation:
         self.replying = False  # the concierge is answering
         self.answering = 0  # the seq of the guest message it is answering
         self.replies: deque[Message] | None = None  # guest messages waiting for an answer
-        # Instant answers being written that hand over to staff: until the hand-over is
-        # decided, later guest messages wait for its outcome (the concierge may have to
-        # be silent by then).
-        self.instant_escalations = 0
+        # Guest messages written and not yet committed. An instant answer is given only
+        # when there are none: an earlier one may still ask for its answer after its
+        # commit (which must come first), or hand over to staff with its own answer.
+        self.guest_writes = 0
 
     @property
     def state(self) -> ConversationState:
@@ -368,7 +371,6 @@ class Hub:
         self.config = config
         self.concierge = concierge
         self.instant_answer: InstantAnswer | None = None
-        self._handing_over: set[AppendMessage] = set()  # instant answers that escalate
         self.sessions: dict[int, Session] = {}
         self.conversations: dict[str, LiveConversation] = {}
         self.staff_room: set[int] = set()
@@ -442,8 +444,8 @@ class Hub:
         conv = write.conversation
         op = write.operation
         if isinstance(op, AppendMessage) and conv is not None:
-            if op.answer is not None:
-                self._instant_settled(conv, op)
+            if op.sender == "guest":
+                conv.guest_writes -= 1
             if op.status is not None:
                 self._transition_done(conv)
             if op.sender == "ai":
@@ -1215,12 +1217,13 @@ class Hub:
             text=frame.text,
             client_msg_id=frame.client_msg_id,
         )
-        escalate = self._answer_at_once(conv, op)
+        instant = self._answer_at_once(conv, op)
+        conv.guest_writes += 1
         self._post(
             session,
             conv,
             op,
-            after=lambda result: self._after_guest_message(conv, result.message, result, escalate),
+            after=lambda result: self._after_guest_message(conv, result.message, result, instant),
         )
 
     # -- rate limits -------------------------------------------------------------------
@@ -1331,8 +1334,8 @@ class Hub:
 
         def committed(result: Appended) -> None:
             message = result.message
-            if op.answer is not None:
-                self._instant_settled(conv, op)
+            if op.sender == "guest":
+                conv.guest_writes -= 1
             if session.id in self.sessions:
                 self._send(session.id, proto.ack_frame(message))
             if not result.duplicate:
@@ -1455,11 +1458,15 @@ class Hub:
 
     # -- the concierge ----------------------------------------------------------------
 
-    def _answer_at_once(self, conv: LiveConversation, op: AppendMessage) -> bool:
+    def _answer_at_once(
+        self, conv: LiveConversation, op: AppendMessage
+    ) -> tuple[bool, Callable[[], None]] | None:
         """Give the guest message ``op`` its instant answer to store with it, when the
         concierge answers at once and nothing earlier decides otherwise: the
-        conversation is the concierge's, with no change of status and no other answer
-        under way. Returns whether the answer hands over to staff."""
+        conversation is the concierge's, with no change of status in flight, no
+        answer under way and no other guest message being written (so answers stay in
+        the order of the messages). Returns whether the answer hands over to staff,
+        and what to call once it is stored; None when there is no instant answer."""
         answer_now = self.instant_answer
         if (
             answer_now is None
@@ -1469,43 +1476,39 @@ class Hub:
             or conv.upcoming is not None
             or conv.replying
             or conv.replies
-            or conv.instant_escalations
+            or conv.guest_writes
         ):
-            return False
-        text, escalate = answer_now(conv.conversation_id, conv.guest_id, conv.guest_name, op.text)
+            return None
+        text, escalate, keep = answer_now(
+            conv.conversation_id, conv.guest_id, conv.guest_name, op.text
+        )
         op.answer = AppendMessage(
             conversation_id=conv.conversation_id,
             sender="ai",
             author="concierge",
             text=text,
-            # Still the concierge's when stored (a claim may commit first): else the
-            # guest message is stored alone and asks again after its commit.
+            # Still the concierge's when stored (the storage checks what the hub
+            # decided): else the guest message is stored alone and asks again after
+            # its commit.
             expect=("ai", None),
         )
-        if escalate:
-            conv.instant_escalations += 1
-            self._handing_over.add(op.answer)
-        return escalate
-
-    def _instant_settled(self, conv: LiveConversation, op: AppendMessage) -> None:
-        """The write of a guest message with an instant answer is done, either way."""
-        if op.answer in self._handing_over:
-            self._handing_over.discard(op.answer)
-            conv.instant_escalations -= 1
+        return escalate, keep
 
     def _after_guest_message(
         self,
         conv: LiveConversation,
         message: Message,
         stored: Appended | None = None,
-        escalate: bool = False,
+        instant: tuple[bool, Callable[[], None]] | None = None,
     ) -> None:
         """A guest message is stored: reopen a resolved conversation, then let the
         concierge answer (only when there is work: most messages in a busy hotel go to
         conversations with staff, or to a server without a concierge). ``stored``: its
-        commit, which may hold its instant answer (handing over when ``escalate``)."""
+        commit, which may hold its ``instant`` answer (see :meth:`_answer_at_once`)."""
         answer = stored.answer if stored is not None else None
-        if answer is not None and not answer.duplicate and answer.conflict is None:
+        if instant is not None and answer is not None and answer.conflict is None:
+            escalate, keep = instant
+            keep()
             # Typing, then the answer, then typing's end: the order of any reply, in
             # the same write as the ack.
             self._broadcast(conv, proto.typing_frame(conv.conversation_id, "ai", True))

@@ -521,7 +521,11 @@ class Responder(Protocol):
     One that keeps a deadline of its own may say so in an ``answer_timeout`` attribute
     (seconds): the server then waits at least that long. One that answers without
     waiting may offer a synchronous ``respond_now(request)``: the server calls it
-    instead, with no timeout to arm (a failure is handled the same way).
+    instead, with no timeout to arm (a failure is handled the same way). It may also
+    offer ``respond_ahead(request) -> (reply, keep)``, asked before the guest message
+    is stored so that the reply is written with it: whatever the responder remembers
+    of the conversation moves on only when the server calls ``keep()`` (the reply was
+    stored; a retry's or a failed write's reply is never kept).
     """
 
     history_window: int
@@ -544,9 +548,24 @@ class RulesResponder:
 
     def respond_now(self, request: ResponderRequest) -> ResponderReply:
         """The synchronous core of :meth:`respond`."""
-        memory = self._memory.pop(request.conversation_id, _FORGOTTEN)
-        answer, memory = self.concierge.reply(request.text, memory)
-        self._memory[request.conversation_id] = memory
-        if len(self._memory) > self._max:
-            self._memory.popitem(last=False)
-        return ResponderReply(answer.text, answer.escalate)
+        reply, keep = self.respond_ahead(request)
+        keep()
+        return reply
+
+    def respond_ahead(
+        self, request: ResponderRequest
+    ) -> tuple[ResponderReply, Callable[[], None]]:
+        """The reply, and ``keep``: what moves the conversation's memory on (the
+        streak of unanswered questions, the offer of a person) once it is stored."""
+        conversation_id = request.conversation_id
+        answer, after = self.concierge.reply(
+            request.text, self._memory.get(conversation_id, _FORGOTTEN)
+        )
+
+        def keep() -> None:
+            self._memory.pop(conversation_id, None)
+            self._memory[conversation_id] = after
+            if len(self._memory) > self._max:
+                self._memory.popitem(last=False)
+
+        return ResponderReply(answer.text, answer.escalate), keep

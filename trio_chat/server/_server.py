@@ -100,6 +100,10 @@ def _no_drafts(text: str) -> None:
     """An instant answer has no drafts to show."""
 
 
+def _nothing_to_keep() -> None:
+    """A failed responder's stand-in reply: nothing to remember."""
+
+
 # What the guest reads when the responder raised: it hands over to staff.
 RESPONDER_FAILED: Final = ResponderReply(
     "I'm sorry, I'm having trouble answering right now. I'm "
@@ -848,18 +852,26 @@ class ChatServer:
         is asked before the guest message is stored and committed with it, in the
         same transaction, and pushed in the same write as its ack: one commit and one
         write for both. (Asked after the commit, it took a second commit, whose batch
-        held replies alone about a third of the time under load, and a second write.)"""
-        answer_now = self._answers_at_once()
-        if answer_now is None:
+        held replies alone about a third of the time under load, and a second write.)
+        Only for a responder that offers ``respond_ahead``: its memory of the
+        conversation must move on only for answers that are stored."""
+        respond_ahead: (
+            Callable[[ResponderRequest], tuple[ResponderReply, Callable[[], None]]] | None
+        ) = getattr(self._responder, "respond_ahead", None)
+        if respond_ahead is None or self._answers_at_once() is None:
             return None
         no_drafts = _no_drafts
 
         def instant_answer(
             conversation_id: str, guest_id: str, guest_name: str | None, text: str
-        ) -> tuple[str, bool]:
+        ) -> tuple[str, bool, Callable[[], None]]:
             request = ResponderRequest(conversation_id, guest_id, guest_name, text, (), no_drafts)
-            given = self._answer_now(answer_now, request)
-            return given.text, given.escalate
+            try:
+                given, keep = respond_ahead(request)
+            except Exception:
+                log.exception("the responder failed; handing over to staff")
+                given, keep = RESPONDER_FAILED, _nothing_to_keep
+            return given.text, given.escalate, keep
 
         return instant_answer
 
