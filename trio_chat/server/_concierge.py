@@ -552,9 +552,7 @@ class RulesResponder:
         keep()
         return reply
 
-    def respond_ahead(
-        self, request: ResponderRequest
-    ) -> tuple[ResponderReply, Callable[[], None]]:
+    def respond_ahead(self, request: ResponderRequest) -> tuple[ResponderReply, Callable[[], None]]:
         """The reply, and ``keep``: what moves the conversation's memory on (the
         streak of unanswered questions, the offer of a person) once it is stored."""
         conversation_id = request.conversation_id
