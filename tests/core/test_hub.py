@@ -116,6 +116,13 @@ class Driver:
         assert [f["type"] for f in self.take(session)][:2] == ["welcome", "queue"]
         return session
 
+    def resolved(self, cid: str) -> int:
+        """A staff member claims ``cid`` and resolves it; returns their session."""
+        staff = self.staff()
+        self.send(staff, type="claim", conversation_id=cid)
+        self.send(staff, type="resolve", conversation_id=cid)
+        return staff
+
     def reply(self, start: StartReply, text: str = "Breakfast is at seven.") -> None:
         self.run(self.hub.replied(start.conversation_id, text, False, self.now, WALL))
 
@@ -333,10 +340,7 @@ def test_answers_come_one_at_a_time_in_the_order_asked() -> None:
 def test_a_message_in_resolved_reopens_then_the_concierge_answers() -> None:
     d = Driver(concierge=True)
     guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
-    staff = d.staff()
-    d.send(staff, type="claim", conversation_id=cid)
-    d.send(staff, type="resolve", conversation_id=cid)
+    d.resolved(welcome["conversation_id"])
     d.take(guest)
     d.send(guest, type="message", client_msg_id="m1", text="one more thing")
     frames = d.take(guest)

@@ -43,14 +43,20 @@ def instant_driver() -> tuple[Driver, Answers]:
     return d, answers
 
 
+def instant_guest() -> tuple[Driver, Answers, int, str]:
+    """A driver with instant answers, and a signed-in guest: its session and
+    conversation."""
+    d, answers = instant_driver()
+    guest, welcome = d.guest()
+    return d, answers, guest, welcome["conversation_id"]
+
+
 def history(d: Driver, cid: str) -> list[tuple[str, str]]:
     return [(m.sender, m.text) for m in d.backend.history(cid, 0, 100)]
 
 
 def test_the_answer_is_written_with_the_message_and_pushed_with_its_ack() -> None:
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     d.hold = True
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     [write] = d.held
@@ -74,15 +80,14 @@ def test_a_retry_is_not_answered_again_and_its_answer_is_not_kept() -> None:
     """A retry is asked for its answer (nobody knows it is a retry before the storage
     says so), but the answer is neither stored nor kept: a concierge that remembers
     the conversation does not count it."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
+    d, answers, guest, cid = instant_guest()
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     d.take(guest)
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     frames = d.take(guest)
     assert types(frames) == ["ack"] and frames[0]["seq"] == 1
     assert d.replies == []
-    assert [s for s, _ in history(d, welcome["conversation_id"])] == ["guest", "ai"]
+    assert [s for s, _ in history(d, cid)] == ["guest", "ai"]
     assert answers.asked == ["breakfast?", "breakfast?"] and answers.kept == ["breakfast?"]
 
 
@@ -91,9 +96,7 @@ def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> Non
     reached the storage first (the hub never decides so itself; the storage checks all
     the same). The guest message is stored, its answer is not, and the message asks
     the usual way after its commit; that answer meets the claim too: nothing stored."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     d.hold = True
     d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
     [write] = d.held
@@ -115,12 +118,8 @@ def test_a_claim_stored_first_leaves_the_guest_message_to_the_usual_way() -> Non
 def test_with_a_change_of_status_in_flight_the_message_asks_after_its_commit() -> None:
     """A message in ``resolved`` reopens the conversation first: no instant answer, the
     concierge answers once the reopening is stored (in the order the protocol says)."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
-    staff = d.staff()
-    d.send(staff, type="claim", conversation_id=cid)
-    d.send(staff, type="resolve", conversation_id=cid)
+    d, answers, guest, cid = instant_guest()
+    d.resolved(cid)
     d.take(guest)
     d.send(guest, type="message", client_msg_id="m1", text="one more thing")
     assert answers.asked == []
@@ -131,9 +130,7 @@ def test_with_a_change_of_status_in_flight_the_message_asks_after_its_commit() -
 
 def test_an_answer_under_way_the_usual_way_keeps_the_order() -> None:
     """While a StartReply is unanswered, later messages wait their turn behind it."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     d.hub.instant_answer = None
     d.send(guest, type="message", client_msg_id="m1", text="one")
     [start] = d.replies
@@ -150,9 +147,7 @@ def test_a_hand_over_in_flight_silences_the_messages_behind_it() -> None:
     """The answer to the first message hands over to staff; a second message sent
     before that commit is not answered at once, and once the hand-over is decided the
     concierge is silent (as when the answer came after the commit)."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     d.hold = True
     d.send(guest, type="message", client_msg_id="m1", text="a person please")
     d.send(guest, type="message", client_msg_id="m2", text="hello?")
@@ -168,9 +163,7 @@ def test_a_hand_over_in_flight_silences_the_messages_behind_it() -> None:
 
 
 def test_a_failed_write_keeps_nothing_and_blocks_nothing() -> None:
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     d.backend.fail_writes = True
     d.send(guest, type="message", client_msg_id="m1", text="a person please")
     errors = d.take(guest)
@@ -196,9 +189,7 @@ def test_a_message_still_being_written_keeps_the_next_from_answering_first() -> 
     """Staff hands back while the guest writes: the first message, sent while the
     conversation was still staff's, asks after its commit; the second, sent once the
     hand-back committed but before the first did, must not be answered ahead of it."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
+    d, answers, guest, cid = instant_guest()
     staff = d.staff()
     d.send(staff, type="claim", conversation_id=cid)
     d.hold = True
@@ -224,12 +215,8 @@ def test_after_an_answer_given_the_usual_way_answers_keep_the_order() -> None:
     commit. A message sent while that answer is written goes the usual way too; the
     next one, sent once that answer committed but before the message before it did,
     must not be answered ahead of it."""
-    d, answers = instant_driver()
-    guest, welcome = d.guest()
-    cid = welcome["conversation_id"]
-    staff = d.staff()
-    d.send(staff, type="claim", conversation_id=cid)
-    d.send(staff, type="resolve", conversation_id=cid)
+    d, answers, guest, cid = instant_guest()
+    d.resolved(cid)
     d.send(guest, type="message", client_msg_id="m0", text="zero")  # reopens
     [start] = d.replies
     d.hold = True

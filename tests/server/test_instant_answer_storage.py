@@ -8,27 +8,21 @@ from typing import Any
 
 import pytest
 
-from tests.server.commit_path_probe import staff_joins
+from tests.server.commit_path_probe import guest_message, staff_joins
 from trio_chat.core.storage import AppendMessage
 
 
 def asked(cid: str, cmid: str = "m1", text: str = "where is breakfast?") -> AppendMessage:
     """A guest message with the concierge's answer to store with it."""
-    return AppendMessage(
+    message = guest_message(cid, cmid, text)
+    message.answer = AppendMessage(
         conversation_id=cid,
-        sender="guest",
-        author="Ana",
-        author_key="g:1",
-        text=text,
-        client_msg_id=cmid,
-        answer=AppendMessage(
-            conversation_id=cid,
-            sender="ai",
-            author="concierge",
-            text=f"answer to {text}",
-            expect=("ai", None),
-        ),
+        sender="ai",
+        author="concierge",
+        text=f"answer to {text}",
+        expect=("ai", None),
     )
+    return message
 
 
 def stored(db: Any, cid: str) -> list[tuple[int, str, str]]:

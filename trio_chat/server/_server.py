@@ -784,7 +784,7 @@ class ChatServer:
             # _instant_answer); one asked after the commit (a reopened conversation, a
             # claim that committed first) is given in the commit's callback that asked
             # for it: no task per reply, no trip through the scheduler. Its write
-            # queues behind the guest's. (The concierge on: 0.90 x the CPU a message.)
+            # queues behind the guest's.
             given = self._answer_now(answer_now, self._request(start, []))
             try:
                 actions = self.hub.replied(
@@ -860,12 +860,11 @@ class ChatServer:
         ) = getattr(self._responder, "respond_ahead", None)
         if respond_ahead is None or self._answers_at_once() is None:
             return None
-        no_drafts = _no_drafts
 
         def instant_answer(
             conversation_id: str, guest_id: str, guest_name: str | None, text: str
         ) -> tuple[str, bool, Callable[[], None]]:
-            request = ResponderRequest(conversation_id, guest_id, guest_name, text, (), no_drafts)
+            request = ResponderRequest(conversation_id, guest_id, guest_name, text, (), _no_drafts)
             try:
                 given, keep = respond_ahead(request)
             except Exception:
