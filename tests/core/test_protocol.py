@@ -126,6 +126,38 @@ def test_message_round_trips_through_the_wire() -> None:
         proto.Message.from_wire({"seq": True})
 
 
+_OPTIONAL_TEXT = st.none() | st.text(max_size=40)
+
+
+@given(
+    st.builds(
+        proto.Message,
+        seq=st.integers(min_value=0, max_value=2**63),
+        conversation_id=st.text(max_size=40),
+        sender=st.sampled_from(["guest", "ai", "staff", "system"]) | st.text(max_size=8),
+        author=_OPTIONAL_TEXT,
+        text=st.text(max_size=200),
+        ts=st.text(max_size=30),
+        client_msg_id=_OPTIONAL_TEXT,
+    )
+)
+def test_the_chat_frames_written_field_by_field_are_the_encoders_bytes(
+    message: proto.Message,
+) -> None:
+    """Every character the encoder escapes (quotes, controls, lone surrogates) is
+    escaped alike, and the keys keep their order."""
+    assert proto.message_frame(message) == proto.encode({"type": "message", **message.to_wire()})
+    assert proto.ack_frame(message) == proto.encode(
+        {
+            "type": "ack",
+            "client_msg_id": message.client_msg_id,
+            "seq": message.seq,
+            "conversation_id": message.conversation_id,
+            "ts": message.ts,
+        }
+    )
+
+
 @given(st.text(max_size=300) | st.binary(max_size=300))
 def test_any_input_parses_or_raises_protocol_error(raw: str | bytes) -> None:
     try:

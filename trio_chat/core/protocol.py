@@ -425,19 +425,33 @@ def encode(obj: dict[str, Any]) -> str:
     return _ENCODER.encode(obj)
 
 
+# A JSON string (the encoder's own escaping, as inside any frame it encodes).
+_string: Final = _ENCODER.encode
+
+
+def _string_or_null(value: str | None) -> str:
+    return "null" if value is None else _ENCODER.encode(value)
+
+
+# The two frames of every chat message (its ack, and its push to each party) are
+# written out field by field: encoding a dict built for the purpose cost four times as
+# much (1.8 against 0.4 us an ack). The bytes are encode()'s, key for key
+# (tests/core/test_protocol.py holds them to it).
 def message_frame(message: Message) -> str:
-    return encode({"type": "message", **message.to_wire()})
+    return (
+        f'{{"type":"message","seq":{message.seq:d},'
+        f'"conversation_id":{_string(message.conversation_id)},'
+        f'"sender":{_string(message.sender)},"author":{_string_or_null(message.author)},'
+        f'"text":{_string(message.text)},"ts":{_string(message.ts)},'
+        f'"client_msg_id":{_string_or_null(message.client_msg_id)}}}'
+    )
 
 
 def ack_frame(message: Message) -> str:
-    return encode(
-        {
-            "type": "ack",
-            "client_msg_id": message.client_msg_id,
-            "seq": message.seq,
-            "conversation_id": message.conversation_id,
-            "ts": message.ts,
-        }
+    return (
+        f'{{"type":"ack","client_msg_id":{_string_or_null(message.client_msg_id)},'
+        f'"seq":{message.seq:d},"conversation_id":{_string(message.conversation_id)},'
+        f'"ts":{_string(message.ts)}}}'
     )
 
 
