@@ -7,10 +7,12 @@ the usual way: a :class:`StartReply` after its commit."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 from tests.server.commit_path_probe import staff_joins
 from trio_chat.core.hub import Write
-from trio_chat.core.storage import AppendMessage
+from trio_chat.core.protocol import Message
+from trio_chat.core.storage import Appended, AppendMessage, ConversationRow
 
 from .test_hub import Driver, types
 
@@ -240,3 +242,23 @@ def test_after_an_answer_given_the_usual_way_answers_keep_the_order() -> None:
     # All answered and committed: the next message is answered at once.
     d.send(guest, type="message", client_msg_id="m3", text="three")
     assert answers.asked == ["three"] and answers.kept == ["three"]
+
+
+def test_a_stored_answer_keeps_everything_its_message_s_commit_said() -> None:
+    """``AppendMessage.apply`` adds the answer's outcome to the message's result by hand
+    (not ``dataclasses.replace``): every other field must come through."""
+    row = ConversationRow("c1", "g1", "Ana", "ai", None, None, 1, 0, 5.0, "hi")
+    first = Appended(Message(1, "c1", "guest", "g1", "hi", "t", "m1"), False, at=5.0, row=row)
+    answer = Appended(Message(2, "c1", "ai", "concierge", "hello", "t", None), False, at=5.0)
+
+    class Backend:
+        def append(self, op: AppendMessage) -> Appended:
+            return first if op.sender == "guest" else answer
+
+    op = AppendMessage(conversation_id="c1", sender="guest", author="g1", text="hi")
+    op.answer = AppendMessage(conversation_id="c1", sender="ai", author="concierge", text="hello")
+    result = op.apply(Backend())  # type: ignore[arg-type]
+    assert result.answer is answer
+    for f in fields(Appended):
+        if f.name != "answer":
+            assert getattr(result, f.name) == getattr(first, f.name), f.name
