@@ -74,6 +74,7 @@ def run(engine: WebsocketsEngine, chunks: Iterable[bytes]) -> Outcome:
 def protocol_only() -> WebsocketsEngine:
     """The engine as it was: every byte through the protocol."""
     engine = WebsocketsEngine(LIMIT)
+    engine._boundary = _FrameBoundary()
     engine._boundary.given_up = True
     return engine
 
@@ -168,10 +169,11 @@ def test_a_plain_frame_never_reaches_the_protocol() -> None:
 def test_the_protocol_takes_over_mid_read_and_hands_back_at_a_frame_boundary() -> None:
     engine = WebsocketsEngine(LIMIT)
     data = text("one") + frame(0x9, b"ping") + text("two", fin=False)
+    assert engine._boundary is None  # nothing given to the protocol yet: nothing kept
     assert engine.receive(data) == [*messages("one"), Incoming("ping", b"ping")]
-    assert not engine._boundary.clean  # a message half-assembled: all to the protocol
+    assert engine._boundary is not None  # a message half-assembled: all to the protocol
     assert engine.receive(frame(0x0, b"!")) == messages("two!")
-    assert engine._boundary.clean
+    assert engine._boundary is None  # back at a boundary: plain frames bypass again
 
 
 def test_a_close_ends_the_bypass_for_good() -> None:

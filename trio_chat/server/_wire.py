@@ -283,16 +283,22 @@ class WebsocketsEngine:
         self._text: bool | None = None  # the kind of the message being assembled
         self._parts: list[bytes] = []
         self._plain_limit = min(PLAIN_TEXT_BYTES, max_message_bytes)
-        self._boundary = _FrameBoundary()
+        # Made when the protocol is first given bytes, dropped when it holds nothing
+        # again: most connections never need one (idle memory, issue 17).
+        self._boundary: _FrameBoundary | None = None
 
     def receive(self, data: bytes) -> list[Incoming]:
         found: list[Incoming] = []
-        if self._boundary.clean:
+        boundary = self._boundary
+        if boundary is None:
             found, used = _read_plain_texts(data, self._plain_limit)
             if used == len(data):
                 return found
             data = data[used:]
-        self._boundary.feed(data)
+            boundary = self._boundary = _FrameBoundary()
+        boundary.feed(data)
+        if boundary.clean:
+            self._boundary = None
         return self._receive(data, found)
 
     def _receive(self, data: bytes, found: list[Incoming]) -> list[Incoming]:
