@@ -717,15 +717,8 @@ class ChatServer:
 
     def _perform_now(self, actions: Sequence[Action]) -> None:
         """Carry out actions where nothing may wait: in a commit's callback."""
-        connections = self.connections
         for action in actions:
-            # Most actions are frames to send (five a guest message when the concierge
-            # answers at once): tested first, by exact type, and carried out here.
-            if type(action) is Send:
-                conn = connections.get(action.session)
-                if conn is not None:
-                    conn.deliver(action.frame)
-            elif isinstance(action, Write):
+            if isinstance(action, Write):
                 self.store.put(self._operation(action))
             elif isinstance(action, Read):
                 raise AssertionError(f"the hub asked for a read outside a session: {action}")
