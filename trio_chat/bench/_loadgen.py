@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from ..core import client_protocol as wire
+from ..server._wire import apply_mask
 
 __all__ = [
     "DIALECTS",
@@ -63,10 +64,7 @@ def _header(opcode: int, length: int, mask_bit: int) -> bytes:
 def client_frame(payload: bytes, mask: bytes, opcode: int = TEXT) -> bytes:
     """A masked client frame (RFC 6455 5.3): the payload XORed with ``mask`` as one
     big integer, which costs about a microsecond for a chat message."""
-    n = len(payload)
-    key = (mask * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return _header(opcode, n, 0x80) + mask + masked
+    return _header(opcode, len(payload), 0x80) + mask + apply_mask(payload, mask)
 
 
 def server_frame(payload: bytes, opcode: int = TEXT) -> bytes:

@@ -430,7 +430,7 @@ _string: Final = _ENCODER.encode
 
 
 def _string_or_null(value: str | None) -> str:
-    return "null" if value is None else _ENCODER.encode(value)
+    return "null" if value is None else _string(value)
 
 
 # The two frames of every chat message (its ack, and its push to each party) are
