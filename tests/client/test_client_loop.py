@@ -136,6 +136,47 @@ async def test_a_restart_hint_replaces_the_backoff(
         assert client.last_close_code == 1012
 
 
+def hints_then_closes_late(after_ms: int, closes_after: float) -> Behaviour:
+    """A draining server: the hint goes out at once, the close ``closes_after`` later."""
+
+    async def behaviour(ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.send_message(welcome())
+        await ws.send_message(
+            json.dumps({"type": "reconnect", "after_ms": after_ms, "reason": "restart"})
+        )
+        await trio.sleep(closes_after)
+        await ws.aclose(1012)
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("after_ms", "closes_after", "back_after"),
+    [
+        (10_000, 6.0, 10.0),  # the wait counts from the hint, not from the close
+        (2_000, 6.0, 6.0),  # a hint already over when the close comes: back at once
+    ],
+)
+async def test_a_restart_hint_counts_from_its_arrival(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    after_ms: int,
+    closes_after: float,
+    back_after: float,
+) -> None:
+    port, script = await serve_script(
+        nursery, [hints_then_closes_late(after_ms, closes_after), stays]
+    )
+    async with ChatClient(
+        f"ws://127.0.0.1:{port}/ws", backoff=Backoff(initial=0.1, jitter="none", seed=1)
+    ) as client:
+        with trio.fail_after(60):
+            seen = await script.connections(2)
+        jitter = min(after_ms / 1000 * 0.2, 0.5)
+        assert back_after <= seen[1] - seen[0] <= back_after + jitter + 0.1
+        assert client.last_close_code == 1012
+
+
 async def test_overload_sets_a_floor_under_the_backoff(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

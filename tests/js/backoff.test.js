@@ -31,6 +31,19 @@ test("a restart's hint replaces the backoff, with at most 0.5 s of our own", () 
   assert.equal(small, 1000 + 1000 * HINT_JITTER.fraction);
 });
 
+test("a hint's wait counts from its arrival, not from the close", () => {
+  const random = fixed(0);
+  const late = retryDelay({ attempt: 1, code: CLOSE.RESTARTING, hintMs: 9000, sinceHintMs: 3000, random });
+  assert.equal(late, 6000);
+  const over = retryDelay({ attempt: 1, code: CLOSE.RESTARTING, hintMs: 2000, sinceHintMs: 5000, random });
+  assert.equal(over, 0);
+  // Our own tie-breaking jitter still scales with the hint the server gave.
+  const jittered = retryDelay({ attempt: 1, code: CLOSE.RESTARTING, hintMs: 9000, sinceHintMs: 9000, random: fixed(1) });
+  assert.equal(jittered, HINT_JITTER.maxMs);
+  const floor = retryDelay({ attempt: 2, code: CLOSE.TRY_LATER, hintMs: 3000, sinceHintMs: 1000, random });
+  assert.equal(floor, 2000);
+});
+
 test("try-later and rate limits wait at least the hint", () => {
   const random = fixed(0);
   assert.equal(retryDelay({ attempt: 2, code: CLOSE.TRY_LATER, hintMs: 3000, random }), 3000);

@@ -16,12 +16,22 @@ export function ceiling(attempt, policy = BACKOFF) {
 }
 
 // Milliseconds to wait before the next attempt, after a close with `code`.
-// `hintMs`: the server's reconnect.after_ms or retry_after_ms, or null.
-export function retryDelay({ attempt, code, hintMs = null, random = Math.random, policy = BACKOFF }) {
+// `hintMs`: the server's reconnect.after_ms or retry_after_ms, or null; `sinceHintMs`:
+// how long ago it arrived. The wait counts from the hint, not from the close: a server
+// draining thousands of connections may close this one seconds after it sent the hint.
+export function retryDelay({
+  attempt,
+  code,
+  hintMs = null,
+  sinceHintMs = 0,
+  random = Math.random,
+  policy = BACKOFF,
+}) {
   const first = attempt <= 1;
   let delay = random() * (first ? policy.spreadMs : ceiling(attempt, policy)); // full jitter
   if (hintMs !== null && hintMs !== undefined) {
-    const hinted = hintMs + random() * Math.min(hintMs * HINT_JITTER.fraction, HINT_JITTER.maxMs);
+    const remaining = Math.max(0, hintMs - sinceHintMs);
+    const hinted = remaining + random() * Math.min(hintMs * HINT_JITTER.fraction, HINT_JITTER.maxMs);
     if (code === CLOSE.GOING_AWAY || code === CLOSE.RESTARTING) delay = hinted;
     else if (code === CLOSE.TRY_LATER || code === CLOSE.RATE_LIMITED) delay = Math.max(delay, hinted);
   }

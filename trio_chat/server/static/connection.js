@@ -26,6 +26,7 @@ export class Connection {
     this.connectTimer = null;
     this.watchdog = null;
     this.hintMs = null; // the server's reconnect.after_ms / retry_after_ms
+    this.hintAt = 0; // when it arrived (Date.now())
     this.stopped = false; // after AUTH_FAILED (4401) or signing out: never retry
     this.authError = null; // the server's words with its auth_failed error
     this.online = navigator.onLine !== false;
@@ -127,7 +128,8 @@ export class Connection {
   }
 
   scheduleRetry(code) {
-    const delay = retryDelay({ attempt: this.attempt, code, hintMs: this.hintMs });
+    const sinceHintMs = Date.now() - this.hintAt;
+    const delay = retryDelay({ attempt: this.attempt, code, hintMs: this.hintMs, sinceHintMs });
     this.hintMs = null;
     this.retryDelay = delay;
     this.retryAt = Date.now() + delay;
@@ -209,6 +211,7 @@ export class Connection {
     }
     if (frame.type === "reconnect") {
       this.hintMs = Math.max(0, Number(frame.after_ms) || 0);
+      this.hintAt = Date.now();
       return;
     }
     if (frame.type === "error" && frame.code === "auth_failed") {
