@@ -118,6 +118,7 @@ def test_bench_runs_every_scenario_and_reports_ratios(tmp_path: Path) -> None:
         "bare trio-websocket echo",
     }
     assert all(run["peak"] == max(run["attempts"]) for run in series["storm"].values())
+    assert all(0 <= run["late_p99"] < 5 for run in series["storm"].values())
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "bench-idle.png",
         "bench-profile.png",

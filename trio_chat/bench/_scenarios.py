@@ -755,6 +755,9 @@ class StormRun:
     attempts: list[int] = field(default_factory=list)  # attempts in each 100 ms
     old_gone: float = 0.0  # seconds until the old process had exited
     new_listening: float = 0.0  # seconds until the new one listened
+    # How late the load processes made their clients' first attempts, at p99 (seconds):
+    # the generator's own bunching or smoothing of the crowd, for judging the peak.
+    late_p99: float = 0.0
 
 
 async def _storm_once(
@@ -791,9 +794,17 @@ async def _storm_once(
             results.append(await read_json_line(proc))
     attempts = [a for r in results for a in r["attempts"]]
     back = [b for r in results for b in r["back"]]
+    late = sorted(x for r in results for x in r["late"])
     # Attempts per 100 ms since the restart began, for the peak and the plots.
     histogram = per_interval(attempts, restart)
-    return StormRun(max(back) - restart, max(histogram, default=0), histogram, down, up)
+    return StormRun(
+        max(back) - restart,
+        max(histogram, default=0),
+        histogram,
+        down,
+        up,
+        late[int(0.99 * (len(late) - 1))] if late else 0.0,
+    )
 
 
 # (name, jitter, first-retry spread, signal, judged against the targets)
