@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.server.commit_path_probe import (
@@ -24,6 +25,7 @@ from tests.server.commit_path_probe import (
     staff_joins,
 )
 from trio_chat.server._store import (
+    MAX_BATCH,
     WRITER_SWITCH_INTERVAL,
     Appended,
     AppendMessage,
@@ -56,6 +58,46 @@ def test_a_batch_of_new_messages_is_one_statement_and_stores_everything(
         row = db.conversation(cid)
         assert row is not None
         assert (row.last_seq, row.preview, row.updated_ts) == (3, f"hello {i}", result.at)
+
+
+@pytest.mark.parametrize("parameter_limit", [None, 100])
+def test_the_largest_batch_with_instant_answers_is_one_statement_where_sqlite_allows(
+    tmp_path: Path, parameter_limit: int | None
+) -> None:
+    """A full batch of guest messages, each with its instant answer (twice the rows),
+    is one statement; on an SQLite that takes fewer parameters it takes the transaction
+    path (a statement per chunk) and stores exactly the same."""
+    db = Database(tmp_path / "chat.db")
+    if parameter_limit is not None:
+        db.writer.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, parameter_limit)
+    cids = populate(db, conversations=200, history=1)
+    ops: list[Operation[Any]] = []
+    for i in range(MAX_BATCH):
+        op = guest_message(cids[i % len(cids)], f"big-{i}", f"question {i}")
+        op.answer = AppendMessage(
+            conversation_id=op.conversation_id,
+            sender="ai",
+            author="concierge",
+            text=f"answer {i}",
+            expect=("ai", None),
+        )
+        ops.append(op)
+    with counted_statements(db) as seen:
+        results = db.apply_batch(ops)
+    assert len(seen) == 1 if parameter_limit is None else len(seen) > 2
+    for result in results:
+        assert isinstance(result, Appended) and result.answer is not None
+        assert result.answer.message.seq == result.message.seq + 1
+    for j, cid in enumerate(cids):
+        # After its one message of history, each question right before its answer.
+        expected = [
+            text
+            for i in range(j, MAX_BATCH, len(cids))
+            for text in (f"question {i}", f"answer {i}")
+        ]
+        got = stored(db, cid)
+        assert [seq for seq, _ in got] == list(range(1, len(expected) + 2))
+        assert [text for _, text in got][1:] == expected
 
 
 def test_a_batch_mixing_conversations_and_a_transition_is_one_statement_seqs_contiguous(
