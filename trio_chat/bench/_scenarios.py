@@ -803,7 +803,7 @@ async def _storm_once(
         histogram,
         down,
         up,
-        late[int(0.99 * (len(late) - 1))] if late else 0.0,
+        percentile(late, 0.99, empty=0.0),
     )
 
 

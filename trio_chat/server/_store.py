@@ -404,8 +404,11 @@ class Database:
         Batches of more than 64 used to take the transaction path, with a statement
         per 64 rows and a check statement per answer: with 200 guests, most batches did
         (200 guests, concierge on: 1.35 x the messages a second once they did not)."""
-        limit = self.writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        return limit // (2 * _PARAMETERS_PER_ROW)
+        return self._parameter_limit() // (2 * _PARAMETERS_PER_ROW)
+
+    def _parameter_limit(self) -> int:
+        """SQLite's limit on one statement's parameters (999 before 3.32)."""
+        return self.writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
     def _apply_alone(self, operations: list[Operation[Any]]) -> list[Any] | None:
         """New messages only, in one statement that is its own transaction (SQLite
@@ -457,9 +460,8 @@ class Database:
         """Run a statement over many rows with one SQLite step per chunk of rows (a
         multi-row ``VALUES``), not one per row; returns the rows changed."""
         head, row_sql, tail = statement
-        limit = self.writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        # SQLite before 3.32 takes 999 parameters: fewer rows a chunk there.
-        per_chunk = max(1, min(ROWS_PER_STATEMENT, limit // row_sql.count("?")))
+        # Fewer rows a chunk where SQLite takes fewer parameters.
+        per_chunk = max(1, min(ROWS_PER_STATEMENT, self._parameter_limit() // row_sql.count("?")))
         changed = 0
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
