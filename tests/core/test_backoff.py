@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
@@ -9,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_chat import JITTER_MODES, Backoff
+from trio_chat.core.backoff import HINT_JITTER, HINT_JITTER_MAX, retry_delay
+from trio_chat.core.protocol import CloseCode
 
 
 def test_no_jitter_grows_exponentially_to_the_cap() -> None:
@@ -139,3 +142,61 @@ def test_a_spread_spreads_a_crowd_and_leaves_no_jitter_alone() -> None:
     assert max(firsts) > 4.9
     # No jitter means the herd, on purpose: the spread does not apply.
     assert Backoff(jitter="none", spread=5).delays(2) == [0.5, 1.0]
+
+
+# -- retry_delay: the client's whole reconnection rule -----------------------------------
+
+
+class _NoJitter(random.Random):
+    """Hint jitter drawn at its ceiling, so the rule's arithmetic shows."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_a_restart_hint_replaces_the_backoff_and_counts_from_its_arrival() -> None:
+    backoff = Backoff(initial=4, jitter="none")
+    # A 9 s hint that arrived at t=100; the drain closed the connection at t=103.
+    delay = retry_delay(backoff, CloseCode.RESTARTING, (9.0, 100.0), 103.0, _NoJitter())
+    assert delay == pytest.approx(6.0 + HINT_JITTER_MAX)  # what is left, plus its jitter
+    assert backoff.attempt == 1  # the attempt is still a retry
+    small = retry_delay(backoff, CloseCode.GOING_AWAY, (1.0, 100.0), 100.5, _NoJitter())
+    assert small == pytest.approx(0.5 + 1.0 * HINT_JITTER)
+    # A close later than the hint's end: go at once (plus the jitter).
+    late = retry_delay(backoff, CloseCode.RESTARTING, (1.0, 100.0), 130.0, _NoJitter())
+    assert late == pytest.approx(HINT_JITTER)
+
+
+def test_overload_and_rate_limit_hints_only_set_a_floor() -> None:
+    for code in (CloseCode.TRY_LATER, CloseCode.RATE_LIMITED):
+        longer = retry_delay(Backoff(initial=8, jitter="none"), code, (2.0, 0.0), 0.0, _NoJitter())
+        assert longer == 8.0
+        floor = retry_delay(Backoff(initial=1, jitter="none"), code, (2.0, 0.0), 0.0, _NoJitter())
+        assert floor == pytest.approx(2.0 + 2.0 * HINT_JITTER)
+
+
+def test_without_a_hint_or_after_other_closes_the_backoff_decides() -> None:
+    for code, hint in (
+        (CloseCode.RESTARTING, None),
+        (CloseCode.ABNORMAL, (9.0, 0.0)),  # a stale hint, then a crash: not a restart
+        (CloseCode.POLICY, (9.0, 0.0)),
+    ):
+        backoff = Backoff(initial=0.5, jitter="none")
+        assert retry_delay(backoff, code, hint, 1.0, _NoJitter()) == 0.5
+
+
+def test_a_policy_that_gave_up_gives_up_whatever_the_hint() -> None:
+    backoff = Backoff(max_attempts=0)
+    assert retry_delay(backoff, CloseCode.RESTARTING, (1.0, 0.0), 0.0, random.Random(1)) is None
+
+
+def test_the_hint_jitter_is_drawn_from_the_given_generator() -> None:
+    hint = (9.0, 0.0)
+    draws = {
+        retry_delay(Backoff(), CloseCode.RESTARTING, hint, 0.0, random.Random(seed))
+        for seed in range(20)
+    }
+    assert all(9.0 <= d <= 9.0 + HINT_JITTER_MAX for d in draws if d is not None)
+    assert len(draws) == 20  # parted, as a crowd given the same hint must be
+    again = retry_delay(Backoff(), CloseCode.RESTARTING, hint, 0.0, random.Random(3))
+    assert again == retry_delay(Backoff(), CloseCode.RESTARTING, hint, 0.0, random.Random(3))

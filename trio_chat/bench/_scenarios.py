@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from ..client._client import CRASH_SPREAD
+from ..core.backoff import CRASH_SPREAD
 from ..server._admin import create_staff_token
 from ..testing._processes import ServerProcess, python_process, wait_for_marker
 from ..testing._stats import per_interval, percentile
@@ -774,11 +774,18 @@ async def _storm_once(
         procs = [
             await stack.enter_async_context(
                 python_process(
-                    worker_args("storm", url=server.url, count=n, jitter=jitter, spread=spread),
+                    worker_args(
+                        "storm",
+                        url=server.url,
+                        count=n,
+                        jitter=jitter,
+                        spread=spread,
+                        source=source_address(i),
+                    ),
                     b"ready",
                 )
             )
-            for n in shares(guests, workers)
+            for i, n in enumerate(shares(guests, workers))
         ]
         restart = time.time()
         await server.stop(how)

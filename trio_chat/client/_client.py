@@ -29,7 +29,7 @@ import trio
 import trio_websocket
 
 from ..core import client_protocol as wire
-from ..core.backoff import Backoff
+from ..core.backoff import CRASH_SPREAD, Backoff, retry_delay
 from ..core.client_state import Outbox, OutgoingMessage, Transcript, check_text
 from ..core.errors import AuthenticationFailed, ClientClosed, MessageRejected, ProtocolError
 from ..core.protocol import CloseCode, ErrorCode, Message
@@ -43,15 +43,6 @@ CONTROL_QUEUE: Final = 256
 # Messages asked for per history request when filling a gap (the server's maximum).
 HISTORY_PAGE: Final = 500
 EVENT_LOG: Final = 10_000
-# A server's reconnect hint gets up to 20 % added, at most half a second: enough to
-# part clients a server sent the same hint, little enough to keep a server's own spread
-# (a hint of 9 s arriving at 9.5 s, not at 10.8 s).
-HINT_JITTER: Final = 0.2
-HINT_JITTER_MAX: Final = 0.5
-# The default policy's spread of the first retry (see Backoff): as the websockets
-# client. Measured: a crash of a server with 4,000 guests, full jitter alone peaked at
-# 1,010 attempts per 100 ms, no better than no jitter; with the spread, about 150.
-CRASH_SPREAD: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,30 +474,8 @@ class ChatClient:
                 self._close_now(self.close_reason or "closed")
 
     def _next_delay(self, code: int) -> float | None:
-        delay = self.backoff.next_delay()
-        if delay is None:
-            return None
         given, self._hint = self._hint, None
-        if given is not None and code in (
-            CloseCode.GOING_AWAY,
-            CloseCode.RESTARTING,
-            CloseCode.TRY_LATER,
-            CloseCode.RATE_LIMITED,
-        ):
-            hint, received_at = given
-            # The server spreads its crowd by when it sends each hint. A restart drains
-            # thousands of connections one after another, so the close can come seconds
-            # after the hint: counted from the close, the crowd would come back late and
-            # bunched (storm benchmark, 10,000 guests: closes 1-3 s after the hints).
-            remaining = max(0.0, received_at + hint - trio.current_time())
-            hinted = remaining + self._random.uniform(0, min(hint * HINT_JITTER, HINT_JITTER_MAX))
-            # A restart hint replaces the backoff; overload and rate limits set a floor.
-            delay = (
-                hinted
-                if code in (CloseCode.GOING_AWAY, CloseCode.RESTARTING)
-                else max(delay, hinted)
-            )
-        return delay
+        return retry_delay(self.backoff, code, given, trio.current_time(), self._random)
 
     async def _wait(self, delay: float) -> None:
         self.retry_at = trio.current_time() + delay
