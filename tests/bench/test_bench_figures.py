@@ -3,11 +3,9 @@ the cost breakdown's stages. Pure functions, no servers."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from trio_chat import ClientEvent
+from trio_chat.bench._loadgen import StormGuest
 from trio_chat.bench._peers import Target
 from trio_chat.bench._profile import WRITER, breakdown, classify
 from trio_chat.bench._scenarios import (
@@ -18,7 +16,8 @@ from trio_chat.bench._scenarios import (
     process_cpu,
     throughput_figures,
 )
-from trio_chat.bench._workers import retry_lateness
+from trio_chat.bench._workers import first_lateness
+from trio_chat.core.backoff import Backoff
 
 NULL_CHAT, NULL_ECHO, NULL_SIO, CHAT_OFF, CHAT_ON, TW_ECHO, WS_ECHO, SIO = THROUGHPUT_TARGETS
 
@@ -223,21 +222,8 @@ def test_process_cpu_reads_this_process() -> None:
     assert process_cpu(2**22 + 12345) is None
 
 
-def _state(wall: float, state: str, **data: float) -> ClientEvent:
-    return ClientEvent("state", wall, wall, {"state": state, **data})
-
-
-def test_a_storm_client_is_late_by_what_its_attempt_trails_its_backoff() -> None:
-    log = [
-        _state(5.0, "reconnecting", delay=9.0),  # an earlier drop, before the restart
-        _state(14.0, "reconnecting"),
-        _state(20.0, "reconnecting", delay=1.5),
-        _state(21.75, "reconnecting"),  # 0.25 s after its 1.5 s wait ended
-        _state(30.0, "reconnecting", delay=1.0),
-        _state(31.0, "reconnecting"),  # only the first attempt after the restart counts
-    ]
-    client = SimpleNamespace(event_log=log)
-    assert retry_lateness(client, since=19.0) == pytest.approx(0.25)
-    assert retry_lateness(client, since=40.0) is None
-    # Waiting, never attempted: nothing to report.
-    assert retry_lateness(SimpleNamespace(event_log=log[:3]), since=19.0) is None
+def test_a_storm_guest_is_late_by_how_late_its_first_retry_after_the_restart_woke() -> None:
+    guest = StormGuest("ws://127.0.0.1:1/ws", Backoff())
+    guest.lateness = [(5.0, 3.0), (21.75, 0.25), (31.0, 0.5)]  # (woken at, seconds late)
+    assert first_lateness(guest, since=19.0) == pytest.approx(0.25)  # the first after
+    assert first_lateness(guest, since=40.0) is None  # none since: nothing to report

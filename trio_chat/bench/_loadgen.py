@@ -25,16 +25,20 @@ import asyncio
 import base64
 import hashlib
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Final, cast
 
 from ..core import client_protocol as wire
+from ..core.backoff import Backoff, retry_delay
+from ..core.protocol import CloseCode
 from ..server._wire import apply_mask
 
 __all__ = [
     "DIALECTS",
     "NullServer",
+    "StormGuest",
     "WsClient",
     "client_frame",
     "field",
@@ -157,6 +161,7 @@ class WsClient(asyncio.Protocol):
         self.ack_ids = 0  # Socket.IO ack ids, per connection
         self.index = 0  # free for the driver
         self.welcome = b""  # chat: the welcome frame
+        self.close_code: int | None = None  # the server's close frame's code, if any
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -196,8 +201,12 @@ class WsClient(asyncio.Protocol):
             elif opcode == PING:
                 self._send(payload, PONG)
             elif opcode == CLOSE:
+                # Answer the close (RFC 6455 5.5.1) and hang up.
+                self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005
+                self._send(payload[:2], CLOSE)
                 assert self.transport is not None
                 self.transport.close()
+                return
 
     # the dialects
     def _opened(self) -> None:
@@ -295,6 +304,142 @@ async def open_client(
         client.close()
         raise
     return client
+
+
+# ------------------------------------------------------------------- storm guest
+
+
+class StormGuest:
+    """A guest that reconnects by the client's own rule, on the raw connections above:
+    the storm benchmark's guest.
+
+    The rule is :func:`~trio_chat.core.backoff.retry_delay`, which
+    :class:`~trio_chat.ChatClient` follows too: the backoff's delay after a failure or a
+    drop, what is left of the server's hint after a restart, the backoff reset after a
+    connection that lasted ``healthy_after``. Back means reconnected with the guest's
+    token and caught up with its history. At a tenth of a ``ChatClient``'s CPU per
+    reconnection, a load process acts on its guests' timers when they fall due instead
+    of when it gets to them, so the storm's peak measures the rule, not the generator.
+    """
+
+    HISTORY_PAGE: Final = 500
+
+    def __init__(
+        self,
+        url: str,
+        backoff: Backoff,
+        *,
+        source: str | None = None,
+        connect_within: float = 10.0,
+        healthy_after: float = 10.0,
+        on_back: Callable[[StormGuest], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.backoff = backoff
+        self.source = source
+        self.connect_within = connect_within
+        self.healthy_after = healthy_after
+        self.on_back = on_back
+        self._random = random.Random(backoff.seed)  # the hint's jitter, as ChatClient's
+        self.token: str | None = None
+        self.held = 0  # the highest seq of its conversation it holds
+        self.hint: tuple[float, float] | None = None  # (seconds, time.monotonic() of arrival)
+        self.reconnects = 0  # sessions resumed and caught up
+        self.synced = False  # connected, with nothing left to fetch
+        self.attempts: list[float] = []  # wall clock of each connection attempt
+        self.returns: list[float] = []  # wall clock of each resumed session caught up
+        self.lateness: list[tuple[float, float]] = []  # (wall clock, seconds past due)
+        self._welcomed_once = False
+        self._resumed = False  # this session resumed an earlier one
+
+    async def run(self, pacing: asyncio.Semaphore | None = None) -> None:
+        """Connect (the first time under ``pacing``, to pace a crowd's setup up to the
+        welcome), then reconnect whenever the connection ends, until the backoff gives
+        up."""
+        while True:
+            self.attempts.append(time.time())
+            if pacing is not None:
+                async with pacing:
+                    client = await self._connect()
+                pacing = None
+            else:
+                client = await self._connect()
+            code, healthy = CloseCode.ABNORMAL, False
+            if client is not None:
+                connected_at = time.monotonic()
+                await client.closed
+                self.synced = False
+                code = client.close_code or CloseCode.ABNORMAL
+                healthy = time.monotonic() - connected_at >= self.healthy_after
+            if healthy:
+                self.backoff.reset()
+            now = time.monotonic()
+            given, self.hint = self.hint, None
+            delay = retry_delay(self.backoff, code, given, now, self._random)
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
+            self.lateness.append((time.time(), time.monotonic() - now - delay))
+
+    async def _connect(self) -> WsClient | None:
+        """A session up to its welcome, or None if it failed on the way."""
+        try:
+            client = await open_client(
+                self.url,
+                "chat",
+                token=self.token,
+                source=self.source,
+                on_answer=self._frame,
+                on_other=self._frame,
+                within=self.connect_within,
+            )
+        except (OSError, TimeoutError):  # refused, reset, timed out (ConnectionError too)
+            return None
+        self._welcome(client, wire.parse_server_frame(client.welcome.decode()))
+        return client
+
+    def _welcome(self, client: WsClient, welcome: wire.ServerFrame) -> None:
+        assert isinstance(welcome, wire.Welcome)
+        self.token = welcome.token or self.token
+        self._resumed, self._welcomed_once = self._welcomed_once, True
+        if welcome.last_seq > self.held:
+            self._ask_history(client)
+        else:
+            self._caught_up()
+
+    def _ask_history(self, client: WsClient) -> None:
+        client.send_json(wire.history_request(self.held, self.HISTORY_PAGE).encode())
+
+    def _caught_up(self) -> None:
+        self.synced = True
+        if self._resumed:
+            self._resumed = False
+            self.reconnects += 1
+            self.returns.append(time.time())
+            if self.on_back is not None:
+                self.on_back(self)
+
+    def _frame(self, client: WsClient, payload: bytes, now: float) -> None:
+        if b'"type":"reconnect"' in payload:
+            frame = wire.parse_server_frame(payload.decode())
+            assert isinstance(frame, wire.Reconnect)
+            self.hint = (frame.after_ms / 1000, now)
+        elif b'"type":"history"' in payload:
+            history = wire.parse_server_frame(payload.decode())
+            assert isinstance(history, wire.History)
+            for message in history.messages:
+                self.held = max(self.held, message.seq)
+            if history.has_more or self.held < history.last_seq:
+                self._ask_history(client)
+            else:
+                self._caught_up()
+        elif b'"type":"message"' in payload:
+            pushed = wire.parse_server_frame(payload.decode())
+            if isinstance(pushed, wire.Pushed) and pushed.message.seq == self.held + 1:
+                self.held += 1
+            elif isinstance(pushed, wire.Pushed) and pushed.message.seq > self.held:
+                self.synced = False
+                self._ask_history(client)  # a gap: fetch it
 
 
 # -------------------------------------------------------------------- null server

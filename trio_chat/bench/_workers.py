@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..core import client_protocol as wire
+from ..core.backoff import Backoff
 from ..server._server import GC_THRESHOLDS
-from ._loadgen import DIALECTS, WsClient, field, open_client, serve_null
+from ._loadgen import DIALECTS, StormGuest, WsClient, field, open_client, serve_null
 
 __all__ = ["main", "worker_args"]
 
@@ -404,104 +404,69 @@ async def _websockets_echo(port: int) -> None:
 # --------------------------------------------------------------------- the storm
 
 
-async def _storm(url: str, count: int, jitter: str, spread: float) -> None:
+async def _storm(url: str, count: int, jitter: str, spread: float, source: str | None) -> None:
     """Keep ``count`` reconnecting guests; print ``ready`` once all are connected, then
-    ``back`` once every one of them has come back (connected and resynced) after it was
-    last dropped; on ``report SINCE`` print their attempts (wall clock) and return
-    times after SINCE."""
-    import trio
-
+    ``back`` once every one of them has come back (reconnected and caught up) after it
+    was last dropped; on ``report SINCE`` print their attempts, returns (wall clock)
+    and how late the process woke them, after SINCE."""
     os.nice(STORM_NICENESS)
-
-    from ..client._client import ChatClient
-    from ..core.backoff import Backoff
-
-    clients = [
-        ChatClient(
+    guests = [
+        StormGuest(
             url,
-            heartbeat=0,
-            connect_timeout=10,
-            backoff=Backoff(
+            Backoff(
                 initial=0.5,
                 max=10,
                 jitter=jitter,  # type: ignore[arg-type]
                 spread=spread,
                 seed=i * 7919 + os.getpid(),
             ),
+            source=source,
         )
         for i in range(count)
     ]
-    connecting = trio.Semaphore(CONNECT_CONCURRENCY)
+    everyone_back = asyncio.Event()
+    waiting = {id(guest) for guest in guests}
 
-    async def run(client: ChatClient, task_status: trio.TaskStatus[None]) -> None:
-        await connecting.acquire()
-        async with client:
-            try:
-                await client.wait_for_state("connected")
-            finally:
-                connecting.release()
-            task_status.started()
-            await trio.sleep_forever()
+    def on_back(guest: StormGuest) -> None:
+        waiting.discard(id(guest))
+        if not waiting:
+            everyone_back.set()
 
-    async with trio.open_nursery() as nursery:
-        async with trio.open_nursery() as starting:
-            for client in clients:
-                starting.start_soon(nursery.start, run, client)
-        # A load process that pauses to collect garbage acts on its clients' timers late
-        # and all at once: its own burst, not the policy's. With the clients frozen and
-        # the server's thresholds, young-generation collections still paused each load
-        # process for 90-300 ms about once a second through the herd (10,000 guests,
-        # gc.callbacks); a storm's process lives for one restart, so it collects nothing.
-        gc.freeze()
-        gc.disable()
-        _print("ready")
-        for client in clients:
-            await client.wait_until(functools.partial(_back, client))
-        _print("back")
-        line = await trio.to_thread.run_sync(sys.stdin.readline)
-        since = float(line.split()[1])
-        attempts = [
-            e.wall
-            for c in clients
-            for e in c.event_log
-            if e.kind == "state"
-            and e.data["state"] in ("connecting", "reconnecting")
-            and "delay" not in e.data
-            and e.wall >= since
-        ]
-        back = [
-            min(
-                (
-                    e.wall
-                    for e in c.event_log
-                    if e.kind == "state" and e.data["state"] == "connected" and e.wall >= since
-                ),
-                default=0.0,
-            )
-            for c in clients
-        ]
-        late = [lateness for c in clients if (lateness := retry_lateness(c, since)) is not None]
-        _print({"attempts": attempts, "back": back, "late": late})
-        nursery.cancel_scope.cancel()
+    for guest in guests:
+        guest.on_back = on_back
+    pacing = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    tasks = [asyncio.create_task(guest.run(pacing)) for guest in guests]
+    while not all(guest.synced for guest in guests):
+        done = [t for t in tasks if t.done()]
+        if done:
+            done[0].result()  # a guest gave up or failed: say why
+            raise RuntimeError("a storm guest stopped")
+        await asyncio.sleep(0.05)
+    # A load process that pauses to collect garbage acts on its guests' timers late
+    # and all at once: its own burst, not the policy's. A storm's process lives for one
+    # restart, so it collects nothing (with ChatClients, young-generation collections
+    # paused each load process for 90-300 ms about once a second through the herd).
+    gc.freeze()
+    gc.disable()
+    _print("ready")
+    await everyone_back.wait()
+    _print("back")
+    since = float((await _stdin_line()).split()[1])
+    _print(
+        {
+            "attempts": [t for g in guests for t in g.attempts if t >= since],
+            "back": [min((t for t in g.returns if t >= since), default=0.0) for g in guests],
+            "late": [late for g in guests if (late := first_lateness(g, since)) is not None],
+        }
+    )
+    for task in tasks:
+        task.cancel()
 
 
-def retry_lateness(client: Any, since: float) -> float | None:
-    """How much later than its backoff said ``client`` made its first attempt after
-    ``since``: the load process's own delay (None if it made none)."""
-    waiting = None
-    for event in client.event_log:
-        if event.wall < since or event.kind != "state":
-            continue
-        if "delay" in event.data:
-            waiting = event
-        elif waiting is not None and event.data["state"] in ("connecting", "reconnecting"):
-            return float(event.wall - waiting.wall - waiting.data["delay"])
-    return None
-
-
-def _back(client: Any) -> bool:
-    """A storm's guest is back once it reconnected and caught up."""
-    return bool(client.reconnects >= 1 and client.synced)
+def first_lateness(guest: StormGuest, since: float) -> float | None:
+    """How much later than its backoff said the load process woke ``guest`` for its
+    first attempt after ``since`` (None if it made none): the process's own delay."""
+    return next((late for wall, late in guest.lateness if wall >= since), None)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -568,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     storm.add_argument("--count", type=int, required=True)
     storm.add_argument("--jitter", choices=["none", "full", "equal", "decorrelated"])
     storm.add_argument("--spread", type=float, default=0.0)
+    storm.add_argument("--source", default=None, help="local address to connect from")
     args = parser.parse_args(argv)
     if args.command in ("null-server", "echo-server"):
         # The baselines run under trio-chat serve's collector policy: with thousands of
@@ -607,5 +573,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         import trio
 
-        trio.run(_storm, args.url, args.count, args.jitter, args.spread)
+        _run_asyncio(_storm(args.url, args.count, args.jitter, args.spread, args.source))
     return 0
