@@ -3,8 +3,8 @@
 Each is ``python -m trio_chat.bench COMMAND --option value ...``; the orchestrator
 (``_scenarios``) talks to them through stdin and stdout, one JSON object or marker a
 line. The load generators (``load``, ``hold``, ``steady``, ``staff``) and the null
-server run on asyncio with the raw connections of ``_loadgen``; the storm's guests are
-real ``ChatClient``s, since the storm measures their reconnection policy.
+server run on asyncio with the raw connections of ``_loadgen``; so do the storm's
+guests, which follow ``ChatClient``'s reconnection rule (``core.backoff.retry_delay``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ from ._loadgen import DIALECTS, StormGuest, WsClient, field, open_client, serve_
 __all__ = ["main", "worker_args"]
 
 CONNECT_CONCURRENCY: Final = 64
-# The storm's guests are real ChatClients, each costing its load process about twice
-# the server's CPU per reconnection; on the benchmark's two cores, four of them at the
-# server's priority left it a fifth of the machine (0.4-0.6 of a core) through the drain
-# and the herd. In production the server has its cores to itself: the load processes
-# yield to it and take what is left. How late that makes them act on their clients'
-# timers is measured and reported with each storm (``late_p99``).
+# The storm's load processes yield to the server: in production it has its cores to
+# itself. At the server's priority, four of them (of ChatClients then) left it a fifth of
+# the benchmark's two cores through the drain and the herd. How late yielding makes them
+# act on their guests' timers is measured and reported with each storm (``late_p99``).
 STORM_NICENESS: Final = 10
 
 
