@@ -305,3 +305,27 @@ async def test_a_running_store_shortens_the_gil_hand_offs_and_restores_them(
         assert sys.getswitchinterval() == WRITER_SWITCH_INTERVAL
         second.close()
     assert sys.getswitchinterval() == before
+
+
+def test_none_parameters_skip_sqlite3s_adaptation_lookup_and_still_bind_as_null(
+    tmp_path: Path,
+) -> None:
+    # Importing the store registers the adapter (see _store: the lookup it spares cost
+    # 6 % of the server's instructions per message with the concierge on).
+    assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)](None) is None
+    db = Database(tmp_path / "nulls.db")
+    try:
+        [cid] = populate(db, 1, 0)
+        op = guest_message(cid, "m1", "hello")
+        op.answer = AppendMessage(
+            conversation_id=cid, sender="ai", author="concierge", text="hi", expect=("ai", None)
+        )
+        db.apply_batch([op])
+        rows = db.writer.execute(
+            "SELECT sender, author_key IS NULL, client_msg_id IS NULL FROM messages "
+            "WHERE conversation_id = ? ORDER BY seq",
+            (cid,),
+        ).fetchall()
+    finally:
+        db.close()
+    assert rows[-2:] == [("guest", 0, 0), ("ai", 1, 1)]

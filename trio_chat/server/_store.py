@@ -130,6 +130,15 @@ END;
 # the interval is at most this (see Store.run).
 WRITER_SWITCH_INTERVAL: Final = 0.001
 _SQLITE_BUSY: Final = 5  # a primary result code: another connection holds the lock
+# sqlite3 binds int, float and str directly but sends every other parameter, None among
+# them, through its adaptation protocol, which looks up ``__adapt__`` on a type that has
+# none and formats the AttributeError it then discards: about 3,300 instructions per
+# None (callgrind), and a message row carries six (the answer's seven), 6 % of all the
+# server's instructions per message with the concierge on. A registered adapter is
+# found first. ``{}.get`` returns None for any key without a Python frame; None still
+# binds as NULL. The registry is the process's, and this changes nothing for anyone.
+_NOTHING_REGISTERED: Final[dict[None, None]] = {}
+sqlite3.register_adapter(type(None), _NOTHING_REGISTERED.get)
 # ---- end of the commit path's block
 
 _SCHEMA: Final = """
