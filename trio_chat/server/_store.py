@@ -135,8 +135,8 @@ _SQLITE_BUSY: Final = 5  # a primary result code: another connection holds the l
 # none and formats the AttributeError it then discards: about 3,300 instructions per
 # None (callgrind), and a message row carries six (the answer's seven), 6 % of all the
 # server's instructions per message with the concierge on. A registered adapter is
-# found first. ``{}.get`` returns None for any key without a Python frame; None still
-# binds as NULL. The registry is the process's, and this changes nothing for anyone.
+# found first. ``{}.get`` returns None for any key without a Python frame, so None still
+# binds as NULL, for every sqlite3 user in the process (the registry is global).
 _NOTHING_REGISTERED: Final[dict[None, None]] = {}
 sqlite3.register_adapter(type(None), _NOTHING_REGISTERED.get)
 # ---- end of the commit path's block
