@@ -149,6 +149,8 @@ MIN_SCORE: Final = 2.0
 # ("night") in a sentence about something else is not an answer.
 MIN_COVERAGE: Final = 0.4
 SMALLTALK_WEIGHT: Final = 0.5
+# Shouting: at least this many letters, more than four in five of them capitals.
+SHOUTING_LETTERS: Final = 12
 
 
 def _stem(word: str) -> str:
@@ -293,7 +295,15 @@ class _Tokenizer:
         self._any_phrase = _any_of(phrase for phrase, _ in normalize)
 
     def __call__(self, text: str) -> list[str]:
-        text = " " + " ".join(text.lower().replace("’", "'").split()) + " "
+        lower = text.lower()
+        return self.of_folded(lower, " ".join(lower.split()))
+
+    def of_folded(self, lower: str, folded: str) -> list[str]:
+        """The tokens of a message given lower-cased (``lower``) and with its
+        whitespace folded too (``folded``), as :meth:`Concierge.reply` has it already."""
+        if "’" in lower:
+            folded = " ".join(lower.replace("’", "'").split())
+        text = " " + folded + " "
         # Most messages fold nothing: one regular expression says so, instead of a
         # Python step per phrase. When one does, the phrases go in order (a replacement
         # may make the next phrase appear), exactly as before.
@@ -370,15 +380,21 @@ class Concierge:
 
     def wants_person(self, text: str) -> bool:
         """True when the guest asks for a human."""
-        folded = " ".join(text.lower().split())
-        return self._person_re.search(folded) is not None
+        return self._person_re.search(" ".join(text.lower().split())) is not None
 
     def is_upset(self, text: str) -> bool:
         """True when the guest is plainly unhappy (strong words, shouting, !!!)."""
-        if self._upset_re.search(text.lower()) or "!!!" in text:
+        return self._upset(text, text.lower())
+
+    def _upset(self, text: str, lower: str) -> bool:
+        if self._upset_re.search(lower) or "!!!" in text:
             return True
+        if len(text) < SHOUTING_LETTERS:  # too short to hold that many letters
+            return False
         letters = "".join(filter(str.isalpha, text))
-        return len(letters) >= 12 and sum(map(str.isupper, letters)) / len(letters) > 0.8
+        return (
+            len(letters) >= SHOUTING_LETTERS and sum(map(str.isupper, letters)) / len(letters) > 0.8
+        )
 
     def best_topic(self, text: str) -> tuple[Topic | None, float]:
         """The best-matching topic and its score, or ``(None, 0.0)`` when no topic
@@ -394,12 +410,14 @@ class Concierge:
     def _scored(self, text: str) -> list[tuple[int, float]]:
         """Every topic (by index, in the knowledge base's order) that explains enough of
         ``text`` (``MIN_COVERAGE``), with its score."""
-        tokens = set(self._tokenize(text))
-        if not tokens:
+        return self._scored_tokens(set(self._tokenize(text)))
+
+    def _scored_tokens(self, tokens: set[str]) -> list[tuple[int, float]]:
+        candidates = set(chain.from_iterable(map(self._topics_of.get, tokens, repeat(()))))
+        if not candidates:  # no topic shares a word with it (nor, then, scores)
             return []
         information = sum(map(self.kb.idf.get, tokens, repeat(self._unknown_weight)))
         floor = MIN_COVERAGE * information
-        candidates = set(chain.from_iterable(map(self._topics_of.get, tokens, repeat(()))))
         topics, weights = self.kb.topics, self._weights
         scored = []
         for index in sorted(candidates):
@@ -413,8 +431,11 @@ class Concierge:
 
     def _best(self, text: str) -> tuple[int, float] | None:
         """The first of the best in :meth:`_ranked`'s order, without sorting them all."""
+        return self._best_of(set(self._tokenize(text)))
+
+    def _best_of(self, tokens: set[str]) -> tuple[int, float] | None:
         best = None
-        for index, score in self._scored(text):
+        for index, score in self._scored_tokens(tokens):
             if best is None or score > best[1]:
                 best = (index, score)
         return best
@@ -429,13 +450,17 @@ class Concierge:
 
     def reply(self, text: str, memory: ConciergeMemory) -> tuple[ConciergeAnswer, ConciergeMemory]:
         """Answer ``text``; returns the answer and the memory to keep for next time."""
-        if self.wants_person(text) or (
-            memory.offered_person and _yes_folded(text) in self.kb.yes_words
+        # Lower-cased and folded once for every rule below (each did it again: a
+        # quarter of a reply's time for a short message).
+        lower = text.lower()
+        folded = " ".join(lower.split())
+        if self._person_re.search(folded) is not None or (
+            memory.offered_person and _yes_folded_lower(lower) in self.kb.yes_words
         ):
             return _HANDING_OVER, _FORGOTTEN
-        if self.is_upset(text):
+        if self._upset(text, lower):
             return _SORRY_HANDING_OVER, _FORGOTTEN
-        best = self._best(text)
+        best = self._best_of(set(self._tokenize.of_folded(lower, folded)))
         if best is not None:
             index, score = best
             answer = self._answers[index]
@@ -454,7 +479,11 @@ _NOT_IN_A_WORD: Final = re.compile(r"[^\w\s']")
 
 def _yes_folded(text: str) -> str:
     """The message as an answer to "would you like a person?" is compared."""
-    return " ".join(_NOT_IN_A_WORD.sub(" ", text.lower()).split())
+    return _yes_folded_lower(text.lower())
+
+
+def _yes_folded_lower(lower: str) -> str:
+    return " ".join(_NOT_IN_A_WORD.sub(" ", lower).split())
 
 
 # Replies are immutable: the fixed ones are made once.
