@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -329,3 +330,28 @@ def test_none_parameters_skip_sqlite3s_adaptation_lookup_and_still_bind_as_null(
     finally:
         db.close()
     assert rows[-2:] == [("guest", 0, 0), ("ai", 1, 1)]
+
+
+def test_the_messages_of_one_commit_share_its_time_and_the_next_commit_reads_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The clock is read once a batch (an answered guest message is two messages); a
+    # batch must not keep the time of the one before.
+    import trio_chat.server._store as store_module
+
+    readings = iter([1_800_000_000.25, 1_800_000_007.5])
+    db = Database(tmp_path / "clock.db")
+    try:
+        cids = populate(db, 2, 0)
+        monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: next(readings)))
+        answered = guest_message(cids[0], "m1", "hello")
+        answered.answer = AppendMessage(
+            conversation_id=cids[0], sender="ai", author="concierge", text="hi", expect=("ai", None)
+        )
+        one = db.apply_batch([answered, guest_message(cids[1], "m1", "hello")])
+        [two] = db.apply_batch([guest_message(cids[1], "m2", "again")])
+    finally:
+        db.close()
+    stamps = {(r.message.ts, r.at) for r in one} | {(one[0].answer.message.ts, one[0].answer.at)}
+    assert stamps == {("2027-01-15T08:00:00.250Z", 1_800_000_000.25)}
+    assert (two.message.ts, two.at) == ("2027-01-15T08:00:07.500Z", 1_800_000_007.5)

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from itertools import chain
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -276,6 +277,7 @@ class Database:
         self._touched: dict[str, tuple[int, float, str, tuple[str, str | None, str | None] | None]]
         self._touched = {}  # conversation rows to write at the end of the batch
         self._rows: list[tuple[Any, ...]] = []  # messages to insert at the end of the batch
+        self._clock: tuple[float, str] | None = None  # the batch's time, and formatted
         self._optimistic = True
         # _apply_alone: the statement checks expect and reply_to (else append does)
         self._checks_in_statement = False
@@ -376,6 +378,7 @@ class Database:
         Returns one result per operation. Raises :class:`StorageError` if the batch
         could not commit; then nothing of it was stored.
         """
+        self._clock = None  # read at the batch's first new message
         try:
             if 0 < len(operations) <= self._one_statement_operations() and all(
                 isinstance(op, AppendMessage) for op in operations
@@ -433,7 +436,7 @@ class Database:
             results = [op.apply(self) for op in operations]
             head, row_sql, tail = _INSERT_MESSAGES
             sql = head + ",".join([row_sql] * len(self._rows)) + tail
-            self.writer.execute(sql, [v for row in self._rows for v in row])
+            self.writer.execute(sql, list(chain.from_iterable(self._rows)))
         except sqlite3.IntegrityError:
             return None
         except sqlite3.OperationalError as exc:
@@ -475,7 +478,7 @@ class Database:
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
             sql = head + ",".join([row_sql] * len(chunk)) + tail
-            changed += self.writer.execute(sql, [v for row in chunk for v in row]).rowcount
+            changed += self.writer.execute(sql, list(chain.from_iterable(chunk))).rowcount
         return changed
 
     def _next_seq(self, conversation_id: str) -> int:
@@ -500,11 +503,18 @@ class Database:
         seq = self._next_seq(op.conversation_id)
         if op.reply_to is not None and not in_statement and not self._take_reply_key(op, seq):
             return self._stored_reply(op)
-        now = time.time()
+        # The messages of one commit share its time: the clock is read, and the time
+        # formatted, once a batch (an answered guest message is two messages).
+        clock = self._clock
+        if clock is None:
+            now = time.time()
+            clock = self._clock = (now, format_ts(now))
+        now, ts = clock
         message = Message(
-            seq, op.conversation_id, op.sender, op.author, op.text, format_ts(now), op.client_msg_id
+            seq, op.conversation_id, op.sender, op.author, op.text, ts, op.client_msg_id
         )
         new_status = op.status if op.status is not None else (None, None, None)
+        preview = op.text[:PREVIEW_CHARS]
         row = (
             op.conversation_id,
             seq,
@@ -512,10 +522,10 @@ class Database:
             op.author,
             op.author_key,
             op.text,
-            message.ts,
+            ts,
             op.client_msg_id,
             now,
-            op.text[:PREVIEW_CHARS],
+            preview,
             *new_status,
             *(op.expect if in_statement and op.expect is not None else (None, None)),
             op.reply_to if in_statement else None,
@@ -550,7 +560,7 @@ class Database:
         status = op.status if op.status is not None else (touched[3] if touched else None)
         # Written by the row's own insert (the view's trigger); kept for the checks of
         # later operations in this batch (_conflict, expire_silent_guests).
-        self._touched[op.conversation_id] = (seq, now, op.text[:PREVIEW_CHARS], status)
+        self._touched[op.conversation_id] = (seq, now, preview, status)
         return Appended(message, duplicate=False, at=now)
 
     # -- reply once -------------------------------------------------------------------
