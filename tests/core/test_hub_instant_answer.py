@@ -6,15 +6,15 @@ the usual way: a :class:`StartReply` after its commit."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import fields
 
 from tests.server.commit_path_probe import staff_joins
-from trio_chat.core.hub import Write
+from trio_chat.core.hub import Send, Write
 from trio_chat.core.protocol import Message
 from trio_chat.core.storage import Appended, AppendMessage, ConversationRow
 
-from .test_hub import Driver, types
+from .test_hub import WALL, Driver, types
 
 
 class Answers:
@@ -76,6 +76,42 @@ def test_the_answer_is_written_with_the_message_and_pushed_with_its_ack() -> Non
     assert d.replies == []  # no StartReply
     assert history(d, cid) == [("guest", "breakfast?"), ("ai", "at once: breakfast?")]
     assert d.hub.last_seq(cid) == 2
+
+
+def test_every_subscriber_gets_the_answer_between_its_typing_frames_in_one_run() -> None:
+    """The guest's second tab and a watching staff member get the reply's typing, answer
+    and typing's end too, each subscriber's three one after another in the actions:
+    the shell queues each such run on its connection at once."""
+    d, _, guest, cid = instant_guest()
+    second_tab, _ = d.guest(d.hub.sessions[guest].token)
+    staff = d.staff()
+    d.send(staff, type="watch", conversation_id=cid)
+    for session in (guest, second_tab, staff):
+        d.take(session)
+    d.hold = True
+    d.send(guest, type="message", client_msg_id="m1", text="breakfast?")
+    [write] = d.held
+    d.hold = False
+    actions = d.hub.stored(write, d.backend.apply_batch([write.operation])[0], d.now, WALL)
+    sends = [(a.session, json.loads(a.frame)) for a in actions if isinstance(a, Send)]
+    runs = [
+        [(session, frame["type"]) for session, frame in sends[i : i + 3]]
+        for i, (_, frame) in enumerate(sends)
+        if frame["type"] == "typing" and frame["active"]
+    ]
+    assert sorted(run[0][0] for run in runs) == sorted([guest, second_tab, staff])
+    for run in runs:
+        session = run[0][0]
+        assert run == [(session, "typing"), (session, "message"), (session, "typing")]
+    d.run(actions)
+    for session in (guest, second_tab, staff):
+        frames = [f for f in d.take(session) if f["type"] in ("message", "typing")]
+        assert [(f["type"], f.get("sender"), f.get("active")) for f in frames] == [
+            ("message", "guest", None),
+            ("typing", "ai", True),
+            ("message", "ai", None),
+            ("typing", "ai", False),
+        ]
 
 
 def test_a_retry_is_not_answered_again_and_its_answer_is_not_kept() -> None:
@@ -246,7 +282,7 @@ def test_after_an_answer_given_the_usual_way_answers_keep_the_order() -> None:
 
 def test_a_stored_answer_keeps_everything_its_message_s_commit_said() -> None:
     """``AppendMessage.apply`` adds the answer's outcome to the message's result by hand
-    (not ``dataclasses.replace``): every other field must come through."""
+    (not ``_replace``): every other field must come through."""
     row = ConversationRow("c1", "g1", "Ana", "ai", None, None, 1, 0, 5.0, "hi")
     first = Appended(Message(1, "c1", "guest", "g1", "hi", "t", "m1"), False, at=5.0, row=row)
     answer = Appended(Message(2, "c1", "ai", "concierge", "hello", "t", None), False, at=5.0)
@@ -259,6 +295,6 @@ def test_a_stored_answer_keeps_everything_its_message_s_commit_said() -> None:
     op.answer = AppendMessage(conversation_id="c1", sender="ai", author="concierge", text="hello")
     result = op.apply(Backend())  # type: ignore[arg-type]
     assert result.answer is answer
-    for f in fields(Appended):
-        if f.name != "answer":
-            assert getattr(result, f.name) == getattr(first, f.name), f.name
+    for name in Appended._fields:
+        if name != "answer":
+            assert getattr(result, name) == getattr(first, name), name

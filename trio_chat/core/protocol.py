@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 from .errors import ProtocolError
 
@@ -433,15 +433,19 @@ def _string_or_null(value: str | None) -> str:
     return "null" if value is None else _string(value)
 
 
+_SENDERS: Final = {sender: _string(sender) for sender in get_args(Sender)}  # encoded once
+
+
 # The two frames of every chat message (its ack, and its push to each party) are
 # written out field by field: encoding a dict built for the purpose cost four times as
 # much (1.8 against 0.4 us an ack). The bytes are encode()'s, key for key
 # (tests/core/test_protocol.py holds them to it).
 def message_frame(message: Message) -> str:
+    sender = _SENDERS.get(message.sender) or _string(message.sender)
     return (
         f'{{"type":"message","seq":{message.seq:d},'
         f'"conversation_id":{_string(message.conversation_id)},'
-        f'"sender":{_string(message.sender)},"author":{_string_or_null(message.author)},'
+        f'"sender":{sender},"author":{_string_or_null(message.author)},'
         f'"text":{_string(message.text)},"ts":{_string(message.ts)},'
         f'"client_msg_id":{_string_or_null(message.client_msg_id)}}}'
     )

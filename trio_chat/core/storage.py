@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .errors import StorageError
 from .protocol import Message, Reader, Sender, Status
@@ -72,8 +72,12 @@ class StaffSignIn:
     held: list[ConversationRow]
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
+    """What storing an :class:`AppendMessage` came to. (A tuple, not a frozen
+    dataclass: one or two are made per message on the commit path, and a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, three
+    times the work.)"""
+
     message: Message
     duplicate: bool  # True: the client_msg_id was already stored; nothing new was written
     at: float = 0.0  # when it was committed (POSIX time); 0 for a duplicate
@@ -157,8 +161,8 @@ class AppendMessage(Operation[Appended]):
         if self.answer is None or stored.duplicate or stored.conflict is not None:
             return stored
         answer = db.append(self.answer)
-        # Not dataclasses.replace: on the writer's path for every instant answer, and
-        # generic (it looks up the fields each call) at twice the cost.
+        # Not _replace: on the writer's path for every instant answer, and generic (a
+        # Python call per field) at twice the cost.
         return Appended(
             stored.message, stored.duplicate, stored.at, stored.conflict, stored.row, answer
         )

@@ -9,19 +9,21 @@ cut off and recovers from history: nobody waits for a slow consumer.
 "Too far behind" is counted in bytes as well as frames (a history page is up to 1 MiB):
 what waits in the outbox, what the writer is sending, and what the socket did not take
 (:attr:`Connection.queued_bytes`), so one connection never makes the server hold more
-than ``ServerConfig.outbox_limit_bytes`` (plus, on an empty outbox, one frame).
+than ``ServerConfig.outbox_limit_bytes`` (plus, on an empty outbox, the frames of
+one delivery: one frame, or a commit's few for one session).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from ..core.errors import ConnectionLost
 from ..core.protocol import CloseCode
-from ._wire import FrameTooBig, ProtocolViolation, WebSocket, text_frame
+from ._wire import OP_TEXT, FrameTooBig, ProtocolViolation, WebSocket, text_frame
 
 if TYPE_CHECKING:
     from ._server import ChatServer
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 WRITE_BATCH: Final = 64
+_FIN_TEXT: Final = 0x80 | OP_TEXT  # a whole text frame's first byte (RFC 6455 5.2)
 
 
 class Connection:
@@ -79,30 +82,53 @@ class Connection:
         """Queue a frame without waiting. A connection that falls too far behind is cut
         off (1013) and catches up from history when it comes back. Once a close was
         requested nothing more is queued: the client recovers it from history."""
-        if self.close_code is not None:
+        self.deliver_all((frame,))
+
+    def deliver_all(self, frames: Sequence[str]) -> None:
+        """:meth:`deliver` for frames that come together (a commit's ack and pushes to
+        one session: five for an answered guest message), with one pass of the
+        bookkeeping; whether the connection is too far behind is decided for them
+        together."""
+        if self.close_code is not None or not frames:
             return
-        data = text_frame(frame)
+        encoded = []
+        size = 0
+        for frame in frames:
+            payload = frame.encode()
+            length = len(payload)
+            # text_frame's header, inline for the frames nearly all are (under 64 KiB):
+            # on the path of every frame of every message.
+            if length < 126:
+                data = bytes((_FIN_TEXT, length)) + payload
+            elif length < 0x10000:
+                data = bytes((_FIN_TEXT, 126, length >> 8, length & 0xFF)) + payload
+            else:
+                data = text_frame(frame)
+            encoded.append(data)
+            size += len(data)
         outbox = self._outbox
         if outbox is None:
             outbox = self._outbox = deque()
         server = self.server
-        behind = self.queued_bytes
-        # One frame, however big, always fits an empty outbox: a history page must
+        behind = self._queued + self._writing  # queued_bytes, inline
+        if self.writer_running:
+            behind += self.ws.stream.held_back
+        # What comes to an empty outbox always fits, however big: a history page must
         # reach a client that reads, whatever the limit.
         if behind and (
-            behind + len(data) > server.config.outbox_limit_bytes
-            or len(outbox) >= server.config.outbox_limit
+            behind + size > server.config.outbox_limit_bytes
+            or len(outbox) + len(encoded) > server.config.outbox_limit
         ):
             self.request_close(CloseCode.TRY_LATER, "too far behind; reconnect and fetch history")
             return
-        outbox.append(data)
-        self._queued += len(data)
-        self.enqueued_bytes += len(data)
-        if behind + len(data) > server.outbox_peak_bytes:
-            server.outbox_peak_bytes = behind + len(data)
+        outbox.extend(encoded)
+        self._queued += size
+        self.enqueued_bytes += size
+        if behind + size > server.outbox_peak_bytes:
+            server.outbox_peak_bytes = behind + size
         if not self.writer_running:
             self.writer_running = True
-            corked = self.server.corked
+            corked = server.corked
             if corked is None:
                 self.flush()
             else:

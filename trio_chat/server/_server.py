@@ -717,21 +717,39 @@ class ChatServer:
 
     def _perform_now(self, actions: Sequence[Action]) -> None:
         """Carry out actions where nothing may wait: in a commit's callback."""
+        # Most of a commit's actions are frames, and they come in runs for one session
+        # (an answered guest message: the ack, the message, typing, the answer, typing
+        # off): each run is queued on its connection at once.
+        session = 0
+        frames: list[str] = []
         for action in actions:
+            if type(action) is Send:
+                if action.session == session:
+                    frames.append(action.frame)
+                    continue
+                if frames:
+                    self._deliver(session, frames)
+                session = action.session
+                frames = [action.frame]
+                continue
+            if frames:
+                self._deliver(session, frames)
+                frames = []
+                session = 0
             if isinstance(action, Write):
                 self.store.put(self._operation(action))
             elif isinstance(action, Read):
                 raise AssertionError(f"the hub asked for a read outside a session: {action}")
             else:
                 self._carry_out(action)
+        if frames:
+            self._deliver(session, frames)
 
     def _carry_out(
         self, action: Send | Close | ReportWritten | StartReply | Fill | Relay | RelayStaff
     ) -> None:
         if isinstance(action, Send):
-            conn = self.connections.get(action.session)
-            if conn is not None:
-                conn.deliver(action.frame)
+            self._deliver(action.session, (action.frame,))
         elif isinstance(action, Close):
             conn = self.connections.get(action.session)
             if conn is not None:
@@ -749,6 +767,12 @@ class ChatServer:
                 self._cluster.relay_staff(action.names)
             else:
                 self._cluster.relay(action)
+
+    def _deliver(self, session_id: int, frames: Sequence[str]) -> None:
+        """Queue ``frames`` for a session, in order, if it is still connected."""
+        conn = self.connections.get(session_id)
+        if conn is not None:
+            conn.deliver_all(frames)
 
     def written(self, session_id: int) -> None:
         """A connection wrote everything queued up to its :class:`ReportWritten`."""

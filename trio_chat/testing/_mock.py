@@ -21,7 +21,6 @@ import trio
 
 from ..core import client_protocol as wire
 from ..core import protocol as proto
-from ..core.hub import Send
 from ..core.protocol import CloseCode, Message
 from ..server._concierge import Responder, ResponderReply, ResponderRequest
 from ..server._connection import Connection
@@ -90,6 +89,10 @@ class _Console:
         self.claimed: set[str] = set()
         self._greeting_ids = itertools.count(1)
 
+    def deliver_all(self, frames: Sequence[str]) -> None:
+        for raw in frames:
+            self.deliver(raw)
+
     def deliver(self, raw: str) -> None:
         frame = wire.parse_server_frame(raw)
         if isinstance(frame, wire.Queue):
@@ -142,18 +145,22 @@ class _MockShell(ChatServer):
             return False
         return True
 
-    def _carry_out(self, action: Any) -> None:
-        if isinstance(action, Send) and action.frame.startswith('{"type":"ack"'):
-            if self.mock.acks_withheld:
-                return
-            if self.mock.ack_delay > 0:
-                self.mock._spawn(self._late, action, self.mock.ack_delay)
-                return
-        super()._carry_out(action)
+    def _deliver(self, session_id: int, frames: Sequence[str]) -> None:
+        kept = []
+        for frame in frames:
+            if frame.startswith('{"type":"ack"'):
+                if self.mock.acks_withheld:
+                    continue
+                if self.mock.ack_delay > 0:
+                    self.mock._spawn(self._late, session_id, frame, self.mock.ack_delay)
+                    continue
+            kept.append(frame)
+        if kept:
+            super()._deliver(session_id, kept)
 
-    async def _late(self, action: Send, delay: float) -> None:
+    async def _late(self, session_id: int, frame: str, delay: float) -> None:
         await trio.sleep(delay)
-        super()._carry_out(action)
+        super()._deliver(session_id, (frame,))
 
 
 class MockServer:
