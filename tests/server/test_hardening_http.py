@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 from trio_chat import ChatServer
+from trio_chat.bench._loadgen import CLOSE, client_frame, split_frames
 from trio_chat.server._admission import ConnectionLimits, OriginPolicy
 
 from ..conftest import make_config
@@ -642,3 +643,31 @@ def test_a_guest_who_writes_in_the_same_batch_does_not_expire(tmp_path: Path) ->
     )
     assert expired == [] and db.history(row.conversation_id, 0, 10)[0].text == "hi"
     db.close()
+
+
+async def test_a_frame_over_the_limit_is_read_to_its_end_so_its_sender_gets_the_1009(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The server stops decoding at the limit but takes the rest of the frame unread
+    before it closes: closed with 16 MiB unread, the socket reset the connection under
+    the close frame, and a sender still sending saw 1006 (and a broken send), not 1009."""
+    srv = ChatServer(make_config(tmp_path, max_frame_bytes=64 * 1024))
+    await nursery.start(srv.run)
+    assert srv.port
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        async with stream:
+            await stream.send_all(upgrade_request(srv.port))
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = await stream.receive_some()
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 101 ")
+            await stream.send_all(client_frame(b"x" * (16 * 1024 * 1024), b"mask"))
+            await stream.send_eof()
+            rest = bytearray(received.split(b"\r\n\r\n", 1)[1])
+            while chunk := await stream.receive_some():
+                rest += chunk
+    [(opcode, payload)] = split_frames(rest)
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (CLOSE, 1009)

@@ -509,6 +509,20 @@ class WebSocket:
                 try:
                     while self.peer_closed is None:
                         await self.receive()
+                except (FrameTooBig, ProtocolViolation):
+                    # No frame can be read past this one: take what the peer is still
+                    # sending (the rest of a frame over the limit) unread. Closed with
+                    # it unread, the socket would reset the connection, and a peer not
+                    # yet done sending would lose our close frame (1006, not our code).
+                    await self._drain()
                 except ConnectionLost:
                     pass
         await trio.aclose_forcefully(self.stream)
+
+    async def _drain(self) -> None:
+        """Read and drop whatever comes until the peer closes (or it breaks)."""
+        try:
+            while await self.stream.receive_some(RECEIVE_BYTES):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
