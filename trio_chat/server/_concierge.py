@@ -455,7 +455,7 @@ class Concierge:
         lower = text.lower()
         folded = " ".join(lower.split())
         if self._person_re.search(folded) is not None or (
-            memory.offered_person and _yes_folded_lower(lower) in self.kb.yes_words
+            memory.offered_person and _yes_folded(lower) in self.kb.yes_words
         ):
             return _HANDING_OVER, _FORGOTTEN
         if self._upset(text, lower):
@@ -477,12 +477,9 @@ class Concierge:
 _NOT_IN_A_WORD: Final = re.compile(r"[^\w\s']")
 
 
-def _yes_folded(text: str) -> str:
-    """The message as an answer to "would you like a person?" is compared."""
-    return _yes_folded_lower(text.lower())
-
-
-def _yes_folded_lower(lower: str) -> str:
+def _yes_folded(lower: str) -> str:
+    """The message (lower-cased) as an answer to "would you like a person?" is
+    compared."""
     return " ".join(_NOT_IN_A_WORD.sub(" ", lower).split())
 
 

@@ -23,7 +23,7 @@ import trio
 
 from ..core.errors import ConnectionLost
 from ..core.protocol import CloseCode
-from ._wire import OP_TEXT, FrameTooBig, ProtocolViolation, WebSocket, text_frame
+from ._wire import FrameTooBig, ProtocolViolation, WebSocket, text_frame
 
 if TYPE_CHECKING:
     from ._server import ChatServer
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 WRITE_BATCH: Final = 64
-_FIN_TEXT: Final = 0x80 | OP_TEXT  # a whole text frame's first byte (RFC 6455 5.2)
 
 
 class Connection:
@@ -94,25 +93,14 @@ class Connection:
         encoded = []
         size = 0
         for frame in frames:
-            payload = frame.encode()
-            length = len(payload)
-            # text_frame's header, inline for the frames nearly all are (under 64 KiB):
-            # on the path of every frame of every message.
-            if length < 126:
-                data = bytes((_FIN_TEXT, length)) + payload
-            elif length < 0x10000:
-                data = bytes((_FIN_TEXT, 126, length >> 8, length & 0xFF)) + payload
-            else:
-                data = text_frame(frame)
+            data = text_frame(frame)
             encoded.append(data)
             size += len(data)
         outbox = self._outbox
         if outbox is None:
             outbox = self._outbox = deque()
         server = self.server
-        behind = self._queued + self._writing  # queued_bytes, inline
-        if self.writer_running:
-            behind += self.ws.stream.held_back
+        behind = self.queued_bytes
         # What comes to an empty outbox always fits, however big: a history page must
         # reach a client that reads, whatever the limit.
         if behind and (
